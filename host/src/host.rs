@@ -1,0 +1,204 @@
+//! One esi-host process: a lease, the job manager and the worker, started and stopped together.
+//!
+//! [`Host::start`] spawns the tasks and returns a [`Host`] handle; [`Host::shutdown`] cancels
+//! them, waits for them, and revokes the lease so that etcd drops our claims at once instead of
+//! after the TTL.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::Keys;
+use crate::manager::{JobManager, ManagerConfig};
+use crate::plugins::{Limits, PluginEngine, PluginRegistry};
+use crate::schema::SchemaRegistry;
+use crate::store::Store;
+use crate::worker::{Worker, WorkerConfig};
+
+/// Everything a host needs to start.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub etcd_endpoints: Vec<String>,
+    pub plugin_dir: PathBuf,
+    /// Root namespace of every key (empty in production).
+    pub key_root: String,
+    pub host_id: String,
+    pub lease_ttl: Duration,
+    pub schemas: Option<PathBuf>,
+    /// Handlers served by workers outside this process (e.g. a heat worker).
+    pub external_handlers: Vec<String>,
+    pub run_manager: bool,
+    pub worker: WorkerConfig,
+    pub limits: Limits,
+}
+
+impl HostConfig {
+    /// Defaults for everything but where etcd and the plugins are.
+    pub fn new(etcd_endpoints: Vec<String>, plugin_dir: PathBuf) -> Self {
+        HostConfig {
+            etcd_endpoints,
+            plugin_dir,
+            key_root: String::new(),
+            host_id: default_host_id(),
+            lease_ttl: Duration::from_secs(60),
+            schemas: None,
+            external_handlers: Vec::new(),
+            run_manager: true,
+            worker: WorkerConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// `<hostname>-<pid>`: unique per process on a machine, readable in logs.
+pub fn default_host_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "esi-host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A running host.
+pub struct Host {
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    store: Store,
+    lease: Arc<AtomicI64>,
+    plugins: Arc<PluginRegistry>,
+}
+
+impl Host {
+    /// Loads plugins, connects to etcd, takes a lease and starts the roles.
+    pub async fn start(config: HostConfig) -> anyhow::Result<Host> {
+        let schemas = Arc::new(match &config.schemas {
+            Some(path) => SchemaRegistry::from_file(path)?,
+            None => SchemaRegistry::built_in(),
+        });
+        let engine = Arc::new(PluginEngine::new(config.limits.clone())?);
+        let plugins = Arc::new(PluginRegistry::load_dir(&engine, &config.plugin_dir).await?);
+        if plugins.handlers().is_empty() {
+            tracing::warn!(dir = %config.plugin_dir.display(), "no plugin loaded: this host will claim no job");
+        }
+        let store = Store::connect(&config.etcd_endpoints, Keys::new(&config.key_root))
+            .await
+            .context("connecting to etcd")?;
+        let ttl = i64::try_from(config.lease_ttl.as_secs())
+            .unwrap_or(60)
+            .max(1);
+        let lease = Arc::new(AtomicI64::new(
+            store
+                .grant_lease(ttl)
+                .await
+                .context("taking the host's lease")?,
+        ));
+        tracing::info!(host_id = %config.host_id, lease = lease.load(Ordering::Relaxed), handlers = ?plugins.handlers(), "esi-host started");
+
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(keep_lease(
+            store.clone(),
+            lease.clone(),
+            ttl,
+            shutdown.clone(),
+        ));
+        if config.run_manager {
+            let mut handlers: HashSet<String> = plugins.handlers().into_iter().collect();
+            handlers.extend(config.external_handlers.iter().cloned());
+            let manager =
+                JobManager::new(store.clone(), schemas.clone(), ManagerConfig { handlers });
+            tasks.spawn(manager.run(shutdown.clone()));
+        }
+        let worker = Worker::new(
+            store.clone(),
+            schemas,
+            engine,
+            plugins.clone(),
+            config.worker.clone(),
+            lease.clone(),
+        );
+        tasks.spawn(worker.run(shutdown.clone()));
+        Ok(Host {
+            shutdown,
+            tasks,
+            store,
+            lease,
+            plugins,
+        })
+    }
+
+    pub fn plugins(&self) -> &PluginRegistry {
+        &self.plugins
+    }
+
+    /// Stops the roles, waits for them and revokes the lease.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        let lease = self.lease.load(Ordering::Relaxed);
+        if let Err(e) = self.store.revoke_lease(lease).await {
+            tracing::warn!(error = %e, "could not revoke the lease; it expires by itself");
+        }
+        tracing::info!("esi-host stopped");
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down.
+    pub async fn run_until_signalled(self) -> anyhow::Result<()> {
+        wait_for_signal().await?;
+        tracing::info!("signal received, shutting down");
+        self.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Keeps the host's lease alive at a third of its TTL. If the lease is lost (etcd said it
+/// expired), a new one is taken: claims made under the old one are gone, and the fencing
+/// compare stops their results from being published.
+async fn keep_lease(store: Store, lease: Arc<AtomicI64>, ttl: i64, shutdown: CancellationToken) {
+    let interval = Duration::from_secs_f64((ttl as f64 / 3.0).max(0.5));
+    loop {
+        let id = lease.load(Ordering::Relaxed);
+        let failure = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = store.keep_lease_alive(id, interval) => r.err(),
+        };
+        if let Some(e) = failure {
+            tracing::warn!(error = %e, lease = id, "lease keep-alive failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if let Ok(new) = store.grant_lease(ttl).await {
+            if lease_is_gone(&store, id).await {
+                tracing::warn!(old = id, new, "lease was lost; continuing with a new one");
+                lease.store(new, Ordering::Relaxed);
+            } else {
+                let _ = store.revoke_lease(new).await;
+            }
+        }
+    }
+}
+
+async fn lease_is_gone(store: &Store, id: i64) -> bool {
+    store
+        .lease_ttl(id)
+        .await
+        .map(|ttl| ttl <= 0)
+        .unwrap_or(false)
+}

@@ -1,0 +1,109 @@
+//! A private, throwaway etcd server on a free loopback port with a temporary data directory.
+//!
+//! `esi-host demo` and every integration test use this one helper, so both run against a
+//! real etcd process, never a stand-in. The process is killed and its data removed on drop.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use tokio::process::{Child, Command};
+
+/// A running etcd process.
+pub struct LocalEtcd {
+    child: Child,
+    endpoint: String,
+    _data_dir: tempfile::TempDir,
+    log_path: PathBuf,
+}
+
+impl LocalEtcd {
+    /// Starts `etcd` from `PATH` and waits until it answers (up to 30 s).
+    pub async fn start() -> anyhow::Result<LocalEtcd> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("esi-etcd-")
+            .tempdir()
+            .context("creating a temporary etcd data directory")?;
+        let client_port = free_port()?;
+        let peer_port = free_port()?;
+        let endpoint = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let log_path = data_dir.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path).context("creating the etcd log file")?;
+        let child = Command::new("etcd")
+            .arg("--name=esi-local")
+            .arg(format!(
+                "--data-dir={}",
+                data_dir.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=esi-local={peer}"))
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("etcd log")?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting etcd: is the `etcd` binary (Debian package etcd-server) on PATH?")?;
+        let mut etcd = LocalEtcd {
+            child,
+            endpoint,
+            _data_dir: data_dir,
+            log_path,
+        };
+        etcd.wait_until_ready().await?;
+        Ok(etcd)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    async fn wait_until_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "etcd exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            let probe = etcd_client::Client::connect([self.endpoint.as_str()], None).await;
+            if let Ok(mut client) = probe {
+                if client.get("health-probe", None).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd at {} did not become ready in 30 s:\n{}",
+                    self.endpoint,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The server's log so far (for error messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Stops etcd and waits for it to exit.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(listener.local_addr()?.port())
+}

@@ -1,0 +1,182 @@
+//! The `esi-host` command line: parse arguments, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use esi_host::demo::{self, DemoConfig};
+use esi_host::keys::Keys;
+use esi_host::schema::SchemaRegistry;
+use esi_host::store::Store;
+use esi_host::{templates, Host, HostConfig};
+
+/// Worker daemon of an ESI-style orchestrator on etcd.
+#[derive(Parser)]
+#[command(name = "esi-host", version, about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the job manager and the worker until SIGINT or SIGTERM.
+    Run(RunArgs),
+    /// Manage heat templates.
+    #[command(subcommand)]
+    Templates(TemplatesCommand),
+    /// Start a private etcd, run a host and show the seed's four records appear.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long = "etcd",
+        env = "ESI_ETCD",
+        value_delimiter = ',',
+        required = true
+    )]
+    endpoints: Vec<String>,
+    /// Root namespace for every key (empty: the layout gohan reads).
+    #[arg(long, env = "ESI_KEY_ROOT", default_value = "")]
+    key_root: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Directory of plugin components (*.wasm).
+    #[arg(long = "plugins", env = "ESI_PLUGINS")]
+    plugin_dir: PathBuf,
+    /// TTL of the host's etcd lease, in seconds; claims vanish this long after the host dies.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    lease_ttl: u64,
+    /// Name of this host in logs and fleet records (default: <hostname>-<pid>).
+    #[arg(long)]
+    host_id: Option<String>,
+    /// A gohan schema file to use instead of the built-in ESI schemas.
+    #[arg(long)]
+    schemas: Option<PathBuf>,
+    /// Jobs this host runs at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    concurrency: u64,
+    /// Handlers served by workers outside this host (their jobs are planned, not run here).
+    #[arg(long = "external-handler", value_delimiter = ',')]
+    external_handlers: Vec<String>,
+    /// Run only the worker role (no job manager).
+    #[arg(long)]
+    worker_only: bool,
+}
+
+#[derive(Subcommand)]
+enum TemplatesCommand {
+    /// Write the heat templates in DIR into /config/v2.0/heat_templates/.
+    Load {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Directory of template files.
+        #[arg(default_value = "templates")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Directory of plugin components.
+    #[arg(long = "plugins", default_value = "target/plugins")]
+    plugin_dir: PathBuf,
+    /// Directory of heat templates.
+    #[arg(long = "templates", default_value = "templates")]
+    template_dir: PathBuf,
+    /// How long to wait for the seed's records, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("esi-host: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("esi-host: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => run(args).await,
+        Command::Templates(TemplatesCommand::Load { etcd, dir }) => {
+            let store = Store::connect(&etcd.endpoints, Keys::new(&etcd.key_root)).await?;
+            let files = templates::read_dir(&dir)?;
+            templates::load(&store, &SchemaRegistry::built_in(), &files).await?;
+            println!("loaded {} templates from {}", files.len(), dir.display());
+            Ok(())
+        }
+        Command::Demo(args) => {
+            demo::run(DemoConfig {
+                plugin_dir: args.plugin_dir,
+                template_dir: args.template_dir,
+                timeout: Duration::from_secs(args.timeout),
+            })
+            .await
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut config = HostConfig::new(args.etcd.endpoints, args.plugin_dir);
+    config.key_root = args.etcd.key_root;
+    config.lease_ttl = Duration::from_secs(args.lease_ttl);
+    config.schemas = args.schemas;
+    config.external_handlers = args.external_handlers;
+    config.run_manager = !args.worker_only;
+    config.worker.concurrency = usize::try_from(args.concurrency).unwrap_or(64);
+    if let Some(id) = args.host_id {
+        config.host_id = id;
+    }
+    Host::start(config).await?.run_until_signalled().await
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,564 @@
+//! The job manager role (PROTOCOL section 4): config changes become workflows of jobs;
+//! finished jobs are cleaned and release the jobs waiting on them.
+//!
+//! The manager keeps an index of the jobs it wrote so it can release dependants without
+//! re-reading the queues, but the index is only a cache: on start (and after any lost watch)
+//! it is rebuilt from etcd by listing `/jobs/` and `/config/v2.0/`, then both prefixes are
+//! watched from the revisions of those listings. Work that appeared while the manager was down
+//! is therefore picked up, and nothing is done twice: a workflow is only planned for a
+//! resource with no job in the index, and releases and clean-ups are idempotent transactions.
+
+mod index;
+pub mod mappings;
+pub mod workflow;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use self::index::{JobIndex, ResourceKey};
+use self::mappings::{resolve_params, ConfigLookup, Lookup, ResolveError};
+use self::workflow::{decide, plan, template_id, Step, HANDLER_ORDER};
+use crate::keys::{Queue, Record};
+use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobRecord, StateRecord};
+use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
+use crate::store::jobs::NewJob;
+use crate::store::{Change, Kv, Store};
+
+/// Job manager settings.
+#[derive(Debug, Clone, Default)]
+pub struct ManagerConfig {
+    /// Handlers some worker serves. A template naming any other handler fails the resource
+    /// with a clear error instead of leaving a job nobody will ever claim.
+    pub handlers: HashSet<String>,
+}
+
+/// The job manager. Run it with [`JobManager::run`].
+pub struct JobManager {
+    store: Store,
+    schemas: Arc<SchemaRegistry>,
+    config: ManagerConfig,
+    templates: HashMap<String, HeatTemplate>,
+    index: JobIndex,
+    /// Resources waiting for a related config: missing (type, id) -> config keys to retry.
+    deferred: HashMap<ResourceKey, HashSet<String>>,
+    /// Resources whose config changed while a workflow of theirs was running.
+    dirty: HashSet<ResourceKey>,
+}
+
+impl JobManager {
+    pub fn new(store: Store, schemas: Arc<SchemaRegistry>, config: ManagerConfig) -> Self {
+        JobManager {
+            store,
+            schemas,
+            config,
+            templates: HashMap::new(),
+            index: JobIndex::default(),
+            deferred: HashMap::new(),
+            dirty: HashSet::new(),
+        }
+    }
+
+    /// Runs until `shutdown`. etcd trouble never ends the loop: the manager logs what it waits
+    /// for, backs off, rebuilds its view from etcd and goes on.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            match self.sync_and_follow(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "job manager: waiting for etcd");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn sync_and_follow(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let jobs_revision = self.rebuild_jobs().await?;
+        let config_revision = self.rebuild_configs().await?;
+        let keys = self.store.keys().clone();
+        let mut finished = self
+            .store
+            .watch(&keys.queue_prefix(Queue::Finished), jobs_revision + 1)
+            .await?;
+        let mut configs = self
+            .store
+            .watch(&keys.config_watch_prefix(), config_revision + 1)
+            .await?;
+        tracing::info!("job manager: following configs and finished jobs");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changes = finished.next() => {
+                    for change in changes? {
+                        if let Change::Put(kv) = change {
+                            self.on_finished(&kv).await?;
+                        }
+                    }
+                }
+                changes = configs.next() => {
+                    for change in changes? {
+                        self.on_config_change(change).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rebuilds the job index from `/jobs/`, cleans finished jobs and releases waiting jobs
+    /// whose dependencies are all gone. Returns the listing's revision.
+    async fn rebuild_jobs(&mut self) -> anyhow::Result<i64> {
+        let keys = self.store.keys().clone();
+        let (kvs, revision) = self.store.list(&keys.jobs_prefix()).await?;
+        self.index = JobIndex::default();
+        let mut waiting = Vec::new();
+        let mut finished = Vec::new();
+        for kv in &kvs {
+            if let Some(id) = keys.parse_job_key(Queue::All, &kv.key) {
+                self.index.insert_record(id, &kv.key, &kv.value);
+            } else if let Some(id) = keys.parse_job_key(Queue::Waiting, &kv.key) {
+                waiting.push(id.to_string());
+            } else if keys.parse_job_key(Queue::Finished, &kv.key).is_some() {
+                finished.push(kv.clone());
+            }
+        }
+        for id in &waiting {
+            self.index.mark_waiting(id);
+        }
+        for kv in &finished {
+            self.on_finished(kv).await?;
+        }
+        for id in self.index.releasable() {
+            self.release(&id).await?;
+        }
+        Ok(revision)
+    }
+
+    /// Lists every config, templates first so that resources see them, and acts on each.
+    async fn rebuild_configs(&mut self) -> anyhow::Result<i64> {
+        let prefix = self.store.keys().config_watch_prefix();
+        let (kvs, revision) = self.store.list(&prefix).await?;
+        self.templates.clear();
+        self.deferred.clear();
+        let (templates, resources): (Vec<&Kv>, Vec<&Kv>) = kvs.iter().partition(|kv| {
+            self.schema_of(&kv.key)
+                .is_some_and(|(s, _)| s.id == HEAT_TEMPLATE)
+        });
+        for kv in templates {
+            self.on_template(kv);
+        }
+        for kv in resources {
+            self.on_resource(kv).await?;
+        }
+        Ok(revision)
+    }
+
+    fn schema_of(&self, key: &str) -> Option<(Arc<Schema>, String)> {
+        let (prefix, id) = self.store.keys().parse_config_key(key)?;
+        Some((self.schemas.by_prefix(prefix)?.clone(), id.to_string()))
+    }
+
+    async fn on_config_change(&mut self, change: Change) -> anyhow::Result<()> {
+        match change {
+            Change::Put(kv) => match self.schema_of(&kv.key) {
+                Some((s, _)) if s.id == HEAT_TEMPLATE => {
+                    self.on_template(&kv);
+                    Ok(())
+                }
+                _ => self.on_resource(&kv).await,
+            },
+            Change::Delete { key, .. } => self.on_config_deleted(&key).await,
+        }
+    }
+
+    fn on_template(&mut self, kv: &Kv) {
+        let parsed = ConfigEnvelope::parse(&kv.key, &kv.value)
+            .and_then(|envelope| HeatTemplate::from_envelope(&kv.key, &envelope));
+        match parsed {
+            Ok(t) => {
+                tracing::debug!(template = %t.id, handler = %t.handler, "heat template loaded");
+                self.templates.insert(t.id.clone(), t);
+            }
+            Err(e) => {
+                // Keep no stale copy: resources needing it fail with a clear error.
+                if let Some((_, id)) = self.schema_of(&kv.key) {
+                    self.templates.remove(&id);
+                }
+                tracing::error!(error = %e, "heat template ignored");
+            }
+        }
+    }
+
+    async fn on_config_deleted(&mut self, key: &str) -> anyhow::Result<()> {
+        let Some((schema, id)) = self.schema_of(key) else {
+            return Ok(());
+        };
+        if schema.id == HEAT_TEMPLATE {
+            self.templates.remove(&id);
+            return Ok(());
+        }
+        let resource = (schema.id.clone(), id.clone());
+        if self.index.has_jobs(&resource) {
+            self.dirty.insert(resource);
+            return Ok(());
+        }
+        // gohan deleted the resource after its logical delete: drop what we kept for it.
+        let keys = self.store.keys();
+        self.store
+            .delete(&keys.record(Record::State, &schema, &id))
+            .await?;
+        self.store
+            .delete(&keys.record(Record::JobState, &schema, &id))
+            .await?;
+        Ok(())
+    }
+
+    /// A resource config was written: plan its workflow if it needs one.
+    async fn on_resource(&mut self, kv: &Kv) -> anyhow::Result<()> {
+        let Some((schema, id)) = self.schema_of(&kv.key) else {
+            tracing::debug!(key = %kv.key, "config of an unknown resource type ignored");
+            return Ok(());
+        };
+        let resource = (schema.id.clone(), id.clone());
+        if self.index.has_jobs(&resource) {
+            // One workflow per resource at a time; look again when it ends.
+            self.dirty.insert(resource);
+            return Ok(());
+        }
+        self.evaluate(&schema, &id, kv).await?;
+        // Resources that were waiting for this one can go on now.
+        if let Some(waiters) = self.deferred.remove(&resource) {
+            for key in waiters {
+                if let Some(kv) = self.store.get(&key).await? {
+                    Box::pin(self.on_resource(&kv)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn evaluate(&mut self, schema: &Schema, id: &str, kv: &Kv) -> anyhow::Result<()> {
+        let keys = self.store.keys().clone();
+        let state_key = keys.record(Record::State, schema, id);
+        let state = self.store.get(&state_key).await?;
+        let state_version = state
+            .as_ref()
+            .and_then(|s| StateRecord::parse(&state_key, &s.value).ok())
+            .map(|s| s.version);
+        let config = match ConfigEnvelope::parse(&kv.key, &kv.value) {
+            Ok(c) => c,
+            Err(e) => {
+                return self
+                    .reject_config(schema, id, state_version, &e.to_string(), &kv.value)
+                    .await
+            }
+        };
+        if config.body_id().is_some_and(|b| b != id) {
+            let message = format!(
+                "{}: field \"body.id\" does not match the key's id {id:?}",
+                kv.key
+            );
+            return self
+                .write_failed(&state_key, Action::Create, config.version, &message)
+                .await;
+        }
+        let Some(action) = decide(&config, state_version) else {
+            return Ok(());
+        };
+        let steps = match self.steps_for(schema, id, &kv.key, &config).await? {
+            Ok(steps) => steps,
+            Err(message) => {
+                return self
+                    .write_failed(&state_key, action, config.version, &message)
+                    .await
+            }
+        };
+        let Some(steps) = steps else {
+            return Ok(()); // deferred until a related config appears
+        };
+        if steps.is_empty() {
+            let state = StateRecord::bare("READ_COMPLETE", config.version, String::new());
+            self.store.put(&state_key, state.to_json()).await?;
+            tracing::debug!(key = %kv.key, "no template for any handler: READ_COMPLETE");
+            return Ok(());
+        }
+        let jobs = plan(schema, id, &config, action, &steps);
+        self.write_jobs(&jobs).await
+    }
+
+    /// The handlers' parts of a workflow. `Ok(Err(message))`: the resource fails with that
+    /// message; `Ok(Ok(None))`: deferred until a related config appears.
+    async fn steps_for(
+        &mut self,
+        schema: &Schema,
+        id: &str,
+        config_key: &str,
+        config: &ConfigEnvelope,
+    ) -> anyhow::Result<Result<Option<Vec<Step>>, String>> {
+        let mut steps = Vec::new();
+        for handler in HANDLER_ORDER {
+            let Some(template) = template_id(handler, schema)
+                .and_then(|t| self.templates.get(&t))
+                .cloned()
+            else {
+                continue;
+            };
+            if !self.config.handlers.contains(&template.handler) {
+                return Ok(Err(format!(
+                    "heat template {}: field \"handler\": no plugin serves handler {:?}",
+                    template.id, template.handler
+                )));
+            }
+            match self.resolve(schema, &config.body, &template).await? {
+                Ok(params) => steps.push(Step {
+                    handler: template.handler.clone(),
+                    params,
+                }),
+                Err(ResolveError::MissingRelated {
+                    param,
+                    field,
+                    resource_type,
+                    resource_id,
+                }) => {
+                    tracing::info!(key = %config_key, %param, %field, %resource_type, %resource_id,
+                        "waiting for a related resource's config before planning");
+                    self.deferred
+                        .entry((resource_type, resource_id))
+                        .or_default()
+                        .insert(config_key.to_string());
+                    return Ok(Ok(None));
+                }
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "{config_key}: heat template {}: {e}",
+                        template.id
+                    )))
+                }
+            }
+        }
+        let _ = id;
+        Ok(Ok(Some(steps)))
+    }
+
+    /// Resolves a template's parameters, fetching the related configs it walks through.
+    async fn resolve(
+        &self,
+        schema: &Schema,
+        body: &Map<String, Value>,
+        template: &HeatTemplate,
+    ) -> anyhow::Result<Result<Vec<crate::protocol::Param>, ResolveError>> {
+        let mut loaded = Loaded::default();
+        // Each round loads one more related config; a template walks a handful.
+        for _ in 0..64 {
+            match resolve_params(
+                &template.parameter_mappings,
+                &schema.id,
+                body,
+                &self.schemas,
+                &loaded,
+            ) {
+                Err(ResolveError::NeedConfig {
+                    resource_type,
+                    resource_id,
+                }) => {
+                    let body = self.related_config(&resource_type, &resource_id).await?;
+                    loaded.0.insert((resource_type, resource_id), body);
+                }
+                other => return Ok(other),
+            }
+        }
+        Ok(Err(ResolveError::Invalid {
+            param: String::new(),
+            problem: "the mappings walk through more than 64 related resources".into(),
+        }))
+    }
+
+    async fn related_config(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> anyhow::Result<Option<Map<String, Value>>> {
+        let Some(schema) = self.schemas.get(resource_type) else {
+            return Ok(None);
+        };
+        let key = self.store.keys().record(Record::Config, schema, id);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        Ok(ConfigEnvelope::parse(&key, &kv.value).ok().map(|c| c.body))
+    }
+
+    async fn write_jobs(&mut self, jobs: &[JobRecord]) -> anyhow::Result<()> {
+        let new: Vec<NewJob> = jobs
+            .iter()
+            .map(|r| NewJob {
+                id: r.job.id.clone(),
+                handler: r.handler.clone(),
+                record: r.to_json(),
+                ready: r.job.dependency.is_empty(),
+            })
+            .collect();
+        self.store.write_workflow(&new).await?;
+        for r in jobs {
+            self.index.insert(&r.job, r.job.dependency.is_empty());
+            tracing::info!(job_id = %r.job.id, "job written");
+        }
+        Ok(())
+    }
+
+    /// A config that cannot be parsed: its error goes to the resource's `/state`.
+    async fn reject_config(
+        &mut self,
+        schema: &Schema,
+        id: &str,
+        state_version: Option<u64>,
+        message: &str,
+        raw: &[u8],
+    ) -> anyhow::Result<()> {
+        let version = serde_json::from_slice::<Value>(raw)
+            .ok()
+            .and_then(|v| v.get("version").and_then(Value::as_u64))
+            .or(state_version)
+            .unwrap_or(0);
+        let action = if state_version.is_some() {
+            Action::Modify
+        } else {
+            Action::Create
+        };
+        let state_key = self.store.keys().record(Record::State, schema, id);
+        self.write_failed(&state_key, action, version, message)
+            .await
+    }
+
+    async fn write_failed(
+        &self,
+        state_key: &str,
+        action: Action,
+        version: u64,
+        message: &str,
+    ) -> anyhow::Result<()> {
+        tracing::error!(key = %state_key, error = %message, "resource failed");
+        let state = StateRecord::bare(&action.failed_state(), version, message.to_string());
+        self.store.put(state_key, state.to_json()).await?;
+        Ok(())
+    }
+
+    /// `/jobs/finished/<id>` appeared: clean it, then release or cancel its dependants.
+    async fn on_finished(&mut self, kv: &Kv) -> anyhow::Result<()> {
+        let keys = self.store.keys().clone();
+        let Some(id) = keys
+            .parse_job_key(Queue::Finished, &kv.key)
+            .map(str::to_string)
+        else {
+            return Ok(());
+        };
+        let failure = failure_of(&kv.value);
+        let entry = self.index.remove(&id);
+        let job_state = entry
+            .as_ref()
+            .filter(|e| e.is_last && failure.is_none())
+            .and_then(|e| {
+                self.schemas
+                    .get(&e.resource.0)
+                    .map(|s| keys.record(Record::JobState, s, &e.resource.1))
+            });
+        self.store
+            .clean_finished(&id, job_state.as_deref().map(|k| (k, kv.create_revision)))
+            .await?;
+        match &failure {
+            Some(error) => self.cancel_dependants(&id, error).await?,
+            None => {
+                for dependant in self.index.dependants(&id) {
+                    if self.index.is_releasable(&dependant) {
+                        self.release(&dependant).await?;
+                    }
+                }
+            }
+        }
+        if let Some(entry) = entry {
+            self.after_job_removed(entry.resource).await?;
+        }
+        Ok(())
+    }
+
+    async fn cancel_dependants(&mut self, failed: &str, error: &str) -> anyhow::Result<()> {
+        let mut queue = vec![failed.to_string()];
+        while let Some(id) = queue.pop() {
+            for dependant in self.index.dependants(&id) {
+                tracing::info!(job_id = %dependant, cause = %id, %error, "job cancelled: a dependency failed");
+                self.store.cancel(&dependant).await?;
+                if let Some(entry) = self.index.remove(&dependant) {
+                    self.dirty.insert(entry.resource.clone());
+                }
+                queue.push(dependant);
+            }
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self, id: &str) -> anyhow::Result<()> {
+        let Some(handler) = self.index.handler_of(id) else {
+            return Ok(());
+        };
+        self.store.release(id, &handler).await?;
+        self.index.mark_ready(id);
+        tracing::debug!(job_id = %id, "job released");
+        Ok(())
+    }
+
+    /// When a resource's last job is gone, look at its config again if it changed meanwhile.
+    async fn after_job_removed(&mut self, resource: ResourceKey) -> anyhow::Result<()> {
+        if self.index.has_jobs(&resource) || !self.dirty.remove(&resource) {
+            return Ok(());
+        }
+        let Some(schema) = self.schemas.get(&resource.0).cloned() else {
+            return Ok(());
+        };
+        let key = self
+            .store
+            .keys()
+            .record(Record::Config, &schema, &resource.1);
+        match self.store.get(&key).await? {
+            Some(kv) => self.on_resource(&kv).await,
+            None => self.on_config_deleted(&key).await,
+        }
+    }
+}
+
+/// The error of a job finished with `on_failure: fail`, if it failed.
+fn failure_of(value: &[u8]) -> Option<String> {
+    if value.is_empty() {
+        return None;
+    }
+    let parsed: Value = serde_json::from_slice(value).ok()?;
+    parsed.get("failed").map(|e| {
+        e.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.to_string())
+    })
+}
+
+/// Related configs loaded while resolving one template.
+#[derive(Default)]
+struct Loaded(HashMap<ResourceKey, Option<Map<String, Value>>>);
+
+impl ConfigLookup for Loaded {
+    fn config(&self, resource_type: &str, resource_id: &str) -> Lookup<'_> {
+        match self
+            .0
+            .get(&(resource_type.to_string(), resource_id.to_string()))
+        {
+            Some(Some(body)) => Lookup::Found(body),
+            Some(None) => Lookup::Absent,
+            None => Lookup::NotLoaded,
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The `esi:worker/host` imports: record reads and logging.
+//!
+//! Everything a plugin can reach goes through here. A plugin names records by kind and
+//! resource (never by key), the host maps them to keys with [`crate::keys`], and anything the
+//! plugin is not granted is denied with an error the plugin sees and the log records.
+
+use std::sync::Arc;
+
+use wasmtime::StoreLimits;
+
+use super::bindings::esi::worker::host::Host;
+use super::bindings::esi::worker::types::{
+    self as wit, HostError, LogLevel, RecordKind, RecordRef, Versioned,
+};
+use crate::keys::Record;
+use crate::schema::SchemaRegistry;
+use crate::store::Store;
+
+/// What a running job may read.
+#[derive(Clone)]
+pub struct RecordAccess {
+    pub store: Store,
+    pub schemas: Arc<SchemaRegistry>,
+}
+
+/// Per-instance state of one plugin call.
+pub struct HostState {
+    /// `None` while validating a plugin (`describe()`): no records are readable then.
+    pub(crate) access: Option<RecordAccess>,
+    pub(crate) limits: StoreLimits,
+    pub(crate) plugin: String,
+}
+
+impl HostState {
+    pub fn new(plugin: &str, access: Option<RecordAccess>, limits: StoreLimits) -> Self {
+        HostState {
+            access,
+            limits,
+            plugin: plugin.to_string(),
+        }
+    }
+}
+
+/// The key family a record kind lives in.
+pub fn record_of(kind: RecordKind) -> Record {
+    match kind {
+        RecordKind::Config => Record::Config,
+        RecordKind::State => Record::State,
+        RecordKind::Monitoring => Record::Monitoring,
+        RecordKind::MonitoringTarget => Record::MonitoringTarget,
+        RecordKind::ResourceMapping => Record::ResourceMapping,
+        RecordKind::VlanPool => Record::VlanPool,
+    }
+}
+
+/// Record kinds a plugin may propose writes to. Config, state and monitoring belong to gohan,
+/// the host and the collectors.
+pub fn writable(kind: RecordKind) -> bool {
+    matches!(
+        kind,
+        RecordKind::MonitoringTarget | RecordKind::ResourceMapping | RecordKind::VlanPool
+    )
+}
+
+/// Maps a record reference to its etcd key.
+pub fn key_of(
+    store: &Store,
+    schemas: &SchemaRegistry,
+    r: &wit::RecordRef,
+) -> Result<String, HostError> {
+    let schema = schemas
+        .get(&r.resource_type)
+        .ok_or_else(|| HostError::UnknownType(r.resource_type.clone()))?;
+    if r.resource_id.is_empty() || r.resource_id.contains('/') {
+        return Err(HostError::Denied(format!(
+            "resource id {:?} of {} is empty or contains '/'",
+            r.resource_id, r.resource_type
+        )));
+    }
+    Ok(store
+        .keys()
+        .record(record_of(r.kind), schema, &r.resource_id))
+}
+
+impl Host for HostState {
+    async fn read(&mut self, target: RecordRef) -> Result<Option<Versioned>, HostError> {
+        let Some(access) = &self.access else {
+            return Err(HostError::Denied(
+                "records cannot be read outside a job".into(),
+            ));
+        };
+        let key = key_of(&access.store, &access.schemas, &target).inspect_err(|e| {
+            tracing::warn!(plugin = %self.plugin, error = ?e, "plugin read refused");
+        })?;
+        match access.store.get(&key).await {
+            Ok(found) => Ok(found.map(|kv| Versioned {
+                value: kv.value_str().into_owned(),
+                mod_revision: kv.mod_revision,
+            })),
+            Err(e) => {
+                tracing::warn!(plugin = %self.plugin, error = %e, "plugin read failed");
+                Err(HostError::Unavailable(e.to_string()))
+            }
+        }
+    }
+
+    async fn log(&mut self, level: LogLevel, message: String) {
+        let plugin = self.plugin.as_str();
+        match level {
+            LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl super::bindings::esi::worker::types::Host for HostState {}

@@ -1,0 +1,26 @@
+//! Plugins: WebAssembly components built against `wit/worker.wit`.
+//!
+//! - [`engine`]: the one wasmtime `Engine` (pooling allocator, epoch deadlines, memory
+//!   limits) and how a job call runs: a fresh instance per job, so a trap in one job can never
+//!   leave state behind for the next.
+//! - [`host_api`]: the imports a plugin gets (record reads, logging), their grant checks and
+//!   per-call state, kept together.
+//! - [`registry`]: the loaded plugins and the routing from handler name to plugin.
+
+pub mod engine;
+pub mod host_api;
+pub mod registry;
+
+pub use engine::{CallError, Limits, LoadedPlugin, PluginEngine};
+pub use registry::PluginRegistry;
+
+/// Bindings generated from the WIT package. Imports and exports are async so that a plugin's
+/// record reads go to etcd without blocking a runtime thread.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "handler",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}

@@ -1,0 +1,295 @@
+//! The protocol's transactions. Each one is a safety boundary: what it guarantees comes from
+//! the compares inside it, never from timing or from which process we think is running.
+
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+use super::{Result, Store};
+use crate::keys::Queue;
+
+/// A job to write as part of a workflow.
+pub struct NewJob {
+    pub id: String,
+    pub handler: String,
+    /// The `/jobs/all` record text.
+    pub record: String,
+    /// `true`: goes to `/jobs/ready`, `false`: to `/jobs/waiting`.
+    pub ready: bool,
+}
+
+/// A write proposed by a plugin, already mapped to its key.
+pub struct GuardedWrite {
+    pub key: String,
+    /// `Some(value)` puts, `None` deletes.
+    pub value: Option<String>,
+    /// Only write if the key's mod revision equals this (0: the key must not exist).
+    pub expect_mod_revision: Option<i64>,
+}
+
+/// Everything the completion transaction writes.
+pub struct Completion<'a> {
+    pub job_id: &'a str,
+    pub reservation: &'a str,
+    pub job_state_key: &'a str,
+    pub job_state: String,
+    /// `/state` key and value, for the last job of a workflow.
+    pub state: Option<(String, String)>,
+    pub writes: &'a [GuardedWrite],
+}
+
+/// How a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompletionOutcome {
+    Completed,
+    /// Our reservation is gone: another worker owns the job now. Nothing was written.
+    LostClaim,
+    /// A plugin write's revision compare failed; the job still belongs to us. Nothing was
+    /// written; run the job again.
+    Conflict,
+}
+
+/// The value `/jobs/finished/<id>` holds for a job that failed with `on_failure: fail`.
+/// (A successful job's finished value is `""`, as in the original protocol.)
+pub fn failed_marker(error: &str) -> String {
+    serde_json::json!({ "failed": error }).to_string()
+}
+
+impl Store {
+    /// Writes a whole workflow at once. The compare on the first job's `/jobs/all` key makes a
+    /// repeated write (a retry after a lost response) a no-op instead of a duplicate.
+    pub async fn write_workflow(&self, jobs: &[NewJob]) -> Result<bool> {
+        let Some(first) = jobs.first() else {
+            return Ok(true);
+        };
+        let k = self.keys();
+        let mut ops = Vec::with_capacity(jobs.len() * 2);
+        for job in jobs {
+            let queue = if job.ready {
+                Queue::Ready
+            } else {
+                Queue::Waiting
+            };
+            ops.push(TxnOp::put(
+                k.job(Queue::All, &job.id),
+                job.record.clone(),
+                None,
+            ));
+            ops.push(TxnOp::put(k.job(queue, &job.id), job.handler.clone(), None));
+        }
+        let txn = Txn::new()
+            .when([Compare::version(
+                k.job(Queue::All, &first.id),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(ops);
+        Ok(self.txn(&first.id, txn).await?.succeeded())
+    }
+
+    /// Claims a ready job: succeeds for exactly one claimer, because the working key must not
+    /// exist and the ready key must still exist in the same transaction that creates one and
+    /// deletes the other. The working key is bound to `lease`, so it vanishes with its owner.
+    pub async fn claim(&self, job_id: &str, reservation: &str, lease: i64) -> Result<bool> {
+        let k = self.keys();
+        let working = k.job(Queue::Working, job_id);
+        let ready = k.job(Queue::Ready, job_id);
+        let txn = Txn::new()
+            .when([
+                Compare::version(working.clone(), CompareOp::Equal, 0),
+                Compare::version(ready.clone(), CompareOp::Greater, 0),
+            ])
+            .and_then([
+                TxnOp::put(
+                    working,
+                    reservation,
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::delete(ready, None),
+            ]);
+        Ok(self.txn(job_id, txn).await?.succeeded())
+    }
+
+    /// Completes a job in one transaction fenced by our reservation: if another worker took
+    /// the job over (our lease expired), the compare fails and nothing is written.
+    pub async fn complete(&self, c: &Completion<'_>) -> Result<CompletionOutcome> {
+        let k = self.keys();
+        let working = k.job(Queue::Working, c.job_id);
+        let mut compares = vec![Compare::value(
+            working.clone(),
+            CompareOp::Equal,
+            c.reservation,
+        )];
+        let mut ops = vec![TxnOp::put(c.job_state_key, c.job_state.clone(), None)];
+        if let Some((key, value)) = &c.state {
+            ops.push(TxnOp::put(key.clone(), value.clone(), None));
+        }
+        for w in c.writes {
+            if let Some(rev) = w.expect_mod_revision {
+                compares.push(Compare::mod_revision(w.key.clone(), CompareOp::Equal, rev));
+            }
+            ops.push(match &w.value {
+                Some(v) => TxnOp::put(w.key.clone(), v.clone(), None),
+                None => TxnOp::delete(w.key.clone(), None),
+            });
+        }
+        ops.push(TxnOp::put(k.job(Queue::Finished, c.job_id), "", None));
+        ops.push(TxnOp::delete(working.clone(), None));
+        let txn = Txn::new()
+            .when(compares)
+            .and_then(ops)
+            .or_else([TxnOp::get(working, None)]);
+        let resp = self.txn(c.job_id, txn).await?;
+        if resp.succeeded() {
+            return Ok(CompletionOutcome::Completed);
+        }
+        Ok(if still_ours(&resp.op_responses(), c.reservation) {
+            CompletionOutcome::Conflict
+        } else {
+            CompletionOutcome::LostClaim
+        })
+    }
+
+    /// Ends a workflow as failed, fenced by our reservation like [`Store::complete`]: writes
+    /// the failed `/state`, drops the workflow's job state and marks the job finished with the
+    /// error, so the job manager cancels the jobs that depend on it.
+    pub async fn fail_workflow(
+        &self,
+        job_id: &str,
+        reservation: &str,
+        job_state_key: &str,
+        state: (String, String),
+        error: &str,
+    ) -> Result<bool> {
+        let k = self.keys();
+        let working = k.job(Queue::Working, job_id);
+        let txn = Txn::new()
+            .when([Compare::value(
+                working.clone(),
+                CompareOp::Equal,
+                reservation,
+            )])
+            .and_then([
+                TxnOp::put(state.0, state.1, None),
+                TxnOp::delete(job_state_key, None),
+                TxnOp::put(k.job(Queue::Finished, job_id), failed_marker(error), None),
+                TxnOp::delete(working, None),
+            ]);
+        Ok(self.txn(job_id, txn).await?.succeeded())
+    }
+
+    /// Ends a job whose resource cannot be told (its id and record are unreadable): marks it
+    /// finished with the error so the job manager cleans it and cancels its dependants.
+    pub async fn fail_workflow_without_state(
+        &self,
+        job_id: &str,
+        reservation: &str,
+        error: &str,
+    ) -> Result<bool> {
+        let k = self.keys();
+        let working = k.job(Queue::Working, job_id);
+        let txn = Txn::new()
+            .when([Compare::value(
+                working.clone(),
+                CompareOp::Equal,
+                reservation,
+            )])
+            .and_then([
+                TxnOp::put(k.job(Queue::Finished, job_id), failed_marker(error), None),
+                TxnOp::delete(working, None),
+            ]);
+        Ok(self.txn(job_id, txn).await?.succeeded())
+    }
+
+    /// Gives a claimed job back to the ready queue with a new record (attempts counted),
+    /// fenced by our reservation.
+    pub async fn requeue(
+        &self,
+        job_id: &str,
+        reservation: &str,
+        handler: &str,
+        record: String,
+    ) -> Result<bool> {
+        let k = self.keys();
+        let working = k.job(Queue::Working, job_id);
+        let txn = Txn::new()
+            .when([
+                Compare::value(working.clone(), CompareOp::Equal, reservation),
+                Compare::version(k.job(Queue::All, job_id), CompareOp::Greater, 0),
+            ])
+            .and_then([
+                TxnOp::put(k.job(Queue::All, job_id), record, None),
+                TxnOp::put(k.job(Queue::Ready, job_id), handler, None),
+                TxnOp::delete(working, None),
+            ]);
+        Ok(self.txn(job_id, txn).await?.succeeded())
+    }
+
+    /// Drops a claimed job whose record is gone or unreadable, fenced by our reservation.
+    pub async fn drop_claim(&self, job_id: &str, reservation: &str) -> Result<bool> {
+        let working = self.keys().job(Queue::Working, job_id);
+        let txn = Txn::new()
+            .when([Compare::value(
+                working.clone(),
+                CompareOp::Equal,
+                reservation,
+            )])
+            .and_then([TxnOp::delete(working, None)]);
+        Ok(self.txn(job_id, txn).await?.succeeded())
+    }
+
+    /// Removes a finished job. For the last job of a workflow it also removes the workflow's
+    /// job state, but only if that state is still the one this job wrote (its mod revision
+    /// equals the finished key's create revision, both written by the completion
+    /// transaction); a newer workflow's job state is left alone.
+    pub async fn clean_finished(&self, job_id: &str, job_state: Option<(&str, i64)>) -> Result<()> {
+        let k = self.keys();
+        let base = [
+            TxnOp::delete(k.job(Queue::Finished, job_id), None),
+            TxnOp::delete(k.job(Queue::All, job_id), None),
+        ];
+        let txn = match job_state {
+            Some((key, revision)) => {
+                let mut with_state = base.to_vec();
+                with_state.push(TxnOp::delete(key, None));
+                Txn::new()
+                    .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+                    .and_then(with_state)
+                    .or_else(base)
+            }
+            None => Txn::new().and_then(base),
+        };
+        self.txn(job_id, txn).await?;
+        Ok(())
+    }
+
+    /// Moves a waiting job to ready, once: the waiting key must still exist.
+    pub async fn release(&self, job_id: &str, handler: &str) -> Result<bool> {
+        let k = self.keys();
+        let waiting = k.job(Queue::Waiting, job_id);
+        let txn = Txn::new()
+            .when([Compare::version(waiting.clone(), CompareOp::Greater, 0)])
+            .and_then([
+                TxnOp::put(k.job(Queue::Ready, job_id), handler, None),
+                TxnOp::delete(waiting, None),
+            ]);
+        Ok(self.txn(job_id, txn).await?.succeeded())
+    }
+
+    /// Cancels a job that has not started: removes its record and queue entries.
+    pub async fn cancel(&self, job_id: &str) -> Result<()> {
+        let k = self.keys();
+        let ops = [Queue::All, Queue::Waiting, Queue::Ready]
+            .map(|q| TxnOp::delete(k.job(q, job_id), None));
+        self.txn(job_id, Txn::new().and_then(ops)).await?;
+        Ok(())
+    }
+}
+
+fn still_ours(responses: &[TxnOpResponse], reservation: &str) -> bool {
+    responses.iter().any(|r| match r {
+        TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.value() == reservation.as_bytes()),
+        _ => false,
+    })
+}

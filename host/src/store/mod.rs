@@ -1,0 +1,323 @@
+//! etcd access. Nothing outside this module talks to etcd.
+//!
+//! [`Store`] wraps an `etcd_client::Client` with the [`Keys`] layout. The generic half
+//! (get, list, watch, leases) is here; the protocol's transactions, each of which is a safety
+//! boundary, live in [`jobs`] with a comment saying what its compares guarantee.
+
+pub mod jobs;
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnResponse,
+    WatchOptions, WatchStream,
+};
+
+use crate::keys::Keys;
+
+/// An etcd failure, with the operation and key it happened on.
+#[derive(Debug, thiserror::Error)]
+#[error("etcd {op} {key}: {source}")]
+pub struct StoreError {
+    pub op: &'static str,
+    pub key: String,
+    #[source]
+    pub source: etcd_client::Error,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A key-value pair as read from etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+impl Kv {
+    fn from_etcd(kv: &etcd_client::KeyValue) -> Self {
+        Kv {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            lease: kv.lease(),
+        }
+    }
+
+    /// The value as text, lossily (etcd values written by the ESI stack are UTF-8 JSON).
+    pub fn value_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.value)
+    }
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put(Kv),
+    /// A deleted key, with the revision of the deletion and the value before it.
+    Delete {
+        key: String,
+        revision: i64,
+        prev: Option<Kv>,
+    },
+}
+
+/// A watch over one prefix that yields changes in revision order.
+pub struct Watch {
+    prefix: String,
+    stream: WatchStream,
+}
+
+/// Why a watch ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("watch {prefix}: revision {revision} was compacted; re-list")]
+    Compacted { prefix: String, revision: i64 },
+    #[error("watch {prefix} was cancelled by etcd: {reason}")]
+    Cancelled { prefix: String, reason: String },
+    #[error("watch {prefix} ended")]
+    Ended { prefix: String },
+    #[error("watch {prefix}: {source}")]
+    Etcd {
+        prefix: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+}
+
+impl Watch {
+    /// The next batch of changes (one etcd watch response).
+    pub async fn next(&mut self) -> Result<Vec<Change>, WatchError> {
+        loop {
+            let message = self
+                .stream
+                .message()
+                .await
+                .map_err(|source| WatchError::Etcd {
+                    prefix: self.prefix.clone(),
+                    source,
+                })?;
+            let Some(resp) = message else {
+                return Err(WatchError::Ended {
+                    prefix: self.prefix.clone(),
+                });
+            };
+            if resp.compact_revision() > 0 {
+                return Err(WatchError::Compacted {
+                    prefix: self.prefix.clone(),
+                    revision: resp.compact_revision(),
+                });
+            }
+            if resp.canceled() {
+                return Err(WatchError::Cancelled {
+                    prefix: self.prefix.clone(),
+                    reason: resp.cancel_reason().to_string(),
+                });
+            }
+            let changes: Vec<Change> = resp.events().iter().filter_map(change_of).collect();
+            if !changes.is_empty() {
+                return Ok(changes);
+            }
+        }
+    }
+}
+
+fn change_of(event: &etcd_client::Event) -> Option<Change> {
+    let kv = event.kv()?;
+    Some(match event.event_type() {
+        EventType::Put => Change::Put(Kv::from_etcd(kv)),
+        EventType::Delete => Change::Delete {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            revision: kv.mod_revision(),
+            prev: event.prev_kv().map(Kv::from_etcd),
+        },
+    })
+}
+
+/// etcd access with the protocol's key layout.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    keys: Keys,
+}
+
+impl Store {
+    /// Connects to any of `endpoints` (e.g. `http://127.0.0.1:2379`).
+    pub async fn connect(endpoints: &[String], keys: Keys) -> Result<Self> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|source| StoreError {
+                op: "connect",
+                key: endpoints.join(","),
+                source,
+            })?;
+        Ok(Store { client, keys })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A client handle; cloning is cheap and shares the connection.
+    fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Kv>> {
+        let resp = self
+            .client()
+            .get(key, None)
+            .await
+            .map_err(|source| err("get", key, source))?;
+        Ok(resp.kvs().first().map(Kv::from_etcd))
+    }
+
+    /// Every key under `prefix`, and the revision the listing was taken at.
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64)> {
+        let resp = self
+            .client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|source| err("list", prefix, source))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok((resp.kvs().iter().map(Kv::from_etcd).collect(), revision))
+    }
+
+    pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<()> {
+        self.client()
+            .put(key, value, None)
+            .await
+            .map_err(|source| err("put", key, source))?;
+        Ok(())
+    }
+
+    /// Puts a key bound to a lease: it vanishes when the lease does.
+    pub async fn put_with_lease(
+        &self,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        lease: i64,
+    ) -> Result<()> {
+        self.client()
+            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(|source| err("put", key, source))?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.client()
+            .delete(key, None)
+            .await
+            .map_err(|source| err("delete", key, source))?;
+        Ok(())
+    }
+
+    /// Deletes every key under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        self.client()
+            .delete(prefix, Some(DeleteOptions::new().with_prefix()))
+            .await
+            .map_err(|source| err("delete", prefix, source))?;
+        Ok(())
+    }
+
+    /// Runs a transaction; `what` names it in errors.
+    pub async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse> {
+        self.client()
+            .txn(txn)
+            .await
+            .map_err(|source| err("txn", what, source))
+    }
+
+    /// Watches `prefix` from `start_revision` (inclusive), with previous values on deletes.
+    pub async fn watch(&self, prefix: &str, start_revision: i64) -> Result<Watch> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(start_revision);
+        let stream = self
+            .client()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(|source| err("watch", prefix, source))?;
+        Ok(Watch {
+            prefix: prefix.to_string(),
+            stream,
+        })
+    }
+
+    /// Grants a lease of `ttl` seconds.
+    pub async fn grant_lease(&self, ttl: i64) -> Result<i64> {
+        let resp = self
+            .client()
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|source| err("lease grant", "-", source))?;
+        Ok(resp.id())
+    }
+
+    /// Revokes a lease: every key bound to it is deleted.
+    pub async fn revoke_lease(&self, lease: i64) -> Result<()> {
+        self.client()
+            .lease_revoke(lease)
+            .await
+            .map_err(|source| err("lease revoke", &lease.to_string(), source))?;
+        Ok(())
+    }
+
+    /// Remaining TTL of a lease in seconds; `<= 0` when etcd no longer knows it.
+    pub async fn lease_ttl(&self, lease: i64) -> Result<i64> {
+        let resp = self
+            .client()
+            .lease_time_to_live(lease, None)
+            .await
+            .map_err(|source| err("lease ttl", &lease.to_string(), source))?;
+        Ok(resp.ttl())
+    }
+
+    /// Keeps `lease` alive until the returned future fails: sends a keep-alive every
+    /// `interval` and returns an error when etcd stops answering or says the lease is gone.
+    pub async fn keep_lease_alive(&self, lease: i64, interval: Duration) -> Result<()> {
+        let name = lease.to_string();
+        let (mut keeper, mut stream) = self
+            .client()
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|source| err("lease keep-alive", &name, source))?;
+        loop {
+            keeper
+                .keep_alive()
+                .await
+                .map_err(|source| err("lease keep-alive", &name, source))?;
+            match stream.message().await {
+                Ok(Some(resp)) if resp.ttl() > 0 => {}
+                Ok(_) => {
+                    return Err(err(
+                        "lease keep-alive",
+                        &name,
+                        etcd_client::Error::LeaseKeepAliveError("lease expired or revoked".into()),
+                    ))
+                }
+                Err(source) => return Err(err("lease keep-alive", &name, source)),
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+fn err(op: &'static str, key: &str, source: etcd_client::Error) -> StoreError {
+    StoreError {
+        op,
+        key: key.to_string(),
+        source,
+    }
+}

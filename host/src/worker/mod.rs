@@ -1,0 +1,154 @@
+//! The worker role (PROTOCOL section 5): claim ready jobs, run them in a plugin, complete them.
+//!
+//! Who owns what: [`Worker::run`] owns the ready-queue watch and spawns one task per claimable
+//! job, bounded by a semaphore; each task owns its claim until it completes, re-queues or
+//! fails the job. Safety never depends on timing: the claim is a transaction that only one
+//! worker can win, and every write after it is fenced by a compare on our reservation value,
+//! so a worker whose lease expired can run a job to the end but cannot publish its result.
+
+mod run;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::keys::Queue;
+use crate::plugins::{PluginEngine, PluginRegistry};
+use crate::schema::SchemaRegistry;
+use crate::store::{Change, Store};
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Jobs run at once by this host.
+    pub concurrency: usize,
+    /// Attempts after which a retryable failure becomes permanent.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 64,
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(500),
+            retry_backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Claims and runs jobs for the handlers its plugins serve.
+pub struct Worker {
+    pub(crate) store: Store,
+    pub(crate) schemas: Arc<SchemaRegistry>,
+    pub(crate) engine: Arc<PluginEngine>,
+    pub(crate) plugins: Arc<PluginRegistry>,
+    pub(crate) config: WorkerConfig,
+    /// The host's current lease; replaced if the host had to take a new one.
+    pub(crate) lease: Arc<AtomicI64>,
+    slots: Arc<Semaphore>,
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        schemas: Arc<SchemaRegistry>,
+        engine: Arc<PluginEngine>,
+        plugins: Arc<PluginRegistry>,
+        config: WorkerConfig,
+        lease: Arc<AtomicI64>,
+    ) -> Arc<Self> {
+        let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        Arc::new(Worker {
+            store,
+            schemas,
+            engine,
+            plugins,
+            config,
+            lease,
+            slots,
+        })
+    }
+
+    pub(crate) fn lease(&self) -> i64 {
+        self.lease.load(Ordering::Relaxed)
+    }
+
+    /// Watches the ready queue until `shutdown`, re-listing after any watch failure so that no
+    /// ready job is missed.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            match self.clone().follow_ready_queue(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "worker: waiting for etcd");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn follow_ready_queue(
+        self: Arc<Self>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let prefix = self.store.keys().queue_prefix(Queue::Ready);
+        let (ready, revision) = self.store.list(&prefix).await?;
+        for kv in ready {
+            self.offer(&kv.key, &kv.value_str());
+        }
+        let mut watch = self.store.watch(&prefix, revision + 1).await?;
+        loop {
+            let changes = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changes = watch.next() => changes?,
+            };
+            for change in changes {
+                if let Change::Put(kv) = change {
+                    self.offer(&kv.key, &kv.value_str());
+                }
+            }
+        }
+    }
+
+    /// Starts a task for a ready job if one of our plugins serves its handler.
+    fn offer(self: &Arc<Self>, key: &str, handler: &str) {
+        let Some(job_id) = self.store.keys().parse_job_key(Queue::Ready, key) else {
+            return;
+        };
+        if self.plugins.get(handler).is_none() {
+            tracing::debug!(
+                job_id,
+                handler,
+                "no plugin here serves this handler; leaving it"
+            );
+            return;
+        }
+        let job_id = job_id.to_string();
+        let span = tracing::info_span!("job", job_id = %job_id, handler = %handler);
+        let worker = self.clone();
+        tokio::spawn(
+            async move {
+                let Ok(_slot) = worker.slots.clone().acquire_owned().await else {
+                    return;
+                };
+                if let Err(e) = worker.run_job(&job_id).await {
+                    tracing::warn!(error = %format!("{e:#}"), "job left for a later attempt");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}

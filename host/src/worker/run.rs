@@ -1,0 +1,440 @@
+//! One job, from claim to completion.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+use super::Worker;
+use crate::keys::{Queue, Record};
+use crate::plugins::bindings::esi::worker::types as wit;
+use crate::plugins::host_api::{key_of, writable, RecordAccess};
+use crate::protocol::{Job, JobId, JobRecord, OnFailure, StateRecord};
+use crate::store::jobs::{Completion, CompletionOutcome, GuardedWrite};
+use crate::store::StoreError;
+
+/// How a run of the plugin ended, from the workflow's point of view.
+enum Verdict {
+    Done {
+        output: Map<String, Value>,
+        writes: Vec<GuardedWrite>,
+    },
+    Retry(String),
+    Fail(String),
+}
+
+impl Worker {
+    /// Claims `job_id` and sees it through. Returns an error only for etcd trouble before the
+    /// claim; after the claim, etcd calls are retried until they succeed or the claim is lost.
+    pub(crate) async fn run_job(&self, job_id: &str) -> anyhow::Result<()> {
+        let reservation = uuid::Uuid::new_v4().to_string();
+        if !self.store.claim(job_id, &reservation, self.lease()).await? {
+            tracing::debug!("claimed by another worker");
+            return Ok(());
+        }
+        let claim = Claim {
+            job_id,
+            reservation: &reservation,
+        };
+        let all_key = self.store.keys().job(Queue::All, job_id);
+        let Some(found) = self.persist(|| self.store.get(&all_key)).await else {
+            anyhow::bail!(
+                "etcd unavailable while reading {all_key}; the claim expires with the lease"
+            );
+        };
+        let Some(kv) = found else {
+            tracing::info!("job record is gone (cancelled); dropping the claim");
+            self.persist(|| self.store.drop_claim(job_id, &reservation))
+                .await;
+            return Ok(());
+        };
+        match JobRecord::parse(&all_key, &kv.value) {
+            Ok(record) => self.run_record(&claim, record).await,
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(error = %message, "unreadable job record");
+                self.fail_unreadable(&claim, &message).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_record(&self, claim: &Claim<'_>, record: JobRecord) {
+        let job = &record.job;
+        tracing::info!(resource = %job.resource_id, action = %job.action, attempt = record.attempts, "running job");
+        let Some(plugin) = self.plugins.get(&record.handler).cloned() else {
+            let message = format!(
+                "no plugin serves handler {:?} (job {})",
+                record.handler, job.id
+            );
+            return self.finish_failed(claim, job, &message).await;
+        };
+        let job_state = self.job_state_so_far(job).await;
+        let access = RecordAccess {
+            store: self.store.clone(),
+            schemas: self.schemas.clone(),
+        };
+        let wit_job = to_wit_job(job, &job_state);
+        let started = Instant::now();
+        let mut reruns = 0;
+        loop {
+            let context = wit::RunContext {
+                attempts: record.attempts,
+                reruns,
+                elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                config: "{}".into(),
+            };
+            let answer = self
+                .engine
+                .handle(&plugin, access.clone(), &wit_job, &context)
+                .await;
+            let verdict = match answer {
+                Ok(Ok(wit::Outcome::Wait(millis))) => {
+                    tracing::debug!(millis, "plugin asked to run again later");
+                    tokio::time::sleep(Duration::from_millis(u64::from(millis.max(1)))).await;
+                    reruns += 1;
+                    continue;
+                }
+                Ok(Ok(wit::Outcome::Completed(c))) => self.verdict_of_completion(c, &access),
+                Ok(Err(wit::JobError::Retryable(m))) => Verdict::Retry(m),
+                Ok(Err(wit::JobError::Permanent(m))) => Verdict::Fail(m),
+                Err(call) => Verdict::Retry(call.to_string()),
+            };
+            let rerun = match verdict {
+                Verdict::Done { output, writes } => {
+                    self.finish_done(claim, job, job_state.clone(), output, &writes)
+                        .await
+                }
+                Verdict::Retry(message) => {
+                    self.retry_or_fail(claim, &record, &message).await;
+                    false
+                }
+                Verdict::Fail(message) => {
+                    self.finish_failed(claim, job, &message).await;
+                    false
+                }
+            };
+            if !rerun {
+                return;
+            }
+            tracing::info!("a proposed write conflicted; running the job again");
+        }
+    }
+
+    /// The workflow's job state before this job: `{}` for a first job.
+    async fn job_state_so_far(&self, job: &Job) -> Map<String, Value> {
+        if job.is_first {
+            return Map::new();
+        }
+        let Some(schema) = self.schemas.get(&job.resource_type) else {
+            return Map::new();
+        };
+        let key = self
+            .store
+            .keys()
+            .record(Record::JobState, schema, &job.resource_id);
+        match self.persist(|| self.store.get(&key)).await.flatten() {
+            Some(kv) => serde_json::from_slice(&kv.value).unwrap_or_else(|e| {
+                tracing::warn!(%key, error = %e, "job state is not a JSON object; starting from {{}}");
+                Map::new()
+            }),
+            None => Map::new(),
+        }
+    }
+
+    fn verdict_of_completion(&self, c: wit::Completion, access: &RecordAccess) -> Verdict {
+        let output = match serde_json::from_str::<Value>(&c.output) {
+            Ok(Value::Object(o)) => o,
+            Ok(_) | Err(_) => {
+                return Verdict::Fail(format!(
+                    "plugin output is not a JSON object: {:.200}",
+                    c.output
+                ))
+            }
+        };
+        let mut writes = Vec::with_capacity(c.writes.len());
+        for w in c.writes {
+            if !writable(w.target.kind) {
+                return Verdict::Fail(format!("plugin may not write {:?} records", w.target.kind));
+            }
+            let key = match key_of(&access.store, &access.schemas, &w.target) {
+                Ok(k) => k,
+                Err(e) => {
+                    return Verdict::Fail(format!("plugin proposed a write to a bad record: {e:?}"))
+                }
+            };
+            writes.push(GuardedWrite {
+                key,
+                value: match w.op {
+                    wit::WriteOp::Put(v) => Some(v),
+                    wit::WriteOp::Delete => None,
+                },
+                expect_mod_revision: w.expect_mod_revision,
+            });
+        }
+        Verdict::Done { output, writes }
+    }
+
+    /// Publishes a finished job. Returns `true` when a proposed write conflicted and the job
+    /// must run again.
+    async fn finish_done(
+        &self,
+        claim: &Claim<'_>,
+        job: &Job,
+        mut job_state: Map<String, Value>,
+        output: Map<String, Value>,
+        writes: &[GuardedWrite],
+    ) -> bool {
+        job_state.extend(output);
+        let Some(schema) = self.schemas.get(&job.resource_type) else {
+            let message = format!(
+                "job {}: unknown resource type {:?}",
+                job.id, job.resource_type
+            );
+            tracing::error!(error = %message, "no /state to report to");
+            self.persist(|| {
+                self.store
+                    .fail_workflow_without_state(claim.job_id, claim.reservation, &message)
+            })
+            .await;
+            return false;
+        };
+        let keys = self.store.keys();
+        let job_state_key = keys.record(Record::JobState, schema, &job.resource_id);
+        let state = job.is_last.then(|| {
+            let state = StateRecord::completed(
+                &job_state,
+                job.workflow_action().completed_state(),
+                job.version,
+            );
+            (
+                keys.record(Record::State, schema, &job.resource_id),
+                state.to_json(),
+            )
+        });
+        let completion = Completion {
+            job_id: claim.job_id,
+            reservation: claim.reservation,
+            job_state_key: &job_state_key,
+            job_state: Value::Object(job_state.clone()).to_string(),
+            state,
+            writes,
+        };
+        match self.persist(|| self.store.complete(&completion)).await {
+            Some(CompletionOutcome::Completed) => {
+                tracing::info!("job completed");
+                false
+            }
+            Some(CompletionOutcome::Conflict) => true,
+            Some(CompletionOutcome::LostClaim) | None => {
+                tracing::warn!("lost the claim before completing; the result is dropped");
+                false
+            }
+        }
+    }
+
+    async fn retry_or_fail(&self, claim: &Claim<'_>, record: &JobRecord, message: &str) {
+        let attempts = record.attempts + 1;
+        if attempts >= self.config.max_attempts {
+            let message = format!("{message} (gave up after {attempts} attempts)");
+            return self.finish_failed(claim, &record.job, &message).await;
+        }
+        let delay = backoff(
+            self.config.retry_backoff,
+            self.config.retry_backoff_max,
+            record.attempts,
+        );
+        tracing::warn!(error = %message, attempts, retry_in = ?delay, "job failed, will retry");
+        tokio::time::sleep(delay).await;
+        let next = JobRecord {
+            attempts,
+            ..record.clone()
+        };
+        let text = next.to_json();
+        let requeued = self
+            .persist(|| {
+                self.store.requeue(
+                    claim.job_id,
+                    claim.reservation,
+                    &record.handler,
+                    text.clone(),
+                )
+            })
+            .await;
+        if requeued != Some(true) {
+            tracing::warn!("lost the claim before re-queueing");
+        }
+    }
+
+    /// A job that failed for good: `on_failure: ignore` lets the workflow go on as if it had
+    /// finished; `fail` ends the workflow with `<ACTION>_FAILED` and the message.
+    async fn finish_failed(&self, claim: &Claim<'_>, job: &Job, message: &str) {
+        tracing::error!(error = %message, on_failure = job.on_failure.as_str(), "job failed");
+        if job.on_failure == OnFailure::Ignore {
+            let state = self.job_state_so_far(job).await;
+            self.finish_done(claim, job, state, Map::new(), &[]).await;
+            return;
+        }
+        let target = JobId {
+            action: job.action,
+            handler: job.handler.clone(),
+            resource_type: job.resource_type.clone(),
+            resource_id: job.resource_id.clone(),
+            version: job.version,
+            suffix: String::new(),
+        };
+        self.fail_resource(
+            claim,
+            &target,
+            job.workflow_action().failed_state(),
+            message,
+        )
+        .await;
+    }
+
+    /// A job whose record cannot be parsed: the resource is taken from the job id, so the
+    /// error still reaches the resource's `/state`.
+    async fn fail_unreadable(&self, claim: &Claim<'_>, message: &str) {
+        match claim.job_id.parse::<JobId>() {
+            Ok(id) => {
+                let worker_state = id.action.failed_state();
+                self.fail_resource(claim, &id, worker_state, message).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot tell which resource the job is for; dropping it");
+                self.persist(|| {
+                    self.store
+                        .fail_workflow_without_state(claim.job_id, claim.reservation, message)
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn fail_resource(
+        &self,
+        claim: &Claim<'_>,
+        id: &JobId,
+        worker_state: String,
+        message: &str,
+    ) {
+        let Some(schema) = self.schemas.get(&id.resource_type) else {
+            tracing::error!(resource_type = %id.resource_type, "unknown resource type; no /state to report to");
+            self.persist(|| {
+                self.store
+                    .fail_workflow_without_state(claim.job_id, claim.reservation, message)
+            })
+            .await;
+            return;
+        };
+        let keys = self.store.keys();
+        let state_key = keys.record(Record::State, schema, &id.resource_id);
+        let job_state_key = keys.record(Record::JobState, schema, &id.resource_id);
+        let state = StateRecord::bare(&worker_state, id.version, message.to_string()).to_json();
+        let done = self
+            .persist(|| {
+                self.store.fail_workflow(
+                    claim.job_id,
+                    claim.reservation,
+                    &job_state_key,
+                    (state_key.clone(), state.clone()),
+                    message,
+                )
+            })
+            .await;
+        if done != Some(true) {
+            tracing::warn!("lost the claim before recording the failure");
+        }
+    }
+
+    /// Retries an etcd call through transient errors. `None` only at shutdown of the runtime
+    /// or when the error persists for a minute: by then our lease has expired and the job
+    /// manager will give the job to someone else.
+    async fn persist<T, F, Fut>(&self, mut call: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match call().await {
+                Ok(v) => return Some(v),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "etcd call failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "etcd call kept failing; giving up on this job");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+struct Claim<'a> {
+    job_id: &'a str,
+    reservation: &'a str,
+}
+
+/// Exponential backoff with jitter: `base * 2^attempt`, capped, then scaled by 50-100%.
+fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    use rand::Rng;
+    let exp = base.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX));
+    let capped = exp.min(cap);
+    capped.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+fn to_wit_job(job: &Job, job_state: &Map<String, Value>) -> wit::Job {
+    wit::Job {
+        id: job.id.clone(),
+        job_name: job.job_name.clone(),
+        handler: job.handler.clone(),
+        action: job.action.as_str().to_string(),
+        resource_type: job.resource_type.clone(),
+        resource_id: job.resource_id.clone(),
+        version: job.version,
+        is_first: job.is_first,
+        is_last: job.is_last,
+        dependency: job.dependency.clone(),
+        on_failure: job.on_failure.as_str().to_string(),
+        params: job
+            .params
+            .iter()
+            .map(|p| wit::Param {
+                param: p.param.clone(),
+                kind: p.kind.clone(),
+                value: p.value.to_string(),
+                resources: p
+                    .resources
+                    .iter()
+                    .map(|r| wit::ResourceRef {
+                        resource_type: r.resource_type.clone(),
+                        resource_id: r.resource_id.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        resource_input: Value::Object(job.resource_input.clone()).to_string(),
+        job_state: Value::Object(job_state.clone()).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(1);
+        for attempt in 0..40 {
+            let d = backoff(base, cap, attempt);
+            assert!(d <= cap, "{d:?}");
+            let full = base.saturating_mul(1 << attempt.min(16)).min(cap);
+            assert!(d >= full / 2, "attempt {attempt}: {d:?}");
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Shared helpers of the integration tests: a real etcd, real components, real hosts.
+//!
+//! Every test calls [`TestEnv::new`]. With `ESI_TEST_ETCD` set (as `scripts/test` does) the
+//! test uses that etcd server under a namespace of its own, so tests run in parallel without
+//! seeing each other's keys; without it the test starts a private etcd process. Either way the
+//! server is a real etcd.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use esi_host::keys::{Keys, Queue, Record};
+use esi_host::local_etcd::LocalEtcd;
+use esi_host::schema::SchemaRegistry;
+use esi_host::store::{Change, Store, Watch};
+use esi_host::{Host, HostConfig};
+use serde_json::Value;
+
+/// One test's etcd, namespace and helpers.
+pub struct TestEnv {
+    _etcd: Option<LocalEtcd>,
+    pub endpoint: String,
+    pub store: Store,
+    pub schemas: SchemaRegistry,
+}
+
+impl TestEnv {
+    pub async fn new() -> anyhow::Result<TestEnv> {
+        init_logging();
+        let (etcd, endpoint, root) = match std::env::var("ESI_TEST_ETCD") {
+            Ok(endpoint) if !endpoint.is_empty() => {
+                let root = format!("/esi-test/{}", uuid_like());
+                (None, endpoint, root)
+            }
+            _ => {
+                let etcd = LocalEtcd::start().await?;
+                let endpoint = etcd.endpoint().to_string();
+                (Some(etcd), endpoint, String::new())
+            }
+        };
+        let store = Store::connect(std::slice::from_ref(&endpoint), Keys::new(&root)).await?;
+        Ok(TestEnv {
+            _etcd: etcd,
+            endpoint,
+            store,
+            schemas: SchemaRegistry::built_in(),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        self.store.keys()
+    }
+
+    /// A host configuration for this environment with a short lease.
+    pub fn host_config(&self) -> HostConfig {
+        let mut config = HostConfig::new(vec![self.endpoint.clone()], plugin_dir());
+        config.key_root = self.keys().root().to_string();
+        config.lease_ttl = Duration::from_secs(5);
+        config
+    }
+
+    pub async fn start_host(&self) -> anyhow::Result<Host> {
+        Host::start(self.host_config()).await
+    }
+
+    /// The key of a per-resource record.
+    pub fn key(&self, record: Record, resource_type: &str, id: &str) -> String {
+        let schema = self.schemas.get(resource_type).expect("known resource type");
+        self.keys().record(record, schema, id)
+    }
+
+    /// Writes a resource config exactly as given.
+    pub async fn put_config_raw(&self, resource_type: &str, id: &str, value: &str) -> anyhow::Result<()> {
+        self.store.put(&self.key(Record::Config, resource_type, id), value).await?;
+        Ok(())
+    }
+
+    /// Writes a resource config with the body as a JSON string, as gohan does.
+    pub async fn put_config(&self, resource_type: &str, id: &str, body: &Value, version: u64) -> anyhow::Result<()> {
+        self.put_config_raw(resource_type, id, &esi_host::seed::gohan_envelope(body, version)).await
+    }
+
+    /// Loads the project's shipped templates.
+    pub async fn load_shipped_templates(&self) -> anyhow::Result<()> {
+        let files = esi_host::templates::read_dir(&repo_dir().join("templates"))?;
+        esi_host::templates::load(&self.store, &self.schemas, &files).await
+    }
+
+    /// Writes one heat template.
+    pub async fn put_template(&self, id: &str, handler: &str, template_file: &str, mappings: Value) -> anyhow::Result<()> {
+        let body = serde_json::json!({"id": id, "handler": handler, "watch": [],
+                                      "template_file": template_file, "parameter_mappings": mappings});
+        self.put_config("heat_template", id, &body, 1).await
+    }
+
+    /// Writes a completed `/state` whose `state_monitoring` is `monitoring`.
+    pub async fn put_monitoring_state(&self, resource_type: &str, id: &str, monitoring: &Value) -> anyhow::Result<()> {
+        let state = serde_json::json!({
+            "state": {"state_monitoring": monitoring.to_string(), "worker_state": "CREATE_COMPLETED"},
+            "version": 1, "error": ""});
+        self.store.put(&self.key(Record::State, resource_type, id), state.to_string()).await?;
+        Ok(())
+    }
+
+    pub async fn get_json(&self, key: &str) -> anyhow::Result<Option<Value>> {
+        match self.store.get(key).await? {
+            Some(kv) => Ok(Some(serde_json::from_slice(&kv.value).with_context(|| format!("{key} is not JSON"))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits until the resource's `/state` satisfies `done`, returning it.
+    pub async fn wait_for_state(
+        &self,
+        resource_type: &str,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let key = self.key(Record::State, resource_type, id);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = self.get_json(&key).await?;
+            if let Some(state) = &current {
+                if done(state) {
+                    return Ok(state.clone());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{key} did not reach the expected state within {timeout:?}; it is {current:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for `worker_state == CREATE_COMPLETED` (or any `*_FAILED`, which fails the wait).
+    pub async fn wait_completed(&self, resource_type: &str, id: &str) -> anyhow::Result<Value> {
+        let state = self
+            .wait_for_state(resource_type, id, Duration::from_secs(60), |s| {
+                let ws = s["state"]["worker_state"].as_str().unwrap_or("");
+                ws.ends_with("_COMPLETED") || ws.ends_with("_FAILED")
+            })
+            .await?;
+        let ws = state["state"]["worker_state"].as_str().unwrap_or("");
+        if ws.ends_with("_FAILED") {
+            bail!("{resource_type} {id} failed: {state}");
+        }
+        Ok(state)
+    }
+
+    /// Every key under `/jobs/` in this namespace.
+    pub async fn job_keys(&self) -> anyhow::Result<Vec<String>> {
+        let (kvs, _) = self.store.list(&self.keys().jobs_prefix()).await?;
+        Ok(kvs.into_iter().map(|kv| kv.key).collect())
+    }
+
+    /// Waits until no `/jobs/` key is left (the manager cleans finished jobs asynchronously).
+    pub async fn wait_jobs_drained(&self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = self.job_keys().await?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("job keys left behind: {left:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts recording every change in this namespace from now on.
+    pub async fn record_changes(&self) -> anyhow::Result<Recorder> {
+        let prefix = self.keys().everything();
+        let (_, revision) = self.store.list(&self.keys().jobs_prefix()).await?;
+        let watch = self.store.watch(&prefix, revision + 1).await?;
+        Ok(Recorder { watch, seen: Vec::new() })
+    }
+
+    /// The ready-queue key of a job id.
+    pub fn job_key(&self, queue: Queue, id: &str) -> String {
+        self.keys().job(queue, id)
+    }
+}
+
+/// Collects watch events.
+pub struct Recorder {
+    watch: Watch,
+    seen: Vec<Change>,
+}
+
+impl Recorder {
+    /// Reads events until `until` holds for one of them or `timeout` passes; returns all seen.
+    pub async fn until(&mut self, timeout: Duration, until: impl Fn(&Change) -> bool) -> anyhow::Result<&[Change]> {
+        if self.seen.iter().any(&until) {
+            return Ok(&self.seen);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let batch = tokio::time::timeout_at(deadline, self.watch.next())
+                .await
+                .context("timed out waiting for a watch event")??;
+            let hit = batch.iter().any(&until);
+            self.seen.extend(batch);
+            if hit {
+                return Ok(&self.seen);
+            }
+        }
+    }
+
+    /// The values put at keys starting with `prefix`, in order.
+    pub fn puts_under(&self, prefix: &str) -> Vec<(String, Value)> {
+        self.seen
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put(kv) if kv.key.starts_with(prefix) => {
+                    Some((kv.key.clone(), serde_json::from_slice(&kv.value).unwrap_or(Value::Null)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The repository root.
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where the built plugin components are (`ESI_PLUGIN_DIR`, else `target/plugins`).
+pub fn plugin_dir() -> PathBuf {
+    let dir = std::env::var_os("ESI_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join("target/plugins"));
+    assert!(
+        dir.join("monitoring_worker.wasm").exists(),
+        "{} has no monitoring_worker.wasm: build the plugins first with `cargo xtask build-plugins` \
+         (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+fn uuid_like() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
