@@ -65,19 +65,40 @@ impl TestEnv {
 
     /// The key of a per-resource record.
     pub fn key(&self, record: Record, resource_type: &str, id: &str) -> String {
-        let schema = self.schemas.get(resource_type).expect("known resource type");
+        let schema = self
+            .schemas
+            .get(resource_type)
+            .expect("known resource type");
         self.keys().record(record, schema, id)
     }
 
     /// Writes a resource config exactly as given.
-    pub async fn put_config_raw(&self, resource_type: &str, id: &str, value: &str) -> anyhow::Result<()> {
-        self.store.put(&self.key(Record::Config, resource_type, id), value).await?;
+    pub async fn put_config_raw(
+        &self,
+        resource_type: &str,
+        id: &str,
+        value: &str,
+    ) -> anyhow::Result<()> {
+        self.store
+            .put(&self.key(Record::Config, resource_type, id), value)
+            .await?;
         Ok(())
     }
 
     /// Writes a resource config with the body as a JSON string, as gohan does.
-    pub async fn put_config(&self, resource_type: &str, id: &str, body: &Value, version: u64) -> anyhow::Result<()> {
-        self.put_config_raw(resource_type, id, &esi_host::seed::gohan_envelope(body, version)).await
+    pub async fn put_config(
+        &self,
+        resource_type: &str,
+        id: &str,
+        body: &Value,
+        version: u64,
+    ) -> anyhow::Result<()> {
+        self.put_config_raw(
+            resource_type,
+            id,
+            &esi_host::seed::gohan_envelope(body, version),
+        )
+        .await
     }
 
     /// Loads the project's shipped templates.
@@ -87,24 +108,42 @@ impl TestEnv {
     }
 
     /// Writes one heat template.
-    pub async fn put_template(&self, id: &str, handler: &str, template_file: &str, mappings: Value) -> anyhow::Result<()> {
+    pub async fn put_template(
+        &self,
+        id: &str,
+        handler: &str,
+        template_file: &str,
+        mappings: Value,
+    ) -> anyhow::Result<()> {
         let body = serde_json::json!({"id": id, "handler": handler, "watch": [],
                                       "template_file": template_file, "parameter_mappings": mappings});
         self.put_config("heat_template", id, &body, 1).await
     }
 
     /// Writes a completed `/state` whose `state_monitoring` is `monitoring`.
-    pub async fn put_monitoring_state(&self, resource_type: &str, id: &str, monitoring: &Value) -> anyhow::Result<()> {
+    pub async fn put_monitoring_state(
+        &self,
+        resource_type: &str,
+        id: &str,
+        monitoring: &Value,
+    ) -> anyhow::Result<()> {
         let state = serde_json::json!({
             "state": {"state_monitoring": monitoring.to_string(), "worker_state": "CREATE_COMPLETED"},
             "version": 1, "error": ""});
-        self.store.put(&self.key(Record::State, resource_type, id), state.to_string()).await?;
+        self.store
+            .put(
+                &self.key(Record::State, resource_type, id),
+                state.to_string(),
+            )
+            .await?;
         Ok(())
     }
 
     pub async fn get_json(&self, key: &str) -> anyhow::Result<Option<Value>> {
         match self.store.get(key).await? {
-            Some(kv) => Ok(Some(serde_json::from_slice(&kv.value).with_context(|| format!("{key} is not JSON"))?)),
+            Some(kv) => Ok(Some(
+                serde_json::from_slice(&kv.value).with_context(|| format!("{key} is not JSON"))?,
+            )),
             None => Ok(None),
         }
     }
@@ -127,7 +166,9 @@ impl TestEnv {
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("{key} did not reach the expected state within {timeout:?}; it is {current:?}");
+                bail!(
+                    "{key} did not reach the expected state within {timeout:?}; it is {current:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -174,7 +215,10 @@ impl TestEnv {
         let prefix = self.keys().everything();
         let (_, revision) = self.store.list(&self.keys().jobs_prefix()).await?;
         let watch = self.store.watch(&prefix, revision + 1).await?;
-        Ok(Recorder { watch, seen: Vec::new() })
+        Ok(Recorder {
+            watch,
+            seen: Vec::new(),
+        })
     }
 
     /// The ready-queue key of a job id.
@@ -191,7 +235,11 @@ pub struct Recorder {
 
 impl Recorder {
     /// Reads events until `until` holds for one of them or `timeout` passes; returns all seen.
-    pub async fn until(&mut self, timeout: Duration, until: impl Fn(&Change) -> bool) -> anyhow::Result<&[Change]> {
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        until: impl Fn(&Change) -> bool,
+    ) -> anyhow::Result<&[Change]> {
         if self.seen.iter().any(&until) {
             return Ok(&self.seen);
         }
@@ -213,9 +261,10 @@ impl Recorder {
         self.seen
             .iter()
             .filter_map(|c| match c {
-                Change::Put(kv) if kv.key.starts_with(prefix) => {
-                    Some((kv.key.clone(), serde_json::from_slice(&kv.value).unwrap_or(Value::Null)))
-                }
+                Change::Put(kv) if kv.key.starts_with(prefix) => Some((
+                    kv.key.clone(),
+                    serde_json::from_slice(&kv.value).unwrap_or(Value::Null),
+                )),
                 _ => None,
             })
             .collect()

@@ -13,12 +13,15 @@ async fn a_chain_created_in_reverse_order_converges() {
     let chain = seed::chain().unwrap();
     // The ha_interface first, the edge routers last: every resource waits for what it needs.
     for r in chain.iter().rev() {
-        env.put_config(r.resource_type, &r.id, &r.body, 1).await.unwrap();
+        env.put_config(r.resource_type, &r.id, &r.body, 1)
+            .await
+            .unwrap();
     }
     for r in &chain {
         let state = env.wait_completed(r.resource_type, &r.id).await.unwrap();
         assert_eq!(state["version"], 1, "{}", r.id);
-        let monitoring: Value = serde_json::from_str(state["state"]["state_monitoring"].as_str().unwrap()).unwrap();
+        let monitoring: Value =
+            serde_json::from_str(state["state"]["state_monitoring"].as_str().unwrap()).unwrap();
         let expected = match r.resource_type {
             "edge_router" => json!({"router": "ACTIVE"}),
             "er_physical_interface" => json!({"interface": "ACTIVE"}),
@@ -28,7 +31,11 @@ async fn a_chain_created_in_reverse_order_converges() {
     }
     // Device probes became monitoring targets for the collectors.
     let target = env
-        .get_json(&env.key(Record::MonitoringTarget, "er_physical_interface", PRIMARY_INTERFACE_ID))
+        .get_json(&env.key(
+            Record::MonitoringTarget,
+            "er_physical_interface",
+            PRIMARY_INTERFACE_ID,
+        ))
         .await
         .unwrap()
         .expect("monitoring target of the primary interface");
@@ -37,11 +44,18 @@ async fn a_chain_created_in_reverse_order_converges() {
     assert_eq!(target["interface"]["properties"]["name"], "xe-0/0/1");
     assert_eq!(target["interface"]["tenant_id"], seed::TENANT_ID);
     let router = env
-        .get_json(&env.key(Record::MonitoringTarget, "edge_router", seed::PRIMARY_ROUTER_ID))
+        .get_json(&env.key(
+            Record::MonitoringTarget,
+            "edge_router",
+            seed::PRIMARY_ROUTER_ID,
+        ))
         .await
         .unwrap()
         .expect("monitoring target of the primary edge router");
-    assert_eq!(router["router"]["properties"]["community_name"], "EDGE_ROUTER_COMMUNITY");
+    assert_eq!(
+        router["router"]["properties"]["community_name"],
+        "EDGE_ROUTER_COMMUNITY"
+    );
     env.wait_jobs_drained().await.unwrap();
     host.shutdown().await;
 }
@@ -54,14 +68,21 @@ async fn a_good_resource_still_completes(env: &TestEnv) {
             .unwrap();
     }
     let seed = seed::records().unwrap();
-    env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed[0].value.to_string()).await.unwrap();
-    let state = env.wait_completed("ha_interface", HA_INTERFACE_ID).await.unwrap();
+    env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed[0].value.to_string())
+        .await
+        .unwrap();
+    let state = env
+        .wait_completed("ha_interface", HA_INTERFACE_ID)
+        .await
+        .unwrap();
     assert_eq!(state, seed[3].value);
 }
 
 async fn wait_failed(env: &TestEnv, resource_type: &str, id: &str) -> Value {
     env.wait_for_state(resource_type, id, std::time::Duration::from_secs(30), |s| {
-        s["state"]["worker_state"].as_str().is_some_and(|w| w.ends_with("_FAILED"))
+        s["state"]["worker_state"]
+            .as_str()
+            .is_some_and(|w| w.ends_with("_FAILED"))
     })
     .await
     .unwrap()
@@ -73,12 +94,19 @@ async fn a_config_whose_body_is_not_json_fails_with_key_and_field_named() {
     env.load_shipped_templates().await.unwrap();
     let host = env.start_host().await.unwrap();
     let bad_id = "0f0f0f0f-0000-4000-8000-000000000001";
-    env.put_config_raw("ha_interface", bad_id, r#"{"body": "{this is not json", "version": 4}"#)
-        .await
-        .unwrap();
+    env.put_config_raw(
+        "ha_interface",
+        bad_id,
+        r#"{"body": "{this is not json", "version": 4}"#,
+    )
+    .await
+    .unwrap();
     let state = wait_failed(&env, "ha_interface", bad_id).await;
     let error = state["error"].as_str().unwrap();
-    assert!(error.contains(&env.key(Record::Config, "ha_interface", bad_id)), "{error}");
+    assert!(
+        error.contains(&env.key(Record::Config, "ha_interface", bad_id)),
+        "{error}"
+    );
     assert!(error.contains("\"body\""), "{error}");
     assert_eq!(state["state"]["worker_state"], "CREATE_FAILED");
     assert_eq!(state["version"], 4);
@@ -99,8 +127,14 @@ async fn a_template_whose_yaml_does_not_parse_fails_the_resource() {
     .await
     .unwrap();
     let host = env.start_host().await.unwrap();
-    let router = seed::chain().unwrap().into_iter().find(|r| r.resource_type == "ha_router").unwrap();
-    env.put_config(router.resource_type, &router.id, &router.body, 1).await.unwrap();
+    let router = seed::chain()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.resource_type == "ha_router")
+        .unwrap();
+    env.put_config(router.resource_type, &router.id, &router.body, 1)
+        .await
+        .unwrap();
     let state = wait_failed(&env, "ha_router", &router.id).await;
     let error = state["error"].as_str().unwrap();
     assert!(error.contains("ha_router_monitoring"), "{error}");
@@ -119,8 +153,14 @@ async fn a_job_record_with_a_missing_field_fails_its_resource() {
     let id = format!("create:monitoring_worker:ha_interface:{resource}:1:abcde");
     // A job array whose job object lacks `resource_id` (and more).
     let record = json!(["monitoring_worker", {"id": id, "handler": "monitoring_worker", "action": "create"}, 0]);
-    env.store.put(&env.job_key(Queue::All, &id), record.to_string()).await.unwrap();
-    env.store.put(&env.job_key(Queue::Ready, &id), "monitoring_worker").await.unwrap();
+    env.store
+        .put(&env.job_key(Queue::All, &id), record.to_string())
+        .await
+        .unwrap();
+    env.store
+        .put(&env.job_key(Queue::Ready, &id), "monitoring_worker")
+        .await
+        .unwrap();
     let state = wait_failed(&env, "ha_interface", resource).await;
     let error = state["error"].as_str().unwrap();
     assert!(error.contains(&env.job_key(Queue::All, &id)), "{error}");
@@ -135,17 +175,31 @@ async fn a_job_record_with_a_missing_field_fails_its_resource() {
 async fn a_template_naming_an_unknown_handler_fails_the_resource() {
     let env = TestEnv::new().await.unwrap();
     env.load_shipped_templates().await.unwrap();
-    env.put_template("ha_router_monitoring", "nobody_serves_this", "x:\n  type: router\n", json!({}))
+    env.put_template(
+        "ha_router_monitoring",
+        "nobody_serves_this",
+        "x:\n  type: router\n",
+        json!({}),
+    )
+    .await
+    .unwrap();
+    let host = env.start_host().await.unwrap();
+    let router = seed::chain()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.resource_type == "ha_router")
+        .unwrap();
+    env.put_config(router.resource_type, &router.id, &router.body, 1)
         .await
         .unwrap();
-    let host = env.start_host().await.unwrap();
-    let router = seed::chain().unwrap().into_iter().find(|r| r.resource_type == "ha_router").unwrap();
-    env.put_config(router.resource_type, &router.id, &router.body, 1).await.unwrap();
     let state = wait_failed(&env, "ha_router", &router.id).await;
     let error = state["error"].as_str().unwrap();
     assert!(error.contains("nobody_serves_this"), "{error}");
     assert!(error.contains("ha_router_monitoring"), "{error}");
-    assert!(env.job_keys().await.unwrap().is_empty(), "no job nobody would claim");
+    assert!(
+        env.job_keys().await.unwrap().is_empty(),
+        "no job nobody would claim"
+    );
     a_good_resource_still_completes(&env).await;
     host.shutdown().await;
 }
@@ -154,11 +208,26 @@ async fn a_template_naming_an_unknown_handler_fails_the_resource() {
 async fn a_resource_without_any_template_is_read_complete() {
     let env = TestEnv::new().await.unwrap();
     let host = env.start_host().await.unwrap();
-    env.put_config("location", "loc-1", &json!({"id": "loc-1", "name": "dc1"}), 3).await.unwrap();
+    env.put_config(
+        "location",
+        "loc-1",
+        &json!({"id": "loc-1", "name": "dc1"}),
+        3,
+    )
+    .await
+    .unwrap();
     let state = env
-        .wait_for_state("location", "loc-1", std::time::Duration::from_secs(30), |_| true)
+        .wait_for_state(
+            "location",
+            "loc-1",
+            std::time::Duration::from_secs(30),
+            |_| true,
+        )
         .await
         .unwrap();
-    assert_eq!(state, json!({"state": {"worker_state": "READ_COMPLETE"}, "version": 3, "error": ""}));
+    assert_eq!(
+        state,
+        json!({"state": {"worker_state": "READ_COMPLETE"}, "version": 3, "error": ""})
+    );
     host.shutdown().await;
 }

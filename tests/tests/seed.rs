@@ -20,7 +20,10 @@ fn seed_config(body_as_string: bool) -> String {
 }
 
 async fn write_interface_states(env: &TestEnv, primary: &str, secondary: &str) {
-    for (id, status) in [(PRIMARY_INTERFACE_ID, primary), (SECONDARY_INTERFACE_ID, secondary)] {
+    for (id, status) in [
+        (PRIMARY_INTERFACE_ID, primary),
+        (SECONDARY_INTERFACE_ID, secondary),
+    ] {
         env.put_monitoring_state("er_physical_interface", id, &json!({"interface": status}))
             .await
             .unwrap();
@@ -31,7 +34,12 @@ async fn write_interface_states(env: &TestEnv, primary: &str, secondary: &str) {
 fn without_suffix(id: &str) -> String {
     let (head, suffix) = id.rsplit_once(':').expect("job id has a suffix");
     assert_eq!(suffix.len(), 5, "suffix of {id}");
-    assert!(suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "suffix of {id}");
+    assert!(
+        suffix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "suffix of {id}"
+    );
     format!("{head}:<suffix>")
 }
 
@@ -42,10 +50,28 @@ async fn seed_flow_matches_the_seed(body_as_string: bool) {
     let mut recorder = env.record_changes().await.unwrap();
     let host = env.start_host().await.unwrap();
 
-    env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(body_as_string)).await.unwrap();
-    let state = env.wait_completed("ha_interface", HA_INTERFACE_ID).await.unwrap();
+    env.put_config_raw(
+        "ha_interface",
+        HA_INTERFACE_ID,
+        &seed_config(body_as_string),
+    )
+    .await
+    .unwrap();
+    let state = env
+        .wait_completed("ha_interface", HA_INTERFACE_ID)
+        .await
+        .unwrap();
     env.wait_jobs_drained().await.unwrap();
 
+    // Everything up to the /state put is in the recorder's history.
+    let state_key = env.key(Record::State, "ha_interface", HA_INTERFACE_ID);
+    recorder
+        .until(
+            Duration::from_secs(10),
+            |c| matches!(c, Change::Put(kv) if kv.key == state_key),
+        )
+        .await
+        .unwrap();
     let seed = seed::records().unwrap();
     // (2) the job, equal to the seed's but for the random suffix.
     let jobs = recorder.puts_under(&env.job_key(Queue::All, ""));
@@ -65,12 +91,11 @@ async fn seed_flow_matches_the_seed(body_as_string: bool) {
 
     // (3) the job state while the workflow ran, captured by the watch.
     let job_state_key = env.key(Record::JobState, "ha_interface", HA_INTERFACE_ID);
-    recorder
-        .until(Duration::from_secs(5), |c| matches!(c, Change::Put(kv) if kv.key == job_state_key))
-        .await
-        .unwrap();
     let job_states = recorder.puts_under(&job_state_key);
-    assert_eq!(job_states.last().map(|(_, v)| v.clone()), Some(seed[2].value.clone()));
+    assert_eq!(
+        job_states.last().map(|(_, v)| v.clone()),
+        Some(seed[2].value.clone())
+    );
 
     // (4) the state.
     assert_eq!(state, seed[3].value);
@@ -97,8 +122,13 @@ async fn a_down_secondary_interface_is_reported_down() {
     env.load_shipped_templates().await.unwrap();
     write_interface_states(&env, "ACTIVE", "DOWN").await;
     let host = env.start_host().await.unwrap();
-    env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(true)).await.unwrap();
-    let state = env.wait_completed("ha_interface", HA_INTERFACE_ID).await.unwrap();
+    env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(true))
+        .await
+        .unwrap();
+    let state = env
+        .wait_completed("ha_interface", HA_INTERFACE_ID)
+        .await
+        .unwrap();
     assert_eq!(
         state["state"]["state_monitoring"],
         json!("{\"primary\": \"ACTIVE\", \"secondary\": \"DOWN\"}")
@@ -113,20 +143,44 @@ async fn an_interface_state_that_appears_later_is_waited_for() {
     let template = "primary:\n  type: etcd_reader\n  etcd_type: er_physical_interface\n  etcd_id: {{ primary_interface_id }}\n  time_between_retries: 1\nsecondary:\n  type: etcd_reader\n  etcd_type: er_physical_interface\n  etcd_id: {{ secondary_interface_id }}\n  time_between_retries: 1\n";
     let mappings = json!({"primary_interface_id": {"field": "primary_interface_id"},
                           "secondary_interface_id": {"field": "secondary_interface_id"}});
-    env.put_template("ha_interface_monitoring", "monitoring_worker", template, mappings).await.unwrap();
-    env.put_monitoring_state("er_physical_interface", PRIMARY_INTERFACE_ID, &json!({"interface": "ACTIVE"}))
+    env.put_template(
+        "ha_interface_monitoring",
+        "monitoring_worker",
+        template,
+        mappings,
+    )
+    .await
+    .unwrap();
+    env.put_monitoring_state(
+        "er_physical_interface",
+        PRIMARY_INTERFACE_ID,
+        &json!({"interface": "ACTIVE"}),
+    )
+    .await
+    .unwrap();
+    let host = env.start_host().await.unwrap();
+    env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(true))
         .await
         .unwrap();
-    let host = env.start_host().await.unwrap();
-    env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(true)).await.unwrap();
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let state_key = env.key(Record::State, "ha_interface", HA_INTERFACE_ID);
-    assert_eq!(env.get_json(&state_key).await.unwrap(), None, "still waiting for the secondary");
-    env.put_monitoring_state("er_physical_interface", SECONDARY_INTERFACE_ID, &json!({"interface": "ACTIVE"}))
+    assert_eq!(
+        env.get_json(&state_key).await.unwrap(),
+        None,
+        "still waiting for the secondary"
+    );
+    env.put_monitoring_state(
+        "er_physical_interface",
+        SECONDARY_INTERFACE_ID,
+        &json!({"interface": "ACTIVE"}),
+    )
+    .await
+    .unwrap();
+    let state = env
+        .wait_completed("ha_interface", HA_INTERFACE_ID)
         .await
         .unwrap();
-    let state = env.wait_completed("ha_interface", HA_INTERFACE_ID).await.unwrap();
     assert_eq!(state, seed::records().unwrap()[3].value);
     host.shutdown().await;
 }
@@ -136,9 +190,14 @@ async fn work_written_while_no_host_ran_is_picked_up_on_start() {
     let env = TestEnv::new().await.unwrap();
     env.load_shipped_templates().await.unwrap();
     write_interface_states(&env, "ACTIVE", "ACTIVE").await;
-    env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(false)).await.unwrap();
+    env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(false))
+        .await
+        .unwrap();
     let host = env.start_host().await.unwrap();
-    let state = env.wait_completed("ha_interface", HA_INTERFACE_ID).await.unwrap();
+    let state = env
+        .wait_completed("ha_interface", HA_INTERFACE_ID)
+        .await
+        .unwrap();
     assert_eq!(state, seed::records().unwrap()[3].value);
     env.wait_jobs_drained().await.unwrap();
     host.shutdown().await;
