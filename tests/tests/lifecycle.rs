@@ -1,0 +1,121 @@
+//! A resource's whole life: create, modify (version bump), logical delete, deletion.
+
+use std::time::Duration;
+
+use esi_host::keys::{Queue, Record};
+use esi_host::seed::{self, PRIMARY_INTERFACE_ID, PRIMARY_ROUTER_ID};
+use esi_host::store::Change;
+use esi_tests::TestEnv;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_modify_logical_delete_and_delete_each_reach_state() {
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    let chain = seed::chain().unwrap();
+    let router = chain.iter().find(|r| r.id == PRIMARY_ROUTER_ID).unwrap();
+    let interface = chain.iter().find(|r| r.id == PRIMARY_INTERFACE_ID).unwrap();
+    env.put_config(router.resource_type, &router.id, &router.body, 1)
+        .await
+        .unwrap();
+    let host = env.start_host().await.unwrap();
+    let kind = "er_physical_interface";
+    let target_key = env.key(Record::MonitoringTarget, kind, PRIMARY_INTERFACE_ID);
+
+    env.put_config(kind, PRIMARY_INTERFACE_ID, &interface.body, 1)
+        .await
+        .unwrap();
+    let created = env
+        .wait_completed(kind, PRIMARY_INTERFACE_ID)
+        .await
+        .unwrap();
+    assert_eq!(created["state"]["worker_state"], "CREATE_COMPLETED");
+    let target = env
+        .get_json(&target_key)
+        .await
+        .unwrap()
+        .expect("target after create");
+    assert_eq!(target["interface"]["properties"]["name"], "xe-0/0/1");
+    env.wait_jobs_drained().await.unwrap();
+
+    // Modify: the monitoring is torn down (on_failure ignore) and set up again.
+    let mut recorder = env.record_changes().await.unwrap();
+    let mut renamed = interface.body.clone();
+    renamed["name"] = json!("xe-0/0/9");
+    env.put_config(kind, PRIMARY_INTERFACE_ID, &renamed, 2)
+        .await
+        .unwrap();
+    let modified = env
+        .wait_for_state(kind, PRIMARY_INTERFACE_ID, Duration::from_secs(60), |s| {
+            s["version"] == 2
+        })
+        .await
+        .unwrap();
+    assert_eq!(modified["state"]["worker_state"], "MODIFY_COMPLETED");
+    assert_eq!(modified["error"], "");
+    let state_key = env.key(Record::State, kind, PRIMARY_INTERFACE_ID);
+    recorder
+        .until(
+            Duration::from_secs(10),
+            |c| matches!(c, Change::Put(kv) if kv.key == state_key),
+        )
+        .await
+        .unwrap();
+    let jobs: Vec<Value> = recorder
+        .puts_under(&env.job_key(Queue::All, ""))
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let actions: Vec<(&str, &str)> = jobs
+        .iter()
+        .map(|j| {
+            (
+                j[1]["action"].as_str().unwrap(),
+                j[1]["on_failure"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(actions, [("delete", "ignore"), ("create", "fail")]);
+    assert_eq!(jobs[1][1]["dependency"], json!([jobs[0][1]["id"]]));
+    let target = env
+        .get_json(&target_key)
+        .await
+        .unwrap()
+        .expect("target after modify");
+    assert_eq!(target["interface"]["properties"]["name"], "xe-0/0/9");
+    env.wait_jobs_drained().await.unwrap();
+
+    // Logical delete: gohan marks the resource and bumps its version.
+    let marked = json!({"body": renamed.to_string(), "version": 3, "marked_for_deletion": true});
+    env.put_config_raw(kind, PRIMARY_INTERFACE_ID, &marked.to_string())
+        .await
+        .unwrap();
+    let deleted = env
+        .wait_for_state(kind, PRIMARY_INTERFACE_ID, Duration::from_secs(60), |s| {
+            s["version"] == 3
+        })
+        .await
+        .unwrap();
+    assert_eq!(deleted["state"]["worker_state"], "LOGICAL_DELETE_COMPLETED");
+    assert_eq!(
+        env.get_json(&target_key).await.unwrap(),
+        None,
+        "monitoring target removed"
+    );
+    env.wait_jobs_drained().await.unwrap();
+
+    // gohan deletes the config: the worker's records for it go too.
+    env.store
+        .delete(&env.key(Record::Config, kind, PRIMARY_INTERFACE_ID))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while env.get_json(&state_key).await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "state of a deleted config was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    host.shutdown().await;
+}
