@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
-use crate::manager::{JobManager, ManagerConfig};
+use crate::manager::{election, JobManager, ManagerConfig};
 use crate::plugins::{Limits, PluginEngine, PluginRegistry};
 use crate::schema::SchemaRegistry;
 use crate::store::Store;
@@ -99,6 +99,7 @@ impl Host {
         ));
         tracing::info!(host_id = %config.host_id, lease = lease.load(Ordering::Relaxed), handlers = ?plugins.handlers(), "esi-host started");
 
+        let config_host_id = config.host_id.clone();
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(keep_lease(
@@ -110,9 +111,17 @@ impl Host {
         if config.run_manager {
             let mut handlers: HashSet<String> = plugins.handlers().into_iter().collect();
             handlers.extend(config.external_handlers.iter().cloned());
-            let manager =
-                JobManager::new(store.clone(), schemas.clone(), ManagerConfig { handlers });
-            tasks.spawn(manager.run(shutdown.clone()));
+            let config = ManagerConfig { handlers };
+            let (store, schemas, lease) = (store.clone(), schemas.clone(), lease.clone());
+            tasks.spawn(election::run_elected(
+                store.clone(),
+                config_host_id.clone(),
+                move || lease.load(Ordering::Relaxed),
+                shutdown.clone(),
+                move |term| {
+                    JobManager::new(store.clone(), schemas.clone(), config.clone()).run(term)
+                },
+            ));
         }
         let worker = Worker::new(
             store.clone(),

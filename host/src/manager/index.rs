@@ -103,6 +103,13 @@ impl JobIndex {
         }
     }
 
+    /// Every indexed job id, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.jobs.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
     pub fn has_jobs(&self, resource: &ResourceKey) -> bool {
         self.by_resource.contains_key(resource)
     }

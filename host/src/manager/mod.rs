@@ -8,6 +8,7 @@
 //! is therefore picked up, and nothing is done twice: a workflow is only planned for a
 //! resource with no job in the index, and releases and clean-ups are idempotent transactions.
 
+pub mod election;
 mod index;
 pub mod mappings;
 pub mod workflow;
@@ -93,6 +94,10 @@ impl JobManager {
             .store
             .watch(&keys.config_watch_prefix(), config_revision + 1)
             .await?;
+        let mut working = self
+            .store
+            .watch(&keys.queue_prefix(Queue::Working), jobs_revision + 1)
+            .await?;
         tracing::info!("job manager: following configs and finished jobs");
         loop {
             tokio::select! {
@@ -109,6 +114,15 @@ impl JobManager {
                         self.on_config_change(change).await?;
                     }
                 }
+                changes = working.next() => {
+                    for change in changes? {
+                        if let Change::Delete { key, .. } = change {
+                            if let Some(id) = keys.parse_job_key(Queue::Working, &key) {
+                                self.on_claim_vanished(id).await?;
+                            }
+                        }
+                    }
+                }
             }
         }
     }
@@ -121,13 +135,26 @@ impl JobManager {
         self.index = JobIndex::default();
         let mut waiting = Vec::new();
         let mut finished = Vec::new();
+        let mut accounted = HashSet::new();
         for kv in &kvs {
             if let Some(id) = keys.parse_job_key(Queue::All, &kv.key) {
                 self.index.insert_record(id, &kv.key, &kv.value);
-            } else if let Some(id) = keys.parse_job_key(Queue::Waiting, &kv.key) {
-                waiting.push(id.to_string());
-            } else if keys.parse_job_key(Queue::Finished, &kv.key).is_some() {
-                finished.push(kv.clone());
+                continue;
+            }
+            for queue in [
+                Queue::Ready,
+                Queue::Waiting,
+                Queue::Working,
+                Queue::Finished,
+            ] {
+                if let Some(id) = keys.parse_job_key(queue, &kv.key) {
+                    accounted.insert(id.to_string());
+                    match queue {
+                        Queue::Waiting => waiting.push(id.to_string()),
+                        Queue::Finished => finished.push(kv.clone()),
+                        _ => {}
+                    }
+                }
             }
         }
         for id in &waiting {
@@ -138,6 +165,12 @@ impl JobManager {
         }
         for id in self.index.releasable() {
             self.release(&id).await?;
+        }
+        // Jobs in no queue: their worker died while no manager was watching.
+        for id in self.index.ids() {
+            if !accounted.contains(&id) {
+                self.on_claim_vanished(&id).await?;
+            }
         }
         Ok(revision)
     }
@@ -485,6 +518,31 @@ impl JobManager {
         }
         if let Some(entry) = entry {
             self.after_job_removed(entry.resource).await?;
+        }
+        Ok(())
+    }
+
+    /// A claim disappeared. If the job did not complete, fail or go back to a queue in the
+    /// same transaction, its worker is gone: the job goes back to ready with one more attempt.
+    async fn on_claim_vanished(&mut self, id: &str) -> anyhow::Result<()> {
+        if self.index.handler_of(id).is_none() {
+            return Ok(()); // finished and cleaned, or cancelled
+        }
+        let key = self.store.keys().job(Queue::All, id);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(());
+        };
+        let Ok(mut record) = JobRecord::parse(&key, &kv.value) else {
+            return Ok(()); // a worker fails unreadable records; nothing to re-queue
+        };
+        record.attempts += 1;
+        if self
+            .store
+            .requeue_orphan(id, &record.handler, record.to_json(), kv.mod_revision)
+            .await?
+        {
+            self.index.mark_ready(id);
+            tracing::warn!(job_id = %id, attempts = record.attempts, "claim vanished without a result; job re-queued");
         }
         Ok(())
     }

@@ -223,6 +223,34 @@ impl Store {
         Ok(self.txn(job_id, txn).await?.succeeded())
     }
 
+    /// Puts a job whose claim vanished (its worker's lease ended) back to ready with the given
+    /// record (attempts counted). Only if nothing else accounted for the job: no working,
+    /// finished or ready key, and the record unchanged since it was read. A completion, a
+    /// re-queue by the worker or a cancellation each leave one of those behind atomically.
+    pub async fn requeue_orphan(
+        &self,
+        job_id: &str,
+        handler: &str,
+        record: String,
+        record_revision: i64,
+    ) -> Result<bool> {
+        let k = self.keys();
+        let all = k.job(Queue::All, job_id);
+        let txn = Txn::new()
+            .when([
+                Compare::version(k.job(Queue::Working, job_id), CompareOp::Equal, 0),
+                Compare::version(k.job(Queue::Finished, job_id), CompareOp::Equal, 0),
+                Compare::version(k.job(Queue::Ready, job_id), CompareOp::Equal, 0),
+                Compare::version(k.job(Queue::Waiting, job_id), CompareOp::Equal, 0),
+                Compare::mod_revision(all.clone(), CompareOp::Equal, record_revision),
+            ])
+            .and_then([
+                TxnOp::put(all, record, None),
+                TxnOp::put(k.job(Queue::Ready, job_id), handler, None),
+            ]);
+        Ok(self.txn(job_id, txn).await?.succeeded())
+    }
+
     /// Drops a claimed job whose record is gone or unreadable, fenced by our reservation.
     pub async fn drop_claim(&self, job_id: &str, reservation: &str) -> Result<bool> {
         let working = self.keys().job(Queue::Working, job_id);

@@ -9,8 +9,8 @@ pub mod jobs;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnResponse,
-    WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, TxnResponse, WatchOptions, WatchStream,
 };
 
 use crate::keys::Keys;
@@ -253,6 +253,63 @@ impl Store {
             prefix: prefix.to_string(),
             stream,
         })
+    }
+
+    /// Creates `key` bound to `lease` if it does not exist. Returns the revision it was
+    /// created at, or `None` when someone else holds it.
+    pub async fn create_with_lease(
+        &self,
+        key: &str,
+        value: &str,
+        lease: i64,
+    ) -> Result<Option<i64>> {
+        let txn = Txn::new()
+            .when([Compare::version(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self.txn(key, txn).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+    }
+
+    /// Deletes `key` only if it still holds `value`.
+    pub async fn delete_if_value(&self, key: &str, value: &str) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Compare::value(key, CompareOp::Equal, value)])
+            .and_then([TxnOp::delete(key, None)]);
+        Ok(self.txn(key, txn).await?.succeeded())
+    }
+
+    /// Returns once `key` does not exist (at once if it is absent now).
+    pub async fn wait_for_delete(&self, key: &str) -> Result<()> {
+        let resp = self
+            .client()
+            .get(key, None)
+            .await
+            .map_err(|source| err("get", key, source))?;
+        if resp.kvs().is_empty() {
+            return Ok(());
+        }
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut watch = self.watch(key, revision + 1).await?;
+        loop {
+            match watch.next().await {
+                Ok(changes) => {
+                    if changes
+                        .iter()
+                        .any(|c| matches!(c, Change::Delete { key: k, .. } if k == key))
+                    {
+                        return Ok(());
+                    }
+                }
+                // A broken watch: let the caller campaign again, which re-reads the key.
+                Err(_) => return Ok(()),
+            }
+        }
     }
 
     /// Grants a lease of `ttl` seconds.

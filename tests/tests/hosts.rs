@@ -1,0 +1,190 @@
+//! Several hosts on one etcd: one job manager at a time, and no job lost when a worker dies.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use esi_host::keys::{Queue, Record};
+use esi_host::seed::{self, PRIMARY_INTERFACE_ID, SECONDARY_INTERFACE_ID};
+use esi_host::store::Change;
+use esi_tests::TestEnv;
+use serde_json::{json, Value};
+
+fn ha_interface_body(id: &str) -> Value {
+    let mut body = seed::records().unwrap()[0].value["body"].clone();
+    body["id"] = json!(id);
+    body
+}
+
+async fn both_interfaces_up(env: &TestEnv) {
+    for id in [PRIMARY_INTERFACE_ID, SECONDARY_INTERFACE_ID] {
+        env.put_monitoring_state("er_physical_interface", id, &json!({"interface": "ACTIVE"}))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_job_manager_plans_each_workflow_once_and_a_standby_takes_over() {
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    both_interfaces_up(&env).await;
+    let mut recorder = env.record_changes().await.unwrap();
+    let mut a = env.host_config();
+    a.host_id = "host-a".into();
+    let mut b = env.host_config();
+    b.host_id = "host-b".into();
+    let host_a = esi_host::Host::start(a).await.unwrap();
+    let host_b = esi_host::Host::start(b).await.unwrap();
+
+    let ids: Vec<String> = (0..20)
+        .map(|i| format!("00000000-0000-4000-8000-{i:012}"))
+        .collect();
+    for id in &ids {
+        env.put_config("ha_interface", id, &ha_interface_body(id), 1)
+            .await
+            .unwrap();
+    }
+    for id in &ids {
+        env.wait_completed("ha_interface", id).await.unwrap();
+    }
+    let last_state = env.key(Record::State, "ha_interface", ids.last().unwrap());
+    recorder
+        .until(
+            Duration::from_secs(10),
+            |c| matches!(c, Change::Put(kv) if kv.key == last_state),
+        )
+        .await
+        .unwrap();
+    let mut workflows: HashMap<String, usize> = HashMap::new();
+    for (_, job) in recorder.puts_under(&env.job_key(Queue::All, "")) {
+        *workflows
+            .entry(job[1]["resource_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(workflows.len(), 20);
+    assert!(
+        workflows.values().all(|&n| n == 1),
+        "a workflow was planned twice: {workflows:?}"
+    );
+
+    // Stop whichever host leads; the other takes the role over and goes on.
+    let election = env.keys().job_manager_election();
+    let leader = String::from_utf8(env.store.get(&election).await.unwrap().unwrap().value).unwrap();
+    let survivor = if leader == "host-a" {
+        host_a.shutdown().await;
+        host_b
+    } else {
+        host_b.shutdown().await;
+        host_a
+    };
+    let late = "00000000-0000-4000-8000-999999999999";
+    env.put_config("ha_interface", late, &ha_interface_body(late), 1)
+        .await
+        .unwrap();
+    env.wait_completed("ha_interface", late).await.unwrap();
+    let new_leader =
+        String::from_utf8(env.store.get(&election).await.unwrap().unwrap().value).unwrap();
+    assert_ne!(new_leader, leader);
+    survivor.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_died_is_requeued_and_the_dead_worker_cannot_publish() {
+    let env = TestEnv::new().await.unwrap();
+    let template = "primary:\n  type: etcd_reader\n  etcd_type: er_physical_interface\n  etcd_id: {{ primary_interface_id }}\n  time_between_retries: 0.2\nsecondary:\n  type: etcd_reader\n  etcd_type: er_physical_interface\n  etcd_id: {{ secondary_interface_id }}\n  time_between_retries: 0.2\n";
+    let mappings = json!({"primary_interface_id": {"field": "primary_interface_id"},
+                          "secondary_interface_id": {"field": "secondary_interface_id"}});
+    env.put_template(
+        "ha_interface_monitoring",
+        "monitoring_worker",
+        template,
+        mappings,
+    )
+    .await
+    .unwrap();
+    env.put_monitoring_state(
+        "er_physical_interface",
+        PRIMARY_INTERFACE_ID,
+        &json!({"interface": "ACTIVE"}),
+    )
+    .await
+    .unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+
+    // A manager with no plugins of its own, and a first worker.
+    let no_plugins = tempfile_dir();
+    let mut manager = env.host_config();
+    manager.plugin_dir = no_plugins.clone();
+    manager.external_handlers = vec!["monitoring_worker".into()];
+    let manager = esi_host::Host::start(manager).await.unwrap();
+    let mut first = env.host_config();
+    first.run_manager = false;
+    let first = esi_host::Host::start(first).await.unwrap();
+
+    let id = seed::HA_INTERFACE_ID;
+    env.put_config("ha_interface", id, &ha_interface_body(id), 1)
+        .await
+        .unwrap();
+    let working = env.job_key(Queue::Working, "");
+    recorder
+        .until(
+            Duration::from_secs(20),
+            |c| matches!(c, Change::Put(kv) if kv.key.starts_with(&working)),
+        )
+        .await
+        .unwrap();
+
+    // The first worker dies holding the claim (its lease goes); a second one starts.
+    first.shutdown().await;
+    let mut second = env.host_config();
+    second.run_manager = false;
+    let second = esi_host::Host::start(second).await.unwrap();
+    env.put_monitoring_state(
+        "er_physical_interface",
+        SECONDARY_INTERFACE_ID,
+        &json!({"interface": "ACTIVE"}),
+    )
+    .await
+    .unwrap();
+    let state = env.wait_completed("ha_interface", id).await.unwrap();
+    assert_eq!(state, seed::records().unwrap()[3].value);
+
+    let state_key = env.key(Record::State, "ha_interface", id);
+    recorder
+        .until(
+            Duration::from_secs(10),
+            |c| matches!(c, Change::Put(kv) if kv.key == state_key),
+        )
+        .await
+        .unwrap();
+    let records = recorder.puts_under(&env.job_key(Queue::All, ""));
+    let attempts: Vec<u64> = records
+        .iter()
+        .map(|(_, r)| r[2].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        attempts,
+        [0, 1],
+        "written once, re-queued once with one more attempt"
+    );
+    // Give the dead worker's orphaned task time to try to complete: exactly one /state put.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    recorder
+        .until(Duration::from_millis(200), |_| false)
+        .await
+        .ok();
+    assert_eq!(
+        recorder.puts_under(&state_key).len(),
+        1,
+        "only one worker published"
+    );
+    env.wait_jobs_drained().await.unwrap();
+    second.shutdown().await;
+    manager.shutdown().await;
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("esi-empty-plugins-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
