@@ -107,6 +107,18 @@ impl TestEnv {
         esi_host::templates::load(&self.store, &self.schemas, &files).await
     }
 
+    /// Loads only the named shipped templates (e.g. `internet_gateway_vlan_pool`).
+    pub async fn load_shipped_templates_named(&self, ids: &[&str]) -> anyhow::Result<()> {
+        let files: Vec<_> = esi_host::templates::read_dir(&repo_dir().join("templates"))?
+            .into_iter()
+            .filter(|t| ids.contains(&t.id.as_str()))
+            .collect();
+        if files.len() != ids.len() {
+            bail!("not every template of {ids:?} is shipped in templates/");
+        }
+        esi_host::templates::load(&self.store, &self.schemas, &files).await
+    }
+
     /// Writes one heat template.
     pub async fn put_template(
         &self,
@@ -118,6 +130,50 @@ impl TestEnv {
         let body = serde_json::json!({"id": id, "handler": handler, "watch": [],
                                       "template_file": template_file, "parameter_mappings": mappings});
         self.put_config("heat_template", id, &body, 1).await
+    }
+
+    /// The shipped `ha_interface_monitoring` template with `time_between_retries` set to
+    /// `seconds`, so tests that wait for a missing interface state do not wait 10 s a round.
+    pub async fn put_ha_interface_template_retrying_every(
+        &self,
+        seconds: &str,
+    ) -> anyhow::Result<()> {
+        let item = |name: &str| {
+            format!(
+                "{name}:\n  type: etcd_reader\n  etcd_type: er_physical_interface\n  \
+                 etcd_id: {{{{ {name}_interface_id }}}}\n  time_between_retries: {seconds}\n"
+            )
+        };
+        let template = item("primary") + &item("secondary");
+        let mappings = serde_json::json!({"primary_interface_id": {"field": "primary_interface_id"},
+                                          "secondary_interface_id": {"field": "secondary_interface_id"}});
+        self.put_template(
+            "ha_interface_monitoring",
+            "monitoring_worker",
+            &template,
+            mappings,
+        )
+        .await
+    }
+
+    /// Writes the `/state` of the seed's two er_physical_interfaces (`None`: leave it absent).
+    pub async fn put_interface_states(
+        &self,
+        primary: Option<&str>,
+        secondary: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let ids = [
+            esi_host::seed::PRIMARY_INTERFACE_ID,
+            esi_host::seed::SECONDARY_INTERFACE_ID,
+        ];
+        for (id, status) in ids.into_iter().zip([primary, secondary]) {
+            if let Some(status) = status {
+                let monitoring = serde_json::json!({ "interface": status });
+                self.put_monitoring_state("er_physical_interface", id, &monitoring)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes a completed `/state` whose `state_monitoring` is `monitoring`.
@@ -254,6 +310,12 @@ impl Recorder {
                 return Ok(&self.seen);
             }
         }
+    }
+
+    /// Reads events until `key` has been put; returns all seen.
+    pub async fn until_put(&mut self, key: &str, timeout: Duration) -> anyhow::Result<&[Change]> {
+        self.until(timeout, |c| matches!(c, Change::Put(kv) if kv.key == key))
+            .await
     }
 
     /// The values put at keys starting with `prefix`, in order.

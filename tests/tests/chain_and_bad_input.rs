@@ -1,7 +1,7 @@
 //! A whole resource chain converging in any order, and bad input that must not stop the host.
 
 use esi_host::keys::{Queue, Record};
-use esi_host::seed::{self, HA_INTERFACE_ID, PRIMARY_INTERFACE_ID, SECONDARY_INTERFACE_ID};
+use esi_host::seed::{self, HA_INTERFACE_ID, PRIMARY_INTERFACE_ID};
 use esi_tests::TestEnv;
 use serde_json::{json, Value};
 
@@ -62,11 +62,9 @@ async fn a_chain_created_in_reverse_order_converges() {
 
 /// The seed's ha_interface with both interfaces up, used to prove the host still works.
 async fn a_good_resource_still_completes(env: &TestEnv) {
-    for id in [PRIMARY_INTERFACE_ID, SECONDARY_INTERFACE_ID] {
-        env.put_monitoring_state("er_physical_interface", id, &json!({"interface": "ACTIVE"}))
-            .await
-            .unwrap();
-    }
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
     let seed = seed::records().unwrap();
     env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed[0].value.to_string())
         .await

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
-use esi_host::seed::{self, PRIMARY_INTERFACE_ID, SECONDARY_INTERFACE_ID};
+use esi_host::seed;
 use esi_host::store::Change;
 use esi_tests::TestEnv;
 use serde_json::{json, Value};
@@ -15,19 +15,13 @@ fn ha_interface_body(id: &str) -> Value {
     body
 }
 
-async fn both_interfaces_up(env: &TestEnv) {
-    for id in [PRIMARY_INTERFACE_ID, SECONDARY_INTERFACE_ID] {
-        env.put_monitoring_state("er_physical_interface", id, &json!({"interface": "ACTIVE"}))
-            .await
-            .unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_job_manager_plans_each_workflow_once_and_a_standby_takes_over() {
     let env = TestEnv::new().await.unwrap();
     env.load_shipped_templates().await.unwrap();
-    both_interfaces_up(&env).await;
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
     let mut recorder = env.record_changes().await.unwrap();
     let mut a = env.host_config();
     a.host_id = "host-a".into();
@@ -49,10 +43,7 @@ async fn one_job_manager_plans_each_workflow_once_and_a_standby_takes_over() {
     }
     let last_state = env.key(Record::State, "ha_interface", ids.last().unwrap());
     recorder
-        .until(
-            Duration::from_secs(10),
-            |c| matches!(c, Change::Put(kv) if kv.key == last_state),
-        )
+        .until_put(&last_state, Duration::from_secs(10))
         .await
         .unwrap();
     let mut workflows: HashMap<String, usize> = HashMap::new();
@@ -91,24 +82,12 @@ async fn one_job_manager_plans_each_workflow_once_and_a_standby_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_worker_died_is_requeued_and_the_dead_worker_cannot_publish() {
     let env = TestEnv::new().await.unwrap();
-    let template = "primary:\n  type: etcd_reader\n  etcd_type: er_physical_interface\n  etcd_id: {{ primary_interface_id }}\n  time_between_retries: 0.2\nsecondary:\n  type: etcd_reader\n  etcd_type: er_physical_interface\n  etcd_id: {{ secondary_interface_id }}\n  time_between_retries: 0.2\n";
-    let mappings = json!({"primary_interface_id": {"field": "primary_interface_id"},
-                          "secondary_interface_id": {"field": "secondary_interface_id"}});
-    env.put_template(
-        "ha_interface_monitoring",
-        "monitoring_worker",
-        template,
-        mappings,
-    )
-    .await
-    .unwrap();
-    env.put_monitoring_state(
-        "er_physical_interface",
-        PRIMARY_INTERFACE_ID,
-        &json!({"interface": "ACTIVE"}),
-    )
-    .await
-    .unwrap();
+    env.put_ha_interface_template_retrying_every("0.2")
+        .await
+        .unwrap();
+    env.put_interface_states(Some("ACTIVE"), None)
+        .await
+        .unwrap();
     let mut recorder = env.record_changes().await.unwrap();
 
     // A manager with no plugins of its own, and a first worker.
@@ -139,22 +118,15 @@ async fn a_job_whose_worker_died_is_requeued_and_the_dead_worker_cannot_publish(
     let mut second = env.host_config();
     second.run_manager = false;
     let second = esi_host::Host::start(second).await.unwrap();
-    env.put_monitoring_state(
-        "er_physical_interface",
-        SECONDARY_INTERFACE_ID,
-        &json!({"interface": "ACTIVE"}),
-    )
-    .await
-    .unwrap();
+    env.put_interface_states(None, Some("ACTIVE"))
+        .await
+        .unwrap();
     let state = env.wait_completed("ha_interface", id).await.unwrap();
     assert_eq!(state, seed::records().unwrap()[3].value);
 
     let state_key = env.key(Record::State, "ha_interface", id);
     recorder
-        .until(
-            Duration::from_secs(10),
-            |c| matches!(c, Change::Put(kv) if kv.key == state_key),
-        )
+        .until_put(&state_key, Duration::from_secs(10))
         .await
         .unwrap();
     let records = recorder.puts_under(&env.job_key(Queue::All, ""));

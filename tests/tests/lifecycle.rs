@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
 use esi_host::seed::{self, PRIMARY_INTERFACE_ID, PRIMARY_ROUTER_ID};
-use esi_host::store::Change;
 use esi_tests::TestEnv;
 use serde_json::{json, Value};
 
@@ -55,10 +54,7 @@ async fn create_modify_logical_delete_and_delete_each_reach_state() {
     assert_eq!(modified["error"], "");
     let state_key = env.key(Record::State, kind, PRIMARY_INTERFACE_ID);
     recorder
-        .until(
-            Duration::from_secs(10),
-            |c| matches!(c, Change::Put(kv) if kv.key == state_key),
-        )
+        .until_put(&state_key, Duration::from_secs(10))
         .await
         .unwrap();
     let jobs: Vec<Value> = recorder

@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
-use esi_host::seed::{self, HA_INTERFACE_ID, PRIMARY_INTERFACE_ID, SECONDARY_INTERFACE_ID};
-use esi_host::store::Change;
+use esi_host::seed::{self, HA_INTERFACE_ID};
 use esi_tests::TestEnv;
 use serde_json::{json, Value};
 
@@ -17,17 +16,6 @@ fn seed_config(body_as_string: bool) -> String {
         record["body"] = Value::String(record["body"].to_string());
     }
     record.to_string()
-}
-
-async fn write_interface_states(env: &TestEnv, primary: &str, secondary: &str) {
-    for (id, status) in [
-        (PRIMARY_INTERFACE_ID, primary),
-        (SECONDARY_INTERFACE_ID, secondary),
-    ] {
-        env.put_monitoring_state("er_physical_interface", id, &json!({"interface": status}))
-            .await
-            .unwrap();
-    }
 }
 
 /// Replaces the 5-character random suffix of a job id, in the key and in the record.
@@ -46,7 +34,9 @@ fn without_suffix(id: &str) -> String {
 async fn seed_flow_matches_the_seed(body_as_string: bool) {
     let env = TestEnv::new().await.unwrap();
     env.load_shipped_templates().await.unwrap();
-    write_interface_states(&env, "ACTIVE", "ACTIVE").await;
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
     let mut recorder = env.record_changes().await.unwrap();
     let host = env.start_host().await.unwrap();
 
@@ -66,10 +56,7 @@ async fn seed_flow_matches_the_seed(body_as_string: bool) {
     // Everything up to the /state put is in the recorder's history.
     let state_key = env.key(Record::State, "ha_interface", HA_INTERFACE_ID);
     recorder
-        .until(
-            Duration::from_secs(10),
-            |c| matches!(c, Change::Put(kv) if kv.key == state_key),
-        )
+        .until_put(&state_key, Duration::from_secs(10))
         .await
         .unwrap();
     let seed = seed::records().unwrap();
@@ -120,7 +107,9 @@ async fn seed_records_appear_exactly_with_body_as_json_string() {
 async fn a_down_secondary_interface_is_reported_down() {
     let env = TestEnv::new().await.unwrap();
     env.load_shipped_templates().await.unwrap();
-    write_interface_states(&env, "ACTIVE", "DOWN").await;
+    env.put_interface_states(Some("ACTIVE"), Some("DOWN"))
+        .await
+        .unwrap();
     let host = env.start_host().await.unwrap();
     env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(true))
         .await
@@ -140,24 +129,12 @@ async fn a_down_secondary_interface_is_reported_down() {
 async fn an_interface_state_that_appears_later_is_waited_for() {
     let env = TestEnv::new().await.unwrap();
     // The shipped template with a 1 s re-check interval taken from the template props.
-    let template = "primary:\n  type: etcd_reader\n  etcd_type: er_physical_interface\n  etcd_id: {{ primary_interface_id }}\n  time_between_retries: 1\nsecondary:\n  type: etcd_reader\n  etcd_type: er_physical_interface\n  etcd_id: {{ secondary_interface_id }}\n  time_between_retries: 1\n";
-    let mappings = json!({"primary_interface_id": {"field": "primary_interface_id"},
-                          "secondary_interface_id": {"field": "secondary_interface_id"}});
-    env.put_template(
-        "ha_interface_monitoring",
-        "monitoring_worker",
-        template,
-        mappings,
-    )
-    .await
-    .unwrap();
-    env.put_monitoring_state(
-        "er_physical_interface",
-        PRIMARY_INTERFACE_ID,
-        &json!({"interface": "ACTIVE"}),
-    )
-    .await
-    .unwrap();
+    env.put_ha_interface_template_retrying_every("1")
+        .await
+        .unwrap();
+    env.put_interface_states(Some("ACTIVE"), None)
+        .await
+        .unwrap();
     let host = env.start_host().await.unwrap();
     env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(true))
         .await
@@ -170,13 +147,9 @@ async fn an_interface_state_that_appears_later_is_waited_for() {
         None,
         "still waiting for the secondary"
     );
-    env.put_monitoring_state(
-        "er_physical_interface",
-        SECONDARY_INTERFACE_ID,
-        &json!({"interface": "ACTIVE"}),
-    )
-    .await
-    .unwrap();
+    env.put_interface_states(None, Some("ACTIVE"))
+        .await
+        .unwrap();
     let state = env
         .wait_completed("ha_interface", HA_INTERFACE_ID)
         .await
@@ -189,7 +162,9 @@ async fn an_interface_state_that_appears_later_is_waited_for() {
 async fn work_written_while_no_host_ran_is_picked_up_on_start() {
     let env = TestEnv::new().await.unwrap();
     env.load_shipped_templates().await.unwrap();
-    write_interface_states(&env, "ACTIVE", "ACTIVE").await;
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
     env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(false))
         .await
         .unwrap();
