@@ -144,8 +144,13 @@ impl Worker {
                 let Ok(_slot) = worker.slots.clone().acquire_owned().await else {
                     return;
                 };
-                if let Err(e) = worker.run_job(&job_id).await {
-                    tracing::warn!(error = %format!("{e:#}"), "job left for a later attempt");
+                // An etcd error before the claim would otherwise leave the job in ready with
+                // nobody offering it again; retry until it is claimed, by us or someone else.
+                let mut backoff = Duration::from_millis(200);
+                while let Err(e) = worker.run_job(&job_id).await {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "could not claim the job yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
             .instrument(span),
