@@ -36,10 +36,7 @@ use wit_component::ComponentEncoder;
 ///
 /// Adding a plugin or a test guest crate is one line here (the crate must be a workspace member
 /// with `crate-type = ["cdylib", ...]`).
-const PLUGINS: &[&str] = &[
-    "monitoring_worker",
-    // "vlan_pool_worker",
-];
+const PLUGINS: &[&str] = &["monitoring_worker", "vlan_pool_worker"];
 
 /// The only target plugins are built for: no WASI, so nothing to import beyond our WIT package.
 const WASM_TARGET: &str = "wasm32-unknown-unknown";

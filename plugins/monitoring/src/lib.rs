@@ -4,8 +4,9 @@
 //! The crate has two halves. [`core`] is the whole behaviour as plain Rust: it takes a job, a
 //! run context and a record reader, and returns an outcome; native unit tests and benchmarks
 //! call it directly. `component` (compiled only for `wasm32`) is the thin shell that makes it a
-//! WebAssembly component of the `esi:worker@0.1.0` `handler` world: it converts WIT types to
-//! core types and back, and backs the reader and logger with the `host` imports.
+//! WebAssembly component of the `esi:worker@0.1.0` `handler` world; the conversions between WIT
+//! and core types, and the reader and logger backed by the `host` imports, are
+//! `esi_plugin_sdk`'s.
 
 pub mod core;
 

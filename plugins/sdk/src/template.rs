@@ -1,0 +1,233 @@
+//! Heat templates: read one's config record, render its `template_file`, parse the YAML.
+//!
+//! Every plugin finds its template by id (`<resource_type>_monitoring`,
+//! `<resource_type>_vlan_pool`, ...) under the `heat_template` resource type, renders it with the
+//! job's params and reads the top-level mapping of the result.
+//!
+//! Templates were written for Python's Jinja2 and PyYAML, so rendering is lenient (an undefined
+//! variable renders empty instead of failing the job) and YAML merge keys (`<<: *anchor`) are
+//! applied. One deliberate difference from Jinja2: `none` renders empty rather than `None`, so a
+//! param that resolved to null reaches the YAML as null instead of the string `"None"`.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+
+use minijinja::value::{Serde, Value as JinjaValue};
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+use serde_json::{Map, Value};
+
+use crate::{config_body, host_error, scalar_text, Job, JobError, Param, RecordKind, RecordReader};
+
+/// Resource type under which gohan stores heat templates.
+pub const TEMPLATE_TYPE: &str = "heat_template";
+
+/// A loaded heat template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    /// The template id; every error about the template names it.
+    pub id: String,
+    /// The Jinja2 source of `template_file`.
+    pub source: String,
+}
+
+impl Template {
+    /// Reads the heat template `id`; `Ok(None)` when it does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`JobError::Retryable`] when etcd is unavailable; [`JobError::Permanent`] for any other
+    /// failed read or a record without a string `template_file`.
+    pub fn read(id: &str, reader: &mut dyn RecordReader) -> Result<Option<Template>, JobError> {
+        let Some(record) = reader
+            .read(RecordKind::Config, TEMPLATE_TYPE, id)
+            .map_err(|error| host_error(error, &format!("heat template {id}")))?
+        else {
+            return Ok(None);
+        };
+        let body = config_body(&format!("heat template {id}"), &record.value)?;
+        let source = match body.get("template_file") {
+            Some(Value::String(source)) => source.clone(),
+            Some(_) => return Err(permanent(id, "body.template_file is not a string")),
+            None => return Err(permanent(id, "body has no template_file")),
+        };
+        Ok(Some(Template {
+            id: id.to_owned(),
+            source,
+        }))
+    }
+
+    /// Reads the heat template `id`, which must exist.
+    ///
+    /// # Errors
+    ///
+    /// As [`Template::read`], and [`JobError::Permanent`] `heat template <id>: does not exist`.
+    pub fn load(id: &str, reader: &mut dyn RecordReader) -> Result<Template, JobError> {
+        Template::read(id, reader)?.ok_or_else(|| permanent(id, "does not exist"))
+    }
+
+    /// A permanent error about this template: `heat template <id>: <message>`.
+    pub fn error(&self, message: impl Display) -> JobError {
+        permanent(&self.id, message)
+    }
+
+    /// Renders `template_file` for the job and parses the result into its top-level mapping, in
+    /// template order. An empty document (every item inside a false `{% if %}`) is an empty map.
+    ///
+    /// The render context holds `resource` (the resource's config body) and each param under
+    /// its name; an `output_key` param stands for that field of the job state (undefined while
+    /// the field is not there).
+    ///
+    /// # Errors
+    ///
+    /// [`JobError::Permanent`] naming the template when it does not render, is not YAML or not a
+    /// mapping, or naming the param when an `output_key` value is not a field name.
+    pub fn render_document(&self, job: &Job) -> Result<Map<String, Value>, JobError> {
+        let text = self.render(job)?;
+        self.parse(&text)
+    }
+
+    fn render(&self, job: &Job) -> Result<String, JobError> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        // The output is YAML, not HTML: nothing may be escaped.
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_formatter(|out, state, value| {
+            let value = if value.is_none() {
+                &JinjaValue::UNDEFINED
+            } else {
+                value
+            };
+            minijinja::escape_formatter(out, state, value)
+        });
+        env.render_named_str(&self.id, &self.source, context(job)?)
+            .map_err(|error| self.error(format!("cannot render template_file: {error}")))
+    }
+
+    fn parse(&self, text: &str) -> Result<Map<String, Value>, JobError> {
+        let not_yaml = |error: serde_yaml_ng::Error| {
+            self.error(format!("rendered template_file is not valid YAML: {error}"))
+        };
+        let mut yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(not_yaml)?;
+        yaml.apply_merge().map_err(not_yaml)?;
+        // serde_yaml_ng keeps mapping order and serde_json has preserve_order, so items stay in
+        // template order, which decides the order of a plugin's output.
+        let json = serde_json::to_value(&yaml).map_err(|error| {
+            self.error(format!(
+                "rendered template_file does not convert to JSON: {error}"
+            ))
+        })?;
+        match json {
+            Value::Object(document) => Ok(document),
+            Value::Null => Ok(Map::new()),
+            _ => Err(self.error("rendered template_file is not a YAML mapping")),
+        }
+    }
+}
+
+fn permanent(id: &str, message: impl Display) -> JobError {
+    JobError::Permanent(format!("heat template {id}: {message}"))
+}
+
+/// The render context: `resource` is the resource's config body, and each param is available
+/// under its name (a param named `resource` wins, since params are what templates declare).
+fn context(job: &Job) -> Result<BTreeMap<String, JinjaValue>, JobError> {
+    let mut context = BTreeMap::new();
+    context.insert(
+        "resource".to_owned(),
+        JinjaValue::from(Serde(&job.resource_input)),
+    );
+    for param in &job.params {
+        if let Some(value) = param_value(job, param)? {
+            context.insert(param.param.clone(), JinjaValue::from(Serde(value)));
+        }
+    }
+    Ok(context)
+}
+
+/// The value a param stands for; `None` (undefined in the template) for an `output_key` whose
+/// field is not in the job state yet.
+fn param_value<'a>(job: &'a Job, param: &'a Param) -> Result<Option<&'a Value>, JobError> {
+    if param.kind != "output_key" {
+        return Ok(Some(&param.value));
+    }
+    let key = scalar_text(&param.value).ok_or_else(|| {
+        JobError::Permanent(format!(
+            "job {}: param {}: an output_key value must name a job_state field, got {}",
+            job.id, param.param, param.value
+        ))
+    })?;
+    Ok(job.job_state.get(&key))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::{HostError, Versioned};
+
+    /// A store holding at most one heat template.
+    struct OneTemplate(Option<String>);
+
+    impl RecordReader for OneTemplate {
+        fn read(
+            &mut self,
+            kind: RecordKind,
+            resource_type: &str,
+            _: &str,
+        ) -> Result<Option<Versioned>, HostError> {
+            assert_eq!((kind, resource_type), (RecordKind::Config, TEMPLATE_TYPE));
+            Ok(self.0.clone().map(|value| Versioned {
+                value,
+                mod_revision: 1,
+            }))
+        }
+    }
+
+    fn stored(template_file: &str) -> OneTemplate {
+        let body = json!({"id": "t", "template_file": template_file});
+        OneTemplate(Some(
+            json!({"body": body.to_string(), "version": 1}).to_string(),
+        ))
+    }
+
+    #[test]
+    fn a_missing_template_reads_as_none_and_fails_to_load() {
+        assert_eq!(Template::read("t", &mut OneTemplate(None)), Ok(None));
+        let error = Template::load("t", &mut OneTemplate(None)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "permanent: heat template t: does not exist"
+        );
+    }
+
+    #[test]
+    fn null_params_render_as_yaml_null_in_template_order() {
+        let template = Template::load("t", &mut stored("b:\n  v: {{ x }}\na:\n  v: {{ y }}\n"))
+            .expect("the template loads");
+        let job = Job {
+            params: vec![
+                Param {
+                    param: "x".into(),
+                    kind: "value".into(),
+                    value: Value::Null,
+                    resources: vec![],
+                },
+                Param {
+                    param: "y".into(),
+                    kind: "output_key".into(),
+                    value: json!("out"),
+                    resources: vec![],
+                },
+            ],
+            job_state: json!({"out": 122}),
+            ..Job::default()
+        };
+        let document = template.render_document(&job).expect("it renders");
+        assert_eq!(
+            Value::Object(document.clone()),
+            json!({"b": {"v": null}, "a": {"v": 122}})
+        );
+        assert_eq!(document.keys().collect::<Vec<_>>(), ["b", "a"]);
+    }
+}
