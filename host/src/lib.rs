@@ -19,6 +19,7 @@ pub mod schema;
 pub mod seed;
 pub mod store;
 pub mod templates;
+pub mod vlan;
 pub mod worker;
 
 pub use host::{Host, HostConfig};

@@ -9,7 +9,7 @@ use esi_host::demo::{self, DemoConfig};
 use esi_host::keys::Keys;
 use esi_host::schema::SchemaRegistry;
 use esi_host::store::Store;
-use esi_host::{templates, Host, HostConfig};
+use esi_host::{templates, vlan, Host, HostConfig};
 
 /// Worker daemon of an ESI-style orchestrator on etcd.
 #[derive(Parser)]
@@ -37,6 +37,23 @@ enum Command {
     Templates(TemplatesCommand),
     /// Start a private etcd, run a host and show the seed's four records appear.
     Demo(DemoArgs),
+    /// Inspect VLAN pools.
+    #[command(subcommand)]
+    Vlan(VlanCommand),
+}
+
+#[derive(Subcommand)]
+enum VlanCommand {
+    /// Show an ha_interface's pool: available count, restricted and allocated ranges, owners.
+    Show {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The ha_interface id.
+        ha_interface_id: String,
+    },
 }
 
 #[derive(Args)]
@@ -141,6 +158,20 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             let files = templates::read_dir(&dir)?;
             templates::load(&store, &SchemaRegistry::built_in(), &files).await?;
             println!("loaded {} templates from {}", files.len(), dir.display());
+            Ok(())
+        }
+        Command::Vlan(VlanCommand::Show {
+            etcd,
+            json,
+            ha_interface_id,
+        }) => {
+            let store = Store::connect(&etcd.endpoints, Keys::new(&etcd.key_root)).await?;
+            let view = vlan::show(&store, &SchemaRegistry::built_in(), &ha_interface_id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", view.render());
+            }
             Ok(())
         }
         Command::Demo(args) => {
