@@ -34,6 +34,8 @@ pub struct HostConfig {
     /// Handlers served by workers outside this process (e.g. a heat worker).
     pub external_handlers: Vec<String>,
     pub run_manager: bool,
+    /// On shutdown, how long in-flight jobs may run before they are handed back to ready.
+    pub drain_timeout: Duration,
     pub worker: WorkerConfig,
     pub limits: Limits,
 }
@@ -50,6 +52,7 @@ impl HostConfig {
             schemas: None,
             external_handlers: Vec::new(),
             run_manager: true,
+            drain_timeout: Duration::from_secs(25),
             worker: WorkerConfig::default(),
             limits: Limits::default(),
         }
@@ -66,8 +69,13 @@ pub fn default_host_id() -> String {
 
 /// A running host.
 pub struct Host {
+    /// Stops the roles: the manager resigns and the worker stops claiming.
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// Stops the lease keep-alive, after the drain.
+    lease_keeper: (CancellationToken, tokio::task::JoinHandle<()>),
+    worker: Arc<Worker>,
+    drain_timeout: Duration,
     store: Store,
     lease: Arc<AtomicI64>,
     plugins: Arc<PluginRegistry>,
@@ -102,16 +110,21 @@ impl Host {
         let config_host_id = config.host_id.clone();
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        tasks.spawn(keep_lease(
+        let keeper_stop = CancellationToken::new();
+        let keeper = tokio::spawn(keep_lease(
             store.clone(),
             lease.clone(),
             ttl,
-            shutdown.clone(),
+            keeper_stop.clone(),
         ));
         if config.run_manager {
             let mut handlers: HashSet<String> = plugins.handlers().into_iter().collect();
             handlers.extend(config.external_handlers.iter().cloned());
-            let config = ManagerConfig { handlers };
+            let config = ManagerConfig {
+                handlers,
+                requeue_backoff: config.worker.retry_backoff,
+                requeue_backoff_max: config.worker.retry_backoff_max,
+            };
             let (store, schemas, lease) = (store.clone(), schemas.clone(), lease.clone());
             tasks.spawn(election::run_elected(
                 store.clone(),
@@ -131,10 +144,13 @@ impl Host {
             config.worker.clone(),
             lease.clone(),
         );
-        tasks.spawn(worker.run(shutdown.clone()));
+        tasks.spawn(worker.clone().run(shutdown.clone()));
         Ok(Host {
             shutdown,
             tasks,
+            lease_keeper: (keeper_stop, keeper),
+            worker,
+            drain_timeout: config.drain_timeout,
             store,
             lease,
             plugins,
@@ -145,15 +161,32 @@ impl Host {
         &self.plugins
     }
 
-    /// Stops the roles, waits for them and revokes the lease.
+    /// Drains: stops claiming (and resigns the job manager role), lets in-flight jobs finish
+    /// up to the drain timeout, hands the rest back to ready, then revokes the lease.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        // The lease stays alive while in-flight jobs finish or are handed back.
+        self.worker.drain(self.drain_timeout).await;
+        self.lease_keeper.0.cancel();
+        let _ = self.lease_keeper.1.await;
         let lease = self.lease.load(Ordering::Relaxed);
         if let Err(e) = self.store.revoke_lease(lease).await {
             tracing::warn!(error = %e, "could not revoke the lease; it expires by itself");
         }
         tracing::info!("esi-host stopped");
+    }
+
+    /// Stops without draining, as if the process had died: the lease is revoked at once, so
+    /// every claim vanishes and the job manager re-queues those jobs. In-flight job tasks are
+    /// left running, like a frozen process that resumes: their fenced writes must fail. For
+    /// chaos tests.
+    pub async fn abandon(mut self) {
+        self.shutdown.cancel();
+        self.lease_keeper.0.cancel();
+        let lease = self.lease.load(Ordering::Relaxed);
+        let _ = self.store.revoke_lease(lease).await;
+        while self.tasks.join_next().await.is_some() {}
     }
 
     /// Runs until SIGINT or SIGTERM, then shuts down.

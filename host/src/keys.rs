@@ -132,6 +132,11 @@ impl Keys {
         (!id.is_empty()).then_some(id)
     }
 
+    /// `/esi-worker/dead_jobs/<job_id>`: a job that failed for good, kept for inspection.
+    pub fn dead_job(&self, job_id: &str) -> String {
+        format!("{}/esi-worker/dead_jobs/{}", self.root, job_id)
+    }
+
     /// `/job_manager_id`: the job manager election key (PROTOCOL 4.7).
     pub fn job_manager_election(&self) -> String {
         format!("{}/job_manager_id", self.root)

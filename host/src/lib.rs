@@ -15,6 +15,7 @@ pub mod local_etcd;
 pub mod manager;
 pub mod plugins;
 pub mod protocol;
+pub mod retry;
 pub mod schema;
 pub mod seed;
 pub mod store;

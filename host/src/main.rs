@@ -93,6 +93,9 @@ struct RunArgs {
     /// Handlers served by workers outside this host (their jobs are planned, not run here).
     #[arg(long = "external-handler", value_delimiter = ',')]
     external_handlers: Vec<String>,
+    /// On SIGTERM/SIGINT, seconds in-flight jobs may run before they are handed back to ready.
+    #[arg(long, default_value_t = 25)]
+    drain_timeout: u64,
     /// Run only the worker role (no job manager).
     #[arg(long)]
     worker_only: bool,
@@ -192,6 +195,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.schemas = args.schemas;
     config.external_handlers = args.external_handlers;
     config.run_manager = !args.worker_only;
+    config.drain_timeout = Duration::from_secs(args.drain_timeout);
     config.worker.concurrency = usize::try_from(args.concurrency).unwrap_or(64);
     if let Some(id) = args.host_id {
         config.host_id = id;

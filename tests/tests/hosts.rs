@@ -113,8 +113,9 @@ async fn a_job_whose_worker_died_is_requeued_and_the_dead_worker_cannot_publish(
         .await
         .unwrap();
 
-    // The first worker dies holding the claim (its lease goes); a second one starts.
-    first.shutdown().await;
+    // The first worker dies holding the claim (its lease goes); a second one starts. The dead
+    // worker's job task keeps running, like a frozen process that resumes.
+    first.abandon().await;
     let mut second = env.host_config();
     second.run_manager = false;
     let second = esi_host::Host::start(second).await.unwrap();
@@ -159,4 +160,78 @@ fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("esi-empty-plugins-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_host_hands_unfinished_jobs_back_at_once() {
+    let env = TestEnv::new().await.unwrap();
+    env.put_ha_interface_template_retrying_every("0.2")
+        .await
+        .unwrap();
+    env.put_interface_states(Some("ACTIVE"), None)
+        .await
+        .unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let mut manager = env.host_config();
+    manager.plugin_dir = tempfile_dir();
+    manager.external_handlers = vec!["monitoring_worker".into()];
+    let manager = esi_host::Host::start(manager).await.unwrap();
+    let mut draining = env.host_config();
+    draining.run_manager = false;
+    draining.lease_ttl = Duration::from_secs(30);
+    draining.drain_timeout = Duration::from_millis(500);
+    let draining = esi_host::Host::start(draining).await.unwrap();
+
+    let id = seed::HA_INTERFACE_ID;
+    env.put_config("ha_interface", id, &ha_interface_body(id), 1)
+        .await
+        .unwrap();
+    let working = env.job_key(Queue::Working, "");
+    recorder
+        .until(
+            Duration::from_secs(20),
+            |c| matches!(c, Change::Put(kv) if kv.key.starts_with(&working)),
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    draining.shutdown().await;
+    // Handed back well before the 30 s lease could have expired.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        started.elapsed()
+    );
+    let ready = env
+        .store
+        .list(&env.job_key(Queue::Ready, ""))
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(ready.len(), 1, "the unfinished job is ready again");
+
+    let mut next = env.host_config();
+    next.run_manager = false;
+    let next = esi_host::Host::start(next).await.unwrap();
+    env.put_interface_states(None, Some("ACTIVE"))
+        .await
+        .unwrap();
+    env.wait_completed("ha_interface", id).await.unwrap();
+    let state_key = env.key(Record::State, "ha_interface", id);
+    recorder
+        .until_put(&state_key, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let attempts: Vec<u64> = recorder
+        .puts_under(&env.job_key(Queue::All, ""))
+        .iter()
+        .map(|(_, r)| r[2].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        attempts.last(),
+        Some(&0),
+        "a drain is not a failed attempt: {attempts:?}"
+    );
+    next.shutdown().await;
+    manager.shutdown().await;
 }

@@ -30,11 +30,14 @@ use crate::store::jobs::NewJob;
 use crate::store::{Change, Kv, Store};
 
 /// Job manager settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ManagerConfig {
     /// Handlers some worker serves. A template naming any other handler fails the resource
     /// with a clear error instead of leaving a job nobody will ever claim.
     pub handlers: HashSet<String>,
+    /// First delay before a job whose worker died goes back to ready; doubles per attempt.
+    pub requeue_backoff: Duration,
+    pub requeue_backoff_max: Duration,
 }
 
 /// The job manager. Run it with [`JobManager::run`].
@@ -535,15 +538,29 @@ impl JobManager {
         let Ok(mut record) = JobRecord::parse(&key, &kv.value) else {
             return Ok(()); // a worker fails unreadable records; nothing to re-queue
         };
+        // Back off before the retry, as for a failed attempt; the compares in the re-queue make
+        // it a no-op if anything accounted for the job meanwhile.
+        let delay = crate::retry::backoff(
+            self.config.requeue_backoff,
+            self.config.requeue_backoff_max,
+            record.attempts,
+        );
         record.attempts += 1;
-        if self
-            .store
-            .requeue_orphan(id, &record.handler, record.to_json(), kv.mod_revision)
-            .await?
-        {
-            self.index.mark_ready(id);
-            tracing::warn!(job_id = %id, attempts = record.attempts, "claim vanished without a result; job re-queued");
-        }
+        let (store, id, revision) = (self.store.clone(), id.to_string(), kv.mod_revision);
+        tracing::warn!(job_id = %id, attempts = record.attempts, retry_in = ?delay, "claim vanished without a result; re-queueing");
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            match store
+                .requeue_orphan(&id, &record.handler, record.to_json(), revision)
+                .await
+            {
+                Ok(true) => tracing::info!(job_id = %id, "job re-queued"),
+                Ok(false) => tracing::debug!(job_id = %id, "job was accounted for meanwhile"),
+                Err(e) => {
+                    tracing::warn!(job_id = %id, error = %e, "re-queue failed; the next manager start retries it")
+                }
+            }
+        });
         Ok(())
     }
 

@@ -149,8 +149,9 @@ impl Store {
     }
 
     /// Ends a workflow as failed, fenced by our reservation like [`Store::complete`]: writes
-    /// the failed `/state`, drops the workflow's job state and marks the job finished with the
-    /// error, so the job manager cancels the jobs that depend on it.
+    /// the failed `/state`, drops the workflow's job state, keeps the job's dead-job record and
+    /// marks the job finished with the error, so the job manager cancels the jobs that depend
+    /// on it.
     pub async fn fail_workflow(
         &self,
         job_id: &str,
@@ -158,21 +159,27 @@ impl Store {
         job_state_key: &str,
         state: (String, String),
         error: &str,
+        dead_job: Option<&GuardedWrite>,
     ) -> Result<bool> {
         let k = self.keys();
         let working = k.job(Queue::Working, job_id);
+        let mut ops = vec![
+            TxnOp::put(state.0, state.1, None),
+            TxnOp::delete(job_state_key, None),
+            TxnOp::put(k.job(Queue::Finished, job_id), failed_marker(error), None),
+            TxnOp::delete(working.clone(), None),
+        ];
+        if let Some(GuardedWrite {
+            key,
+            value: Some(value),
+            ..
+        }) = dead_job
+        {
+            ops.push(TxnOp::put(key.clone(), value.clone(), None));
+        }
         let txn = Txn::new()
-            .when([Compare::value(
-                working.clone(),
-                CompareOp::Equal,
-                reservation,
-            )])
-            .and_then([
-                TxnOp::put(state.0, state.1, None),
-                TxnOp::delete(job_state_key, None),
-                TxnOp::put(k.job(Queue::Finished, job_id), failed_marker(error), None),
-                TxnOp::delete(working, None),
-            ]);
+            .when([Compare::value(working, CompareOp::Equal, reservation)])
+            .and_then(ops);
         Ok(self.txn(job_id, txn).await?.succeeded())
     }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::keys::Queue;
@@ -54,6 +55,12 @@ pub struct Worker {
     /// The host's current lease; replaced if the host had to take a new one.
     pub(crate) lease: Arc<AtomicI64>,
     slots: Arc<Semaphore>,
+    /// Every job task, so that a drain can wait for them.
+    in_flight: TaskTracker,
+    /// Cancelled when a drain starts: no new claim is made.
+    pub(crate) stop_claiming: CancellationToken,
+    /// Cancelled when a drain runs out of time: jobs still running hand themselves back.
+    pub(crate) hard_stop: CancellationToken,
 }
 
 impl Worker {
@@ -74,6 +81,9 @@ impl Worker {
             config,
             lease,
             slots,
+            in_flight: TaskTracker::new(),
+            stop_claiming: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
         })
     }
 
@@ -123,6 +133,29 @@ impl Worker {
         }
     }
 
+    /// Waits for in-flight jobs (call after [`Worker::run`] returned, so no new job starts).
+    /// Jobs still running after `timeout` are stopped and handed back to the ready queue at
+    /// once, so that other hosts need not wait for this host's lease to expire.
+    pub async fn drain(&self, timeout: Duration) {
+        self.stop_claiming.cancel();
+        self.in_flight.close();
+        let running = self.in_flight.len();
+        if running > 0 {
+            tracing::info!(running, ?timeout, "draining: waiting for in-flight jobs");
+        }
+        if tokio::time::timeout(timeout, self.in_flight.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.in_flight.len(),
+                "drain timed out; handing the rest back"
+            );
+            self.hard_stop.cancel();
+            self.in_flight.wait().await;
+        }
+    }
+
     /// Starts a task for a ready job if one of our plugins serves its handler.
     fn offer(self: &Arc<Self>, key: &str, handler: &str) {
         let Some(job_id) = self.store.keys().parse_job_key(Queue::Ready, key) else {
@@ -139,15 +172,20 @@ impl Worker {
         let job_id = job_id.to_string();
         let span = tracing::info_span!("job", job_id = %job_id, handler = %handler);
         let worker = self.clone();
-        tokio::spawn(
+        self.in_flight.spawn(
             async move {
-                let Ok(_slot) = worker.slots.clone().acquire_owned().await else {
-                    return;
+                let slot = tokio::select! {
+                    slot = worker.slots.clone().acquire_owned() => slot,
+                    _ = worker.stop_claiming.cancelled() => return,
                 };
+                let Ok(_slot) = slot else { return };
                 // An etcd error before the claim would otherwise leave the job in ready with
                 // nobody offering it again; retry until it is claimed, by us or someone else.
                 let mut backoff = Duration::from_millis(200);
                 while let Err(e) = worker.run_job(&job_id).await {
+                    if worker.hard_stop.is_cancelled() {
+                        return;
+                    }
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "could not claim the job yet");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));

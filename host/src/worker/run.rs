@@ -10,6 +10,7 @@ use crate::keys::{Queue, Record};
 use crate::plugins::bindings::esi::worker::types as wit;
 use crate::plugins::host_api::{key_of, writable, RecordAccess};
 use crate::protocol::{Job, JobId, JobRecord, OnFailure, StateRecord};
+use crate::retry::backoff;
 use crate::store::jobs::{Completion, CompletionOutcome, GuardedWrite};
 use crate::store::StoreError;
 
@@ -27,6 +28,9 @@ impl Worker {
     /// Claims `job_id` and sees it through. Returns an error only for etcd trouble before the
     /// claim; after the claim, etcd calls are retried until they succeed or the claim is lost.
     pub(crate) async fn run_job(&self, job_id: &str) -> anyhow::Result<()> {
+        if self.stop_claiming.is_cancelled() {
+            return Ok(()); // draining: leave it for another host
+        }
         let reservation = uuid::Uuid::new_v4().to_string();
         if !self.store.claim(job_id, &reservation, self.lease()).await? {
             tracing::debug!("claimed by another worker");
@@ -67,8 +71,16 @@ impl Worker {
                 "no plugin serves handler {:?} (job {})",
                 record.handler, job.id
             );
-            return self.finish_failed(claim, job, &message).await;
+            return self.finish_failed(claim, &record, &message).await;
         };
+        if record.attempts >= self.config.max_attempts {
+            // Re-queued by the job manager after its workers died this often: stop trying.
+            let message = format!(
+                "gave up after {} attempts: the workers running it stopped",
+                record.attempts
+            );
+            return self.finish_failed(claim, &record, &message).await;
+        }
         let job_state = self.job_state_so_far(job).await;
         let access = RecordAccess {
             store: self.store.clone(),
@@ -84,14 +96,19 @@ impl Worker {
                 elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 config: "{}".into(),
             };
-            let answer = self
+            let call = self
                 .engine
-                .handle(&plugin, access.clone(), &wit_job, &context)
-                .await;
+                .handle(&plugin, access.clone(), &wit_job, &context);
+            let Some(answer) = self.unless_stopped(call).await else {
+                return self.hand_back(claim, &record).await;
+            };
             let verdict = match answer {
                 Ok(Ok(wit::Outcome::Wait(millis))) => {
                     tracing::debug!(millis, "plugin asked to run again later");
-                    tokio::time::sleep(Duration::from_millis(u64::from(millis.max(1)))).await;
+                    let pause = tokio::time::sleep(Duration::from_millis(u64::from(millis.max(1))));
+                    if self.unless_stopped(pause).await.is_none() {
+                        return self.hand_back(claim, &record).await;
+                    }
                     reruns += 1;
                     continue;
                 }
@@ -110,7 +127,7 @@ impl Worker {
                     false
                 }
                 Verdict::Fail(message) => {
-                    self.finish_failed(claim, job, &message).await;
+                    self.finish_failed(claim, &record, &message).await;
                     false
                 }
             };
@@ -237,7 +254,7 @@ impl Worker {
         let attempts = record.attempts + 1;
         if attempts >= self.config.max_attempts {
             let message = format!("{message} (gave up after {attempts} attempts)");
-            return self.finish_failed(claim, &record.job, &message).await;
+            return self.finish_failed(claim, record, &message).await;
         }
         let delay = backoff(
             self.config.retry_backoff,
@@ -245,7 +262,8 @@ impl Worker {
             record.attempts,
         );
         tracing::warn!(error = %message, attempts, retry_in = ?delay, "job failed, will retry");
-        tokio::time::sleep(delay).await;
+        // Stopped during the backoff: re-queue at once rather than keep the claim.
+        let _ = self.unless_stopped(tokio::time::sleep(delay)).await;
         let next = JobRecord {
             attempts,
             ..record.clone()
@@ -266,13 +284,42 @@ impl Worker {
         }
     }
 
+    /// Runs `work` unless the drain's hard stop comes first (`None`).
+    async fn unless_stopped<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            out = work => Some(out),
+            _ = self.hard_stop.cancelled() => None,
+        }
+    }
+
+    /// Gives a job we are stopping back to the ready queue as it was (not an attempt).
+    async fn hand_back(&self, claim: &Claim<'_>, record: &JobRecord) {
+        let text = record.to_json();
+        let done = self
+            .persist(|| {
+                self.store.requeue(
+                    claim.job_id,
+                    claim.reservation,
+                    &record.handler,
+                    text.clone(),
+                )
+            })
+            .await;
+        tracing::info!(handed_back = done == Some(true), "job stopped by the drain");
+    }
+
     /// A job that failed for good: `on_failure: ignore` lets the workflow go on as if it had
-    /// finished; `fail` ends the workflow with `<ACTION>_FAILED` and the message.
-    async fn finish_failed(&self, claim: &Claim<'_>, job: &Job, message: &str) {
+    /// finished; `fail` ends the workflow with `<ACTION>_FAILED` and the message. Either way
+    /// the job is kept under `/esi-worker/dead_jobs/` for inspection.
+    async fn finish_failed(&self, claim: &Claim<'_>, record: &JobRecord, message: &str) {
+        let job = &record.job;
         tracing::error!(error = %message, on_failure = job.on_failure.as_str(), "job failed");
+        let dead = dead_job_write(self.store.keys().dead_job(claim.job_id), record, message);
         if job.on_failure == OnFailure::Ignore {
             let state = self.job_state_so_far(job).await;
-            self.finish_done(claim, job, state, Map::new(), &[]).await;
+            let writes = std::slice::from_ref(&dead);
+            self.finish_done(claim, job, state, Map::new(), writes)
+                .await;
             return;
         }
         let target = JobId {
@@ -288,6 +335,7 @@ impl Worker {
             &target,
             job.workflow_action().failed_state(),
             message,
+            Some(dead),
         )
         .await;
     }
@@ -298,7 +346,8 @@ impl Worker {
         match claim.job_id.parse::<JobId>() {
             Ok(id) => {
                 let worker_state = id.action.failed_state();
-                self.fail_resource(claim, &id, worker_state, message).await;
+                self.fail_resource(claim, &id, worker_state, message, None)
+                    .await;
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot tell which resource the job is for; dropping it");
@@ -317,6 +366,7 @@ impl Worker {
         id: &JobId,
         worker_state: String,
         message: &str,
+        dead: Option<GuardedWrite>,
     ) {
         let Some(schema) = self.schemas.get(&id.resource_type) else {
             tracing::error!(resource_type = %id.resource_type, "unknown resource type; no /state to report to");
@@ -339,6 +389,7 @@ impl Worker {
                     &job_state_key,
                     (state_key.clone(), state.clone()),
                     message,
+                    dead.as_ref(),
                 )
             })
             .await;
@@ -374,17 +425,28 @@ impl Worker {
     }
 }
 
+/// The `/esi-worker/dead_jobs/<id>` record of a job that failed for good.
+fn dead_job_write(key: String, record: &JobRecord, message: &str) -> GuardedWrite {
+    let failed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let value = serde_json::json!({
+        "job": serde_json::from_str::<Value>(&record.to_json()).unwrap_or(Value::Null),
+        "error": message,
+        "attempts": record.attempts,
+        "failed_at_unix": failed_at,
+    });
+    GuardedWrite {
+        key,
+        value: Some(value.to_string()),
+        expect_mod_revision: None,
+    }
+}
+
 struct Claim<'a> {
     job_id: &'a str,
     reservation: &'a str,
-}
-
-/// Exponential backoff with jitter: `base * 2^attempt`, capped, then scaled by 50-100%.
-fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
-    use rand::Rng;
-    let exp = base.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX));
-    let capped = exp.min(cap);
-    capped.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
 fn to_wit_job(job: &Job, job_state: &Map<String, Value>) -> wit::Job {
@@ -419,22 +481,5 @@ fn to_wit_job(job: &Job, job_state: &Map<String, Value>) -> wit::Job {
             .collect(),
         resource_input: Value::Object(job.resource_input.clone()).to_string(),
         job_state: Value::Object(job_state.clone()).to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let base = Duration::from_millis(100);
-        let cap = Duration::from_secs(1);
-        for attempt in 0..40 {
-            let d = backoff(base, cap, attempt);
-            assert!(d <= cap, "{d:?}");
-            let full = base.saturating_mul(1 << attempt.min(16)).min(cap);
-            assert!(d >= full / 2, "attempt {attempt}: {d:?}");
-        }
     }
 }
