@@ -34,6 +34,8 @@ pub struct HostConfig {
     /// Handlers served by workers outside this process (e.g. a heat worker).
     pub external_handlers: Vec<String>,
     pub run_manager: bool,
+    /// Where compiled plugins are kept across restarts (`None`: compile every time).
+    pub compile_cache: Option<PathBuf>,
     /// On shutdown, how long in-flight jobs may run before they are handed back to ready.
     pub drain_timeout: Duration,
     pub worker: WorkerConfig,
@@ -52,6 +54,7 @@ impl HostConfig {
             schemas: None,
             external_handlers: Vec::new(),
             run_manager: true,
+            compile_cache: Some(crate::plugins::cache::default_dir()),
             drain_timeout: Duration::from_secs(25),
             worker: WorkerConfig::default(),
             limits: Limits::default(),
@@ -88,7 +91,7 @@ impl Host {
             Some(path) => SchemaRegistry::from_file(path)?,
             None => SchemaRegistry::built_in(),
         });
-        let engine = Arc::new(PluginEngine::new(config.limits.clone())?);
+        let engine = Arc::new(PluginEngine::new(config.limits.clone(), config.compile_cache.as_deref())?);
         let plugins = Arc::new(PluginRegistry::load_dir(&engine, &config.plugin_dir).await?);
         if plugins.handlers().is_empty() {
             tracing::warn!(dir = %config.plugin_dir.display(), "no plugin loaded: this host will claim no job");

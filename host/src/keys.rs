@@ -93,6 +93,11 @@ impl Keys {
         format!("{}{}{}/{}", self.root, record.base(), schema.prefix, id)
     }
 
+    /// Every key of one record family, e.g. `/state/` (for listing and watching).
+    pub fn record_family(&self, record: Record) -> String {
+        format!("{}{}/", self.root, record.base())
+    }
+
     /// Prefix watched by the job manager for resource configs and heat templates.
     pub fn config_watch_prefix(&self) -> String {
         format!("{}{}", self.root, CONFIG_WATCH)

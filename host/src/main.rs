@@ -96,6 +96,12 @@ struct RunArgs {
     /// On SIGTERM/SIGINT, seconds in-flight jobs may run before they are handed back to ready.
     #[arg(long, default_value_t = 25)]
     drain_timeout: u64,
+    /// Directory of compiled plugins kept across restarts (default: ~/.cache/esi-host).
+    #[arg(long, env = "ESI_COMPILE_CACHE")]
+    compile_cache: Option<PathBuf>,
+    /// Compile every plugin at start, keeping no cache.
+    #[arg(long, conflicts_with = "compile_cache")]
+    no_compile_cache: bool,
     /// Run only the worker role (no job manager).
     #[arg(long)]
     worker_only: bool,
@@ -196,6 +202,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.external_handlers = args.external_handlers;
     config.run_manager = !args.worker_only;
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
+    if args.no_compile_cache {
+        config.compile_cache = None;
+    } else if let Some(dir) = args.compile_cache {
+        config.compile_cache = Some(dir);
+    }
     config.worker.concurrency = usize::try_from(args.concurrency).unwrap_or(64);
     if let Some(id) = args.host_id {
         config.host_id = id;

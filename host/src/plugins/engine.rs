@@ -19,6 +19,7 @@ use wasmtime::{
 
 use super::bindings::esi::worker::types::{Job, JobError, Outcome, PluginInfo, RunContext};
 use super::bindings::{Handler, HandlerPre};
+use super::cache::CompileCache;
 use super::host_api::{HostState, RecordAccess};
 
 /// How often the epoch advances; deadlines are whole ticks.
@@ -49,6 +50,8 @@ impl Default for Limits {
 pub struct LoadedPlugin {
     pub info: PluginInfo,
     pub path: PathBuf,
+    /// sha256 of the component file, hex.
+    pub sha256: String,
     pre: HandlerPre<HostState>,
 }
 
@@ -77,11 +80,13 @@ pub struct PluginEngine {
     engine: Engine,
     linker: Linker<HostState>,
     limits: Limits,
+    cache: Option<CompileCache>,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl PluginEngine {
-    pub fn new(limits: Limits) -> anyhow::Result<Self> {
+    /// An engine; with `cache_dir`, compiled components are kept there across restarts.
+    pub fn new(limits: Limits, cache_dir: Option<&Path>) -> anyhow::Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(limits.max_instances)
             .total_core_instances(limits.max_instances * 2)
@@ -101,12 +106,23 @@ impl PluginEngine {
             |s| s,
         ))
         .context("linking the esi:worker host interface")?;
+        let cache = match cache_dir {
+            Some(dir) => match CompileCache::open(dir, &engine) {
+                Ok(cache) => Some(cache),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "compile cache disabled");
+                    None
+                }
+            },
+            None => None,
+        };
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(engine.clone(), ticker_stop.clone());
         Ok(PluginEngine {
             engine,
             linker,
             limits,
+            cache,
             ticker_stop,
         })
     }
@@ -120,12 +136,15 @@ impl PluginEngine {
         let bytes = tokio::fs::read(path)
             .await
             .with_context(|| format!("reading plugin {}", path.display()))?;
-        let engine = self.engine.clone();
-        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-            .await
-            .context("compiling plugin")?
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
+        let sha256 = CompileCache::digest(&bytes);
+        let (engine, cache, digest) = (self.engine.clone(), self.cache.clone(), sha256.clone());
+        let component = tokio::task::spawn_blocking(move || match &cache {
+            Some(cache) => cache.load_or_compile(&engine, &bytes, &digest),
+            None => wt(Component::new(&engine, &bytes)),
+        })
+        .await
+        .context("compiling plugin")?
+        .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
         let pre = wt(self.linker.instantiate_pre(&component)).with_context(|| {
             format!(
                 "{} does not fit the esi:worker host interface",
@@ -156,6 +175,7 @@ impl PluginEngine {
         Ok(LoadedPlugin {
             info,
             path: path.to_path_buf(),
+            sha256,
             pre,
         })
     }

@@ -7,6 +7,7 @@
 //!   per-call state, kept together.
 //! - [`registry`]: the loaded plugins and the routing from handler name to plugin.
 
+pub mod cache;
 pub mod engine;
 pub mod host_api;
 pub mod registry;

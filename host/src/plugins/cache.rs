@@ -1,0 +1,91 @@
+//! A cache of compiled components, so a restarted host serves in milliseconds instead of
+//! recompiling every plugin with cranelift (seconds each).
+//!
+//! An entry is named by the sha256 of the component's bytes and the engine's compatibility
+//! hash (wasmtime version, compiler settings, target), so a changed plugin or a new host build
+//! never loads a stale artifact. Entries are only ever written by this module, into a
+//! directory it creates with mode 0700: loading precompiled code is `unsafe` because it is
+//! trusted machine code, and the host must never load bytes it did not produce itself.
+
+use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::Engine;
+
+/// Where compiled components are kept.
+#[derive(Debug, Clone)]
+pub struct CompileCache {
+    dir: PathBuf,
+    engine_hash: String,
+}
+
+impl CompileCache {
+    /// A cache in `dir` (created 0700 if missing) for components compiled by `engine`.
+    pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<CompileCache> {
+        std::fs::create_dir_all(dir)?;
+        restrict_to_owner(dir)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(CompileCache {
+            dir: dir.to_path_buf(),
+            engine_hash: format!("{:016x}", hasher.finish()),
+        })
+    }
+
+    /// The sha256 of a component's bytes, hex.
+    pub fn digest(bytes: &[u8]) -> String {
+        Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn entry(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}-{}.cwasm", self.engine_hash))
+    }
+
+    /// The compiled component for `bytes` (whose digest is `sha256`): from the cache if this
+    /// host compiled it before, else compiled now and stored.
+    pub fn load_or_compile(&self, engine: &Engine, bytes: &[u8], sha256: &str) -> anyhow::Result<Component> {
+        let entry = self.entry(sha256);
+        if entry.exists() {
+            // SAFETY: entries are written only by `store` below, from `precompile_component`
+            // of this engine configuration (the name carries its compatibility hash), into a
+            // directory only our user can write.
+            match unsafe { Component::deserialize_file(engine, &entry) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!(entry = %entry.display(), error = %e, "compile cache entry unusable; recompiling"),
+            }
+        }
+        let compiled = engine.precompile_component(bytes).map_err(anyhow::Error::from)?;
+        if let Err(e) = self.store(&entry, &compiled) {
+            tracing::warn!(entry = %entry.display(), error = %e, "could not write the compile cache");
+        }
+        // SAFETY: `compiled` was produced just now by this engine.
+        unsafe { Component::deserialize(engine, &compiled) }.map_err(anyhow::Error::from)
+    }
+
+    /// Writes through a temporary file and a rename, so a reader never sees half an entry.
+    fn store(&self, entry: &Path, compiled: &[u8]) -> std::io::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        tmp.write_all(compiled)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(entry).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
+
+fn restrict_to_owner(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The default cache directory: `$XDG_CACHE_HOME/esi-host`, `~/.cache/esi-host`, or the
+/// system temp directory as a last resort.
+pub fn default_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("esi-host")
+}
