@@ -91,7 +91,10 @@ impl Host {
             Some(path) => SchemaRegistry::from_file(path)?,
             None => SchemaRegistry::built_in(),
         });
-        let engine = Arc::new(PluginEngine::new(config.limits.clone(), config.compile_cache.as_deref())?);
+        let engine = Arc::new(PluginEngine::new(
+            config.limits.clone(),
+            config.compile_cache.as_deref(),
+        )?);
         let plugins = Arc::new(PluginRegistry::load_dir(&engine, &config.plugin_dir).await?);
         if plugins.handlers().is_empty() {
             tracing::warn!(dir = %config.plugin_dir.display(), "no plugin loaded: this host will claim no job");

@@ -102,6 +102,112 @@ impl LocalEtcd {
     }
 }
 
+/// A cluster of etcd members on loopback ports, for tests that kill members.
+pub struct LocalEtcdCluster {
+    members: Vec<Option<Child>>,
+    endpoints: Vec<String>,
+    _data_dir: tempfile::TempDir,
+}
+
+impl LocalEtcdCluster {
+    /// Starts `size` members and waits until the cluster answers.
+    pub async fn start(size: usize) -> anyhow::Result<LocalEtcdCluster> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("esi-etcd-cluster-")
+            .tempdir()?;
+        let ports: Vec<(u16, u16)> = (0..size)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let mut members = Vec::new();
+        let mut endpoints = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let endpoint = format!("http://127.0.0.1:{client}");
+            let log = std::fs::File::create(data_dir.path().join(format!("m{i}.log")))?;
+            let child = Command::new("etcd")
+                .arg(format!("--name=m{i}"))
+                .arg(format!(
+                    "--data-dir={}",
+                    data_dir.path().join(format!("m{i}")).display()
+                ))
+                .arg(format!("--listen-client-urls={endpoint}"))
+                .arg(format!("--advertise-client-urls={endpoint}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+                ))
+                .arg(format!("--initial-cluster={}", initial.join(",")))
+                .arg("--initial-cluster-state=new")
+                .arg("--log-level=warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting etcd: is the `etcd` binary on PATH?")?;
+            members.push(Some(child));
+            endpoints.push(endpoint);
+        }
+        let cluster = LocalEtcdCluster {
+            members,
+            endpoints,
+            _data_dir: data_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster.leader().await.is_none() {
+            if Instant::now() > deadline {
+                bail!("the etcd cluster elected no leader within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(cluster)
+    }
+
+    /// Every member's client endpoint.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// The index of the current leader, asked of the running members.
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            if self.members[i].is_none() {
+                continue;
+            }
+            let Ok(mut client) = etcd_client::Client::connect([endpoint.as_str()], None).await
+            else {
+                continue;
+            };
+            let Ok(status) = client.status().await else {
+                continue;
+            };
+            let leader = status.leader();
+            for (j, other) in self.endpoints.iter().enumerate() {
+                let Ok(mut c) = etcd_client::Client::connect([other.as_str()], None).await else {
+                    continue;
+                };
+                if let Ok(s) = c.status().await {
+                    if s.header().map(|h| h.member_id()) == Some(leader) && leader != 0 {
+                        return Some(j);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Kills member `i` with SIGKILL.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].take() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
 /// A loopback port nobody listens on right now.
 fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;

@@ -37,16 +37,25 @@ impl CompileCache {
 
     /// The sha256 of a component's bytes, hex.
     pub fn digest(bytes: &[u8]) -> String {
-        Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+        Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     fn entry(&self, sha256: &str) -> PathBuf {
-        self.dir.join(format!("{sha256}-{}.cwasm", self.engine_hash))
+        self.dir
+            .join(format!("{sha256}-{}.cwasm", self.engine_hash))
     }
 
     /// The compiled component for `bytes` (whose digest is `sha256`): from the cache if this
     /// host compiled it before, else compiled now and stored.
-    pub fn load_or_compile(&self, engine: &Engine, bytes: &[u8], sha256: &str) -> anyhow::Result<Component> {
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> anyhow::Result<Component> {
         let entry = self.entry(sha256);
         if entry.exists() {
             // SAFETY: entries are written only by `store` below, from `precompile_component`
@@ -54,10 +63,14 @@ impl CompileCache {
             // directory only our user can write.
             match unsafe { Component::deserialize_file(engine, &entry) } {
                 Ok(component) => return Ok(component),
-                Err(e) => tracing::warn!(entry = %entry.display(), error = %e, "compile cache entry unusable; recompiling"),
+                Err(e) => {
+                    tracing::warn!(entry = %entry.display(), error = %e, "compile cache entry unusable; recompiling")
+                }
             }
         }
-        let compiled = engine.precompile_component(bytes).map_err(anyhow::Error::from)?;
+        let compiled = engine
+            .precompile_component(bytes)
+            .map_err(anyhow::Error::from)?;
         if let Err(e) = self.store(&entry, &compiled) {
             tracing::warn!(entry = %entry.display(), error = %e, "could not write the compile cache");
         }

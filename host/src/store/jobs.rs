@@ -88,6 +88,8 @@ impl Store {
     /// Claims a ready job: succeeds for exactly one claimer, because the working key must not
     /// exist and the ready key must still exist in the same transaction that creates one and
     /// deletes the other. The working key is bound to `lease`, so it vanishes with its owner.
+    /// Retrying with the same `reservation` is safe: it answers `true` if our earlier attempt
+    /// is the one that won.
     pub async fn claim(&self, job_id: &str, reservation: &str, lease: i64) -> Result<bool> {
         let k = self.keys();
         let working = k.job(Queue::Working, job_id);
@@ -99,13 +101,17 @@ impl Store {
             ])
             .and_then([
                 TxnOp::put(
-                    working,
+                    working.clone(),
                     reservation,
                     Some(PutOptions::new().with_lease(lease)),
                 ),
                 TxnOp::delete(ready, None),
-            ]);
-        Ok(self.txn(job_id, txn).await?.succeeded())
+            ])
+            .or_else([TxnOp::get(working, None)]);
+        let resp = self.txn(job_id, txn).await?;
+        // A retry of a claim that committed but whose answer was lost finds its own
+        // reservation in the working key: the job is ours.
+        Ok(resp.succeeded() || still_ours(&resp.op_responses(), reservation))
     }
 
     /// Completes a job in one transaction fenced by our reservation: if another worker took

@@ -6,6 +6,8 @@
 
 pub mod jobs;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -139,36 +141,69 @@ fn change_of(event: &etcd_client::Event) -> Option<Change> {
 }
 
 /// etcd access with the protocol's key layout.
+///
+/// One client per endpoint, used one at a time: etcd-client's balanced channel fails every
+/// request while any one endpoint is down, so the store fails over itself. An error moves the
+/// store to the next endpoint; callers retry (every role does), and the retry goes to a member
+/// that may be alive.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    clients: Arc<[(String, Client)]>,
+    current: Arc<AtomicUsize>,
     keys: Keys,
 }
 
 impl Store {
-    /// Connects to any of `endpoints` (e.g. `http://127.0.0.1:2379`).
+    /// Connects to `endpoints` (e.g. `http://127.0.0.1:2379`). Connections are made lazily, so
+    /// this succeeds while some members are down; it fails only for a malformed endpoint.
     pub async fn connect(endpoints: &[String], keys: Keys) -> Result<Self> {
         let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
+            .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = Client::connect(endpoints, Some(options))
-            .await
-            .map_err(|source| StoreError {
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let client = Client::connect([endpoint.as_str()], Some(options.clone()))
+                .await
+                .map_err(|source| StoreError {
+                    op: "connect",
+                    key: endpoint.clone(),
+                    source,
+                })?;
+            clients.push((endpoint.clone(), client));
+        }
+        if clients.is_empty() {
+            return Err(StoreError {
                 op: "connect",
-                key: endpoints.join(","),
-                source,
-            })?;
-        Ok(Store { client, keys })
+                key: String::new(),
+                source: etcd_client::Error::InvalidArgs("no etcd endpoint given".into()),
+            });
+        }
+        Ok(Store {
+            clients: clients.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+            keys,
+        })
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
-    /// A client handle; cloning is cheap and shares the connection.
+    /// A handle on the endpoint in use; cloning is cheap and shares the connection.
     fn client(&self) -> Client {
-        self.client.clone()
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+        self.clients[i].1.clone()
+    }
+
+    /// Maps an etcd error and moves to the next endpoint, so the caller's retry goes elsewhere.
+    fn fail(&self, op: &'static str, key: &str, source: etcd_client::Error) -> StoreError {
+        if self.clients.len() > 1 {
+            let from = self.current.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+            let to = (from + 1) % self.clients.len();
+            tracing::debug!(from = %self.clients[from].0, to = %self.clients[to].0, error = %source, "etcd: switching endpoint");
+        }
+        err(op, key, source)
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Kv>> {
@@ -176,7 +211,7 @@ impl Store {
             .client()
             .get(key, None)
             .await
-            .map_err(|source| err("get", key, source))?;
+            .map_err(|source| self.fail("get", key, source))?;
         Ok(resp.kvs().first().map(Kv::from_etcd))
     }
 
@@ -186,7 +221,7 @@ impl Store {
             .client()
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(|source| err("list", prefix, source))?;
+            .map_err(|source| self.fail("list", prefix, source))?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         Ok((resp.kvs().iter().map(Kv::from_etcd).collect(), revision))
     }
@@ -195,7 +230,7 @@ impl Store {
         self.client()
             .put(key, value, None)
             .await
-            .map_err(|source| err("put", key, source))?;
+            .map_err(|source| self.fail("put", key, source))?;
         Ok(())
     }
 
@@ -209,7 +244,7 @@ impl Store {
         self.client()
             .put(key, value, Some(PutOptions::new().with_lease(lease)))
             .await
-            .map_err(|source| err("put", key, source))?;
+            .map_err(|source| self.fail("put", key, source))?;
         Ok(())
     }
 
@@ -217,7 +252,7 @@ impl Store {
         self.client()
             .delete(key, None)
             .await
-            .map_err(|source| err("delete", key, source))?;
+            .map_err(|source| self.fail("delete", key, source))?;
         Ok(())
     }
 
@@ -226,7 +261,7 @@ impl Store {
         self.client()
             .delete(prefix, Some(DeleteOptions::new().with_prefix()))
             .await
-            .map_err(|source| err("delete", prefix, source))?;
+            .map_err(|source| self.fail("delete", prefix, source))?;
         Ok(())
     }
 
@@ -235,7 +270,7 @@ impl Store {
         self.client()
             .txn(txn)
             .await
-            .map_err(|source| err("txn", what, source))
+            .map_err(|source| self.fail("txn", what, source))
     }
 
     /// Watches `prefix` from `start_revision` (inclusive), with previous values on deletes.
@@ -248,7 +283,7 @@ impl Store {
             .client()
             .watch(prefix, Some(options))
             .await
-            .map_err(|source| err("watch", prefix, source))?;
+            .map_err(|source| self.fail("watch", prefix, source))?;
         Ok(Watch {
             prefix: prefix.to_string(),
             stream,
@@ -290,7 +325,7 @@ impl Store {
             .client()
             .get(key, None)
             .await
-            .map_err(|source| err("get", key, source))?;
+            .map_err(|source| self.fail("get", key, source))?;
         if resp.kvs().is_empty() {
             return Ok(());
         }
@@ -318,7 +353,7 @@ impl Store {
             .client()
             .lease_grant(ttl, None)
             .await
-            .map_err(|source| err("lease grant", "-", source))?;
+            .map_err(|source| self.fail("lease grant", "-", source))?;
         Ok(resp.id())
     }
 
@@ -327,7 +362,7 @@ impl Store {
         self.client()
             .lease_revoke(lease)
             .await
-            .map_err(|source| err("lease revoke", &lease.to_string(), source))?;
+            .map_err(|source| self.fail("lease revoke", &lease.to_string(), source))?;
         Ok(())
     }
 
@@ -337,7 +372,7 @@ impl Store {
             .client()
             .lease_time_to_live(lease, None)
             .await
-            .map_err(|source| err("lease ttl", &lease.to_string(), source))?;
+            .map_err(|source| self.fail("lease ttl", &lease.to_string(), source))?;
         Ok(resp.ttl())
     }
 
@@ -349,12 +384,12 @@ impl Store {
             .client()
             .lease_keep_alive(lease)
             .await
-            .map_err(|source| err("lease keep-alive", &name, source))?;
+            .map_err(|source| self.fail("lease keep-alive", &name, source))?;
         loop {
             keeper
                 .keep_alive()
                 .await
-                .map_err(|source| err("lease keep-alive", &name, source))?;
+                .map_err(|source| self.fail("lease keep-alive", &name, source))?;
             match stream.message().await {
                 Ok(Some(resp)) if resp.ttl() > 0 => {}
                 Ok(_) => {
@@ -364,7 +399,7 @@ impl Store {
                         etcd_client::Error::LeaseKeepAliveError("lease expired or revoked".into()),
                     ))
                 }
-                Err(source) => return Err(err("lease keep-alive", &name, source)),
+                Err(source) => return Err(self.fail("lease keep-alive", &name, source)),
             }
             tokio::time::sleep(interval).await;
         }

@@ -182,7 +182,8 @@ impl Worker {
                 // An etcd error before the claim would otherwise leave the job in ready with
                 // nobody offering it again; retry until it is claimed, by us or someone else.
                 let mut backoff = Duration::from_millis(200);
-                while let Err(e) = worker.run_job(&job_id).await {
+                let reservation = uuid::Uuid::new_v4().to_string();
+                while let Err(e) = worker.run_job(&job_id, &reservation).await {
                     if worker.hard_stop.is_cancelled() {
                         return;
                     }

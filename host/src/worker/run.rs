@@ -27,11 +27,13 @@ enum Verdict {
 impl Worker {
     /// Claims `job_id` and sees it through. Returns an error only for etcd trouble before the
     /// claim; after the claim, etcd calls are retried until they succeed or the claim is lost.
-    pub(crate) async fn run_job(&self, job_id: &str) -> anyhow::Result<()> {
+    /// Retries must pass the same `reservation`, so that a claim which committed but whose
+    /// answer was lost is recognised as ours.
+    pub(crate) async fn run_job(&self, job_id: &str, reservation: &str) -> anyhow::Result<()> {
         if self.stop_claiming.is_cancelled() {
             return Ok(()); // draining: leave it for another host
         }
-        let reservation = uuid::Uuid::new_v4().to_string();
+        let reservation = reservation.to_string();
         if !self.store.claim(job_id, &reservation, self.lease()).await? {
             tracing::debug!("claimed by another worker");
             return Ok(());
