@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use esi_host::keys::{Keys, Queue, Record};
 use esi_host::local_etcd::LocalEtcd;
+use esi_host::protocol::{JobId, JobRecord};
 use esi_host::schema::SchemaRegistry;
 use esi_host::store::{Change, Store, Watch};
 use esi_host::{Host, HostConfig};
@@ -20,6 +21,8 @@ use serde_json::Value;
 pub struct TestEnv {
     _etcd: Option<LocalEtcd>,
     pub endpoint: String,
+    /// Every endpoint hosts should use (one, or each member of a cluster).
+    pub endpoints: Vec<String>,
     pub store: Store,
     pub schemas: SchemaRegistry,
 }
@@ -41,7 +44,21 @@ impl TestEnv {
         let store = Store::connect(std::slice::from_ref(&endpoint), Keys::new(&root)).await?;
         Ok(TestEnv {
             _etcd: etcd,
+            endpoints: vec![endpoint.clone()],
             endpoint,
+            store,
+            schemas: SchemaRegistry::built_in(),
+        })
+    }
+
+    /// An environment on an etcd cluster the test started itself (e.g. to kill members).
+    pub async fn on_cluster(endpoints: &[String]) -> anyhow::Result<TestEnv> {
+        init_logging();
+        let store = Store::connect(endpoints, Keys::new("")).await?;
+        Ok(TestEnv {
+            _etcd: None,
+            endpoint: endpoints[0].clone(),
+            endpoints: endpoints.to_vec(),
             store,
             schemas: SchemaRegistry::built_in(),
         })
@@ -53,7 +70,7 @@ impl TestEnv {
 
     /// A host configuration for this environment with a short lease.
     pub fn host_config(&self) -> HostConfig {
-        let mut config = HostConfig::new(vec![self.endpoint.clone()], plugin_dir());
+        let mut config = HostConfig::new(self.endpoints.clone(), plugin_dir());
         config.key_root = self.keys().root().to_string();
         config.lease_ttl = Duration::from_secs(5);
         config
@@ -215,7 +232,15 @@ impl TestEnv {
         let key = self.key(Record::State, resource_type, id);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let current = self.get_json(&key).await?;
+            // etcd may be failing over (tests kill members): an error is retried to the deadline.
+            let current = match self.get_json(&key).await {
+                Ok(current) => current,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if let Some(state) = &current {
                 if done(state) {
                     return Ok(state.clone());
@@ -255,7 +280,14 @@ impl TestEnv {
     pub async fn wait_jobs_drained(&self) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let left = self.job_keys().await?;
+            let left = match self.job_keys().await {
+                Ok(left) => left,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if left.is_empty() {
                 return Ok(());
             }
@@ -364,4 +396,117 @@ fn init_logging() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Where the built test guests are (`ESI_TEST_PLUGIN_DIR`, else `target/test-plugins`).
+pub fn test_plugin_dir() -> PathBuf {
+    let dir = std::env::var_os("ESI_TEST_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join("target/test-plugins"));
+    assert!(
+        dir.join("scripted_worker.wasm").exists(),
+        "{} has no scripted_worker.wasm: build the test guests first with \
+         `cargo xtask build-plugins` (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A fresh directory (one per call) holding symlinks to every component of [`plugin_dir`] and
+/// [`test_plugin_dir`], for a host that should serve the real plugins and the test guests.
+/// Test guests never sit in the real plugin directory, which the demo and production load.
+pub fn plugin_dir_with_test_guests() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("esi-test-plugins-{}", uuid_like()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("creating plugin directory {}: {e}", dir.display()));
+    for source in [plugin_dir(), test_plugin_dir()] {
+        let source = std::fs::canonicalize(&source)
+            .unwrap_or_else(|e| panic!("resolving {}: {e}", source.display()));
+        let entries = std::fs::read_dir(&source)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", source.display()));
+        for entry in entries {
+            let path = entry
+                .unwrap_or_else(|e| panic!("reading {}: {e}", source.display()))
+                .path();
+            if path.extension().is_some_and(|x| x == "wasm") {
+                let link = dir.join(path.file_name().expect("a directory entry has a name"));
+                std::os::unix::fs::symlink(&path, &link).unwrap_or_else(|e| {
+                    panic!("linking {} to {}: {e}", link.display(), path.display())
+                });
+            }
+        }
+    }
+    dir
+}
+
+impl TestEnv {
+    /// Writes a job record the way the job manager does: `/jobs/all/<id>`, then
+    /// `/jobs/ready/<id>` (`ready`) or `/jobs/waiting/<id>` holding the record's handler.
+    ///
+    /// The manager learns of jobs it did not write only when it (re)builds its index from
+    /// etcd, so jobs whose release or cancellation a test expects must be written before the
+    /// host starts; a job without dependencies or dependants can be written at any time.
+    pub async fn put_job(&self, id: &str, record: &Value, ready: bool) -> anyhow::Result<()> {
+        let handler = record
+            .get(0)
+            .and_then(Value::as_str)
+            .with_context(|| format!("job record {id} does not start with a handler: {record}"))?;
+        let queue = if ready { Queue::Ready } else { Queue::Waiting };
+        self.store
+            .put(&self.job_key(Queue::All, id), record.to_string())
+            .await?;
+        self.store.put(&self.job_key(queue, id), handler).await?;
+        Ok(())
+    }
+}
+
+/// A `/jobs/all` record `[handler, job, 0]` shaped like seed record (2), with a fresh valid id
+/// `<action>:<handler>:<resource_type>:<resource_id>:<version>:<5 chars>`. Returns the id and
+/// the record; write both with [`TestEnv::put_job`].
+///
+/// # Panics
+///
+/// On an unknown `action` or `on_failure`, or a `resource_input` that is not an object: the
+/// record is checked against the host's own parser.
+#[allow(clippy::too_many_arguments)] // one argument per field of the job object
+pub fn job_record(
+    handler: &str,
+    action: &str,
+    resource_type: &str,
+    resource_id: &str,
+    version: u64,
+    is_first: bool,
+    is_last: bool,
+    dependency: &[String],
+    on_failure: &str,
+    resource_input: Value,
+) -> (String, Value) {
+    let id = JobId {
+        action: action.parse().unwrap_or_else(|e| panic!("{e}")),
+        handler: handler.to_string(),
+        resource_type: resource_type.to_string(),
+        resource_id: resource_id.to_string(),
+        version,
+        suffix: JobId::random_suffix(),
+    };
+    let job = serde_json::json!({
+        "id": id.to_string(),
+        "job_name": id.job_name(),
+        "handler": handler,
+        "action": action,
+        "resource_type": resource_type,
+        "resource_id": resource_id,
+        "version": version,
+        "is_first": is_first,
+        "is_last": is_last,
+        "dependency": dependency,
+        "on_failure": on_failure,
+        "params": [],
+        "resource_input": resource_input,
+    });
+    let record = serde_json::json!([handler, job, 0]);
+    if let Err(e) = JobRecord::parse(&id.to_string(), record.to_string().as_bytes()) {
+        panic!("job_record built a record the host cannot read: {e}");
+    }
+    (id.to_string(), record)
 }

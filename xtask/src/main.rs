@@ -15,6 +15,12 @@
 //! Finished components are written through a temporary file and a rename, because the host
 //! hot-reloads its plugin directory and must never see a half-written `.wasm`.
 //!
+//! Test guests ([`TEST_GUESTS`], e.g. `tests/guests/scripted`) are built, componentized and
+//! checked exactly like plugins, by the same command, but written to `<target dir>/test-plugins`:
+//! the demo and production load `<target dir>/plugins` (or `--out`), and a guest that fails or
+//! traps on cue has no place there. Integration tests find them through `ESI_TEST_PLUGIN_DIR`
+//! (set by `scripts/test`).
+//!
 //! # Commands
 //!
 //! ```text
@@ -32,11 +38,19 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use wasmparser::{ComponentExternalKind, ComponentTypeRef, Encoding, Parser, Payload, TypeBounds};
 use wit_component::ComponentEncoder;
 
-/// Cargo packages that `build-plugins` compiles, componentizes and checks, in build order.
+/// Cargo packages that `build-plugins` compiles, componentizes and checks, in build order,
+/// into the plugin directory (`<target dir>/plugins` or `--out`).
 ///
-/// Adding a plugin or a test guest crate is one line here (the crate must be a workspace member
-/// with `crate-type = ["cdylib", ...]`).
+/// Adding a plugin crate is one line here (the crate must be a workspace member with
+/// `crate-type = ["cdylib", ...]`).
 const PLUGINS: &[&str] = &["monitoring_worker", "vlan_pool_worker"];
+
+/// Guest crates only integration tests load, built like [`PLUGINS`] but into
+/// `<target dir>/`[`TEST_PLUGIN_DIR`], never into the plugin directory.
+const TEST_GUESTS: &[&str] = &["scripted_worker"];
+
+/// Directory under the target dir that receives [`TEST_GUESTS`].
+const TEST_PLUGIN_DIR: &str = "test-plugins";
 
 /// The only target plugins are built for: no WASI, so nothing to import beyond our WIT package.
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
@@ -58,10 +72,11 @@ usage: cargo xtask <command>
 commands:
   build-plugins [--debug] [--out DIR] [--package NAME]...
       Build plugin crates for wasm32-unknown-unknown, turn them into components, check their
-      imports and exports, and write <out>/<crate>.wasm.
+      imports and exports, and write <out>/<crate>.wasm. Test guests (tests/guests/*) are
+      built the same way into <target dir>/test-plugins, never into <out>.
         --debug          build with the dev profile instead of --release
-        --out DIR        output directory (default: <target dir>/plugins)
-        --package NAME   build only this plugin (repeatable; alias -p)
+        --out DIR        plugin output directory (default: <target dir>/plugins)
+        --package NAME   build only this plugin or test guest (repeatable; alias -p)
   help
       Print this message.";
 
@@ -99,7 +114,7 @@ struct BuildOptions {
     /// `true` builds with the dev profile.
     debug: bool,
     out: Option<PathBuf>,
-    /// Empty means every crate in [`PLUGINS`].
+    /// Empty means every crate in [`PLUGINS`] and [`TEST_GUESTS`].
     packages: Vec<String>,
 }
 
@@ -159,10 +174,11 @@ fn parse_build_options(mut args: impl Iterator<Item = String>) -> Result<BuildOp
             "--package" | "-p" => {
                 let name = value("--package")?;
                 ensure!(
-                    PLUGINS.contains(&name.as_str()),
-                    "`{name}` is not a plugin crate; known plugins: {} \
-                     (add new ones to PLUGINS in xtask/src/main.rs)",
-                    PLUGINS.join(", ")
+                    PLUGINS.contains(&name.as_str()) || TEST_GUESTS.contains(&name.as_str()),
+                    "`{name}` is not a plugin crate; known plugins: {}; known test guests: {} \
+                     (add new ones to PLUGINS or TEST_GUESTS in xtask/src/main.rs)",
+                    PLUGINS.join(", "),
+                    TEST_GUESTS.join(", ")
                 );
                 if !options.packages.contains(&name) {
                     options.packages.push(name);
@@ -182,8 +198,9 @@ fn build_plugins(options: &BuildOptions) -> Result<()> {
             .with_context(|| format!("resolving output directory {}", out.display()))?,
         None => target_dir.join("plugins"),
     };
+    let test_out_dir = target_dir.join(TEST_PLUGIN_DIR);
     let packages: Vec<&str> = if options.packages.is_empty() {
-        PLUGINS.to_vec()
+        PLUGINS.iter().chain(TEST_GUESTS).copied().collect()
     } else {
         options.packages.iter().map(String::as_str).collect()
     };
@@ -192,15 +209,20 @@ fn build_plugins(options: &BuildOptions) -> Result<()> {
 
     let profile_dir = if options.debug { "debug" } else { "release" };
     let artifact_dir = target_dir.join(WASM_TARGET).join(profile_dir);
-    fs::create_dir_all(&out_dir)
-        .with_context(|| format!("creating output directory {}", out_dir.display()))?;
     for package in packages {
+        let (dir, what) = if TEST_GUESTS.contains(&package) {
+            (&test_out_dir, "test guest crate")
+        } else {
+            (&out_dir, "plugin crate")
+        };
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating output directory {}", dir.display()))?;
         // Cargo names the cdylib after the crate's library name, which swaps `-` for `_`.
         let file_name = format!("{}.wasm", package.replace('-', "_"));
         let module = artifact_dir.join(&file_name);
-        let output = out_dir.join(&file_name);
-        let size = componentize_file(&module, &output)
-            .with_context(|| format!("plugin crate `{package}`"))?;
+        let output = dir.join(&file_name);
+        let size =
+            componentize_file(&module, &output).with_context(|| format!("{what} `{package}`"))?;
         print_written(package, size, &output);
     }
     Ok(())
@@ -492,6 +514,26 @@ mod tests {
     fn unknown_package_names_the_known_plugins() {
         let error = parse_args(args(&["build-plugins", "--package", "nope"])).unwrap_err();
         assert!(error.to_string().contains("monitoring_worker"), "{error}");
+        assert!(error.to_string().contains("scripted_worker"), "{error}");
+    }
+
+    #[test]
+    fn test_guests_can_be_built_alone() {
+        assert_eq!(
+            parse_args(args(&["build-plugins", "-p", "scripted_worker"])).unwrap(),
+            Task::BuildPlugins(BuildOptions {
+                debug: false,
+                out: None,
+                packages: vec!["scripted_worker".into()],
+            })
+        );
+    }
+
+    #[test]
+    fn no_crate_is_both_a_plugin_and_a_test_guest() {
+        for guest in TEST_GUESTS {
+            assert!(!PLUGINS.contains(guest), "{guest} is in both lists");
+        }
     }
 
     #[test]

@@ -1,0 +1,269 @@
+//! The script and its interpretation, free of any WebAssembly types.
+//!
+//! # Examples
+//!
+//! ```
+//! use scripted_worker::core::{handle, Job, JobError, RecordKind, RecordReader, RunContext};
+//! use scripted_worker::core::{HostError, LogLevel, Outcome, Versioned};
+//!
+//! struct Nothing;
+//! impl RecordReader for Nothing {
+//!     fn read(&mut self, _: RecordKind, _: &str, _: &str) -> Result<Option<Versioned>, HostError> {
+//!         Ok(None)
+//!     }
+//! }
+//!
+//! let job = Job {
+//!     resource_input: serde_json::json!({"script": {"fail_retryable_until_attempt": 1}}),
+//!     ..Job::default()
+//! };
+//! let mut log: Vec<(LogLevel, String)> = Vec::new();
+//! let first = RunContext { attempts: 0, ..RunContext::default() };
+//! assert_eq!(
+//!     handle(&job, &first, &mut Nothing, &mut log),
+//!     Err(JobError::Retryable("scripted retryable failure at attempt 0".into()))
+//! );
+//! let second = RunContext { attempts: 1, ..RunContext::default() };
+//! let Ok(Outcome::Completed { output, .. }) = handle(&job, &second, &mut Nothing, &mut log) else {
+//!     panic!("the second attempt completes");
+//! };
+//! assert_eq!(output, serde_json::json!({"scripted": {"attempts": 1}}));
+//! ```
+
+use serde_json::{json, Value};
+
+pub use esi_plugin_sdk::{
+    HostError, Job, JobError, LogLevel, Logger, Outcome, RecordKind, RecordReader, RunContext,
+    Versioned,
+};
+
+/// The handler name (and plugin name) of this guest.
+pub const HANDLER: &str = "scripted_worker";
+
+/// The field of `resource_input` that holds the script.
+pub const SCRIPT_FIELD: &str = "script";
+
+/// What a run does, read from `resource_input.script`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Script {
+    /// No script: complete with `{"scripted": {"attempts": K}}`.
+    Complete,
+    /// `{"fail_retryable_until_attempt": N}`: fail retryably while `attempts < N`, then complete.
+    FailRetryableUntilAttempt(u32),
+    /// `{"always": "retryable"}` or `{"always": "permanent"}`.
+    Always(FailureKind),
+    /// `{"trap": true}`: panic, which traps the instance.
+    Trap,
+    /// `{"spin": true}`: never return, so only the host's call deadline ends the run.
+    Spin,
+}
+
+/// The two kinds of [`JobError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    Retryable,
+    Permanent,
+}
+
+impl FailureKind {
+    fn name(self) -> &'static str {
+        match self {
+            FailureKind::Retryable => "retryable",
+            FailureKind::Permanent => "permanent",
+        }
+    }
+
+    fn error(self, message: String) -> JobError {
+        match self {
+            FailureKind::Retryable => JobError::Retryable(message),
+            FailureKind::Permanent => JobError::Permanent(message),
+        }
+    }
+}
+
+impl Script {
+    /// Reads the script of a job. A script this guest does not understand is a permanent
+    /// error naming the field, so a typo in a test shows up as such instead of as a success.
+    pub fn of(resource_input: &Value) -> Result<Script, JobError> {
+        let script = match resource_input.get(SCRIPT_FIELD) {
+            None | Some(Value::Null) => return Ok(Script::Complete),
+            Some(script) => script,
+        };
+        let bad = |why: &str| {
+            JobError::Permanent(format!(
+                "resource_input.{SCRIPT_FIELD} {script}: {why}; expected one of \
+                 {{\"fail_retryable_until_attempt\": N}}, {{\"always\": \"retryable\"|\"permanent\"}}, \
+                 {{\"trap\": true}}, {{\"spin\": true}}"
+            ))
+        };
+        let Some(object) = script.as_object() else {
+            return Err(bad("not an object"));
+        };
+        let mut entries = object.iter();
+        let (Some((name, value)), None) = (entries.next(), entries.next()) else {
+            return Err(bad("needs exactly one field"));
+        };
+        match (name.as_str(), value) {
+            ("fail_retryable_until_attempt", Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Script::FailRetryableUntilAttempt)
+                .ok_or_else(|| bad("the attempt is not a small non-negative integer")),
+            ("always", Value::String(kind)) if kind == "retryable" => {
+                Ok(Script::Always(FailureKind::Retryable))
+            }
+            ("always", Value::String(kind)) if kind == "permanent" => {
+                Ok(Script::Always(FailureKind::Permanent))
+            }
+            ("trap", Value::Bool(true)) => Ok(Script::Trap),
+            ("spin", Value::Bool(true)) => Ok(Script::Spin),
+            _ => Err(bad("unknown script")),
+        }
+    }
+}
+
+/// Runs one `scripted_worker` job: follows its script.
+///
+/// # Errors
+///
+/// Whatever the script asks for, and [`JobError::Permanent`] for a script it cannot read.
+///
+/// # Panics
+///
+/// With `{"trap": true}`, on purpose.
+pub fn handle(
+    job: &Job,
+    context: &RunContext,
+    _reader: &mut dyn RecordReader,
+    logger: &mut dyn Logger,
+) -> Result<Outcome, JobError> {
+    let script = Script::of(&job.resource_input)?;
+    let attempt = context.attempts;
+    logger.log(
+        LogLevel::Info,
+        &format!("following {script:?} at attempt {attempt}"),
+    );
+    match script {
+        Script::Complete => Ok(completed(attempt)),
+        Script::FailRetryableUntilAttempt(until) if attempt < until => Err(JobError::Retryable(
+            format!("scripted retryable failure at attempt {attempt}"),
+        )),
+        Script::FailRetryableUntilAttempt(_) => Ok(completed(attempt)),
+        Script::Always(kind) => Err(kind.error(format!("scripted {} failure", kind.name()))),
+        Script::Trap => panic!("scripted trap at attempt {attempt}"),
+        Script::Spin => spin(),
+    }
+}
+
+fn completed(attempt: u32) -> Outcome {
+    Outcome::Completed {
+        output: json!({"scripted": {"attempts": attempt}}),
+        writes: Vec::new(),
+    }
+}
+
+/// Busy-loops forever. `black_box` keeps the loop a real loop, with the back edge where
+/// wasmtime checks its epoch deadline.
+fn spin() -> ! {
+    let mut turns: u64 = 0;
+    loop {
+        turns = std::hint::black_box(turns.wrapping_add(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoRecords;
+
+    impl RecordReader for NoRecords {
+        fn read(
+            &mut self,
+            _: RecordKind,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<Versioned>, HostError> {
+            Ok(None)
+        }
+    }
+
+    fn run(script: Value, attempts: u32) -> Result<Outcome, JobError> {
+        let job = Job {
+            resource_input: json!({ "name": "x", "script": script }),
+            ..Job::default()
+        };
+        let context = RunContext {
+            attempts,
+            ..RunContext::default()
+        };
+        let mut log: Vec<(LogLevel, String)> = Vec::new();
+        handle(&job, &context, &mut NoRecords, &mut log)
+    }
+
+    #[test]
+    fn no_script_completes_with_the_attempt() {
+        let job = Job {
+            resource_input: json!({"name": "x"}),
+            ..Job::default()
+        };
+        let context = RunContext {
+            attempts: 3,
+            ..RunContext::default()
+        };
+        let mut log: Vec<(LogLevel, String)> = Vec::new();
+        assert_eq!(
+            handle(&job, &context, &mut NoRecords, &mut log),
+            Ok(completed(3))
+        );
+    }
+
+    #[test]
+    fn retryable_failures_stop_at_the_scripted_attempt() {
+        let script = json!({"fail_retryable_until_attempt": 2});
+        assert_eq!(
+            run(script.clone(), 1),
+            Err(JobError::Retryable(
+                "scripted retryable failure at attempt 1".into()
+            ))
+        );
+        assert_eq!(run(script, 2), Ok(completed(2)));
+    }
+
+    #[test]
+    fn always_fails_with_the_scripted_kind() {
+        assert_eq!(
+            run(json!({"always": "retryable"}), 7),
+            Err(JobError::Retryable("scripted retryable failure".into()))
+        );
+        assert_eq!(
+            run(json!({"always": "permanent"}), 0),
+            Err(JobError::Permanent("scripted permanent failure".into()))
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "scripted trap")]
+    fn trap_panics() {
+        let _ = run(json!({"trap": true}), 0);
+    }
+
+    #[test]
+    fn an_unreadable_script_is_a_permanent_error_naming_the_field() {
+        for script in [
+            json!("trap"),
+            json!({}),
+            json!({"trap": true, "spin": true}),
+            json!({"always": "sometimes"}),
+            json!({"fail_retryable_until_attempt": -1}),
+            json!({"trap": false}),
+        ] {
+            match run(script.clone(), 0) {
+                Err(JobError::Permanent(message)) => {
+                    assert!(message.contains("resource_input.script"), "{message}")
+                }
+                other => panic!("{script}: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! How the host handles jobs that fail: retries with backoff, permanent failures, traps and
+//! `on_failure` within a workflow (PROTOCOL section 5.4).
+//!
+//! Every job here runs in the `scripted_worker` test guest, which fails exactly as the job's
+//! `resource_input.script` says. The jobs are written straight into the queues, as the job
+//! manager would write them, so no template is involved, and a config only where the manager
+//! looks at one (after a workflow ends): the worker reports to the `/state` of the job's
+//! resource regardless.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use esi_host::keys::{Queue, Record};
+use esi_host::store::Change;
+use esi_host::{Host, HostConfig};
+use esi_tests::{job_record, plugin_dir_with_test_guests, TestEnv};
+use serde_json::{json, Value};
+
+const HANDLER: &str = "scripted_worker";
+const RESOURCE_TYPE: &str = "ha_router";
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// `WorkerConfig::max_attempts` by default: the runs a retryable failure gets.
+const MAX_ATTEMPTS: u64 = 5;
+
+/// A host serving the real plugins and the test guests, retrying quickly. Its plugin
+/// directory (symlinks only) is its own and goes with it at [`TestHost::shutdown`].
+struct TestHost {
+    host: Host,
+    plugin_dir: PathBuf,
+}
+
+impl TestHost {
+    async fn start(env: &TestEnv) -> TestHost {
+        TestHost::start_with(env, |_| {}).await
+    }
+
+    /// Starts a host whose configuration `adjust` changed further.
+    async fn start_with(env: &TestEnv, adjust: impl FnOnce(&mut HostConfig)) -> TestHost {
+        let mut config = env.host_config();
+        config.plugin_dir = plugin_dir_with_test_guests();
+        config.worker.retry_backoff = Duration::from_millis(50);
+        config.worker.retry_backoff_max = Duration::from_millis(200);
+        adjust(&mut config);
+        let plugin_dir = config.plugin_dir.clone();
+        let host = Host::start(config).await.unwrap();
+        TestHost { host, plugin_dir }
+    }
+
+    async fn shutdown(self) {
+        self.host.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.plugin_dir);
+    }
+}
+
+fn new_resource_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The config body of a resource whose jobs follow `script` (`None`: just complete).
+fn input(resource_id: &str, script: Option<Value>) -> Value {
+    let mut body = json!({"id": resource_id, "name": "scripted"});
+    if let Some(script) = script {
+        body["script"] = script;
+    }
+    body
+}
+
+/// A workflow of one job, ready to claim.
+fn single_job(resource_id: &str, script: Option<Value>) -> (String, Value) {
+    job_record(
+        HANDLER,
+        "create",
+        RESOURCE_TYPE,
+        resource_id,
+        1,
+        true,
+        true,
+        &[],
+        "fail",
+        input(resource_id, script),
+    )
+}
+
+fn state_key(env: &TestEnv, resource_id: &str) -> String {
+    env.key(Record::State, RESOURCE_TYPE, resource_id)
+}
+
+async fn wait_failed(env: &TestEnv, resource_id: &str) -> Value {
+    env.wait_for_state(RESOURCE_TYPE, resource_id, TIMEOUT, |s| {
+        s["state"]["worker_state"]
+            .as_str()
+            .is_some_and(|w| w.ends_with("_FAILED"))
+    })
+    .await
+    .unwrap()
+}
+
+/// The `attempts` of every `/jobs/all/<id>` record put so far, in order.
+fn recorded_attempts(env: &TestEnv, recorder: &esi_tests::Recorder, id: &str) -> Vec<u64> {
+    recorder
+        .puts_under(&env.job_key(Queue::All, id))
+        .into_iter()
+        .map(|(key, record)| {
+            record[2]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{key}: no attempts in {record}"))
+        })
+        .collect()
+}
+
+/// The `scripted` output in a completed `/state` (a JSON string, like every job-state field).
+fn scripted_output(state: &Value) -> Value {
+    let text = state["state"]["scripted"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no scripted output in {state}"));
+    serde_json::from_str(text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_retryably_twice_completes_at_its_third_attempt() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let host = TestHost::start(&env).await;
+    let resource = new_resource_id();
+    let (id, record) = single_job(&resource, Some(json!({"fail_retryable_until_attempt": 2})));
+    env.put_job(&id, &record, true).await.unwrap();
+
+    let state = env.wait_completed(RESOURCE_TYPE, &resource).await.unwrap();
+    assert_eq!(state["state"]["worker_state"], "CREATE_COMPLETED");
+    assert_eq!(state["version"], 1);
+    assert_eq!(state["error"], "");
+    assert_eq!(scripted_output(&state), json!({"attempts": 2}));
+    recorder
+        .until_put(&state_key(&env, &resource), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(recorded_attempts(&env, &recorder, &id), [0, 1, 2]);
+    env.wait_jobs_drained().await.unwrap();
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_retryably_every_time_fails_its_resource_after_the_maximum_attempts() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let host = TestHost::start(&env).await;
+    let resource = new_resource_id();
+    let (id, record) = single_job(&resource, Some(json!({"always": "retryable"})));
+    env.put_job(&id, &record, true).await.unwrap();
+
+    let state = wait_failed(&env, &resource).await;
+    assert_eq!(state["state"]["worker_state"], "CREATE_FAILED");
+    assert_eq!(state["version"], 1);
+    let error = state["error"].as_str().unwrap();
+    assert!(error.contains("scripted retryable failure"), "{error}");
+    recorder
+        .until_put(&state_key(&env, &resource), TIMEOUT)
+        .await
+        .unwrap();
+    let attempts: Vec<u64> = (0..MAX_ATTEMPTS).collect();
+    assert_eq!(recorded_attempts(&env, &recorder, &id), attempts);
+    env.wait_jobs_drained().await.unwrap();
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_fails_its_resource_at_the_first_attempt() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let host = TestHost::start(&env).await;
+    let resource = new_resource_id();
+    let (id, record) = single_job(&resource, Some(json!({"always": "permanent"})));
+    env.put_job(&id, &record, true).await.unwrap();
+
+    let state = wait_failed(&env, &resource).await;
+    assert_eq!(state["state"]["worker_state"], "CREATE_FAILED");
+    let error = state["error"].as_str().unwrap();
+    assert!(error.contains("scripted permanent failure"), "{error}");
+    recorder
+        .until_put(&state_key(&env, &resource), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded_attempts(&env, &recorder, &id),
+        [0],
+        "never retried"
+    );
+    env.wait_jobs_drained().await.unwrap();
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_guest_is_retried_then_fails_its_resource_and_the_host_keeps_serving() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let host = TestHost::start(&env).await;
+    let resource = new_resource_id();
+    let (id, record) = single_job(&resource, Some(json!({"trap": true})));
+    env.put_job(&id, &record, true).await.unwrap();
+
+    let state = wait_failed(&env, &resource).await;
+    assert_eq!(state["state"]["worker_state"], "CREATE_FAILED");
+    let error = state["error"].as_str().unwrap();
+    assert!(error.contains("trap"), "{error}");
+    recorder
+        .until_put(&state_key(&env, &resource), TIMEOUT)
+        .await
+        .unwrap();
+    let attempts: Vec<u64> = (0..MAX_ATTEMPTS).collect();
+    assert_eq!(recorded_attempts(&env, &recorder, &id), attempts);
+    env.wait_jobs_drained().await.unwrap();
+
+    let good = new_resource_id();
+    let (id, record) = single_job(&good, None);
+    env.put_job(&id, &record, true).await.unwrap();
+    let state = env.wait_completed(RESOURCE_TYPE, &good).await.unwrap();
+    assert_eq!(scripted_output(&state), json!({"attempts": 0}));
+    env.wait_jobs_drained().await.unwrap();
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_returns_is_stopped_at_its_deadline_and_retried() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let host = TestHost::start_with(&env, |config| {
+        config.limits.call_deadline = Duration::from_millis(200);
+    })
+    .await;
+    let resource = new_resource_id();
+    let (id, record) = single_job(&resource, Some(json!({"spin": true})));
+    env.put_job(&id, &record, true).await.unwrap();
+
+    let state = wait_failed(&env, &resource).await;
+    let error = state["error"].as_str().unwrap();
+    assert!(error.contains("deadline"), "{error}");
+    recorder
+        .until_put(&state_key(&env, &resource), TIMEOUT)
+        .await
+        .unwrap();
+    let attempts: Vec<u64> = (0..MAX_ATTEMPTS).collect();
+    assert_eq!(recorded_attempts(&env, &recorder, &id), attempts);
+    env.wait_jobs_drained().await.unwrap();
+    host.shutdown().await;
+}
+
+/// Two jobs of one resource: the first follows `first_script` with `on_failure`, the second
+/// depends on it and just completes. Written before the host starts, because the job manager
+/// learns of jobs it did not write only when it builds its index from etcd.
+///
+/// The resource gets a config too (at the version its jobs realise, so the manager plans
+/// nothing of its own): once a workflow ends, the manager looks at the resource's config again,
+/// and a resource without one counts as deleted, its `/state` with it.
+async fn put_two_job_workflow(
+    env: &TestEnv,
+    resource: &str,
+    first_script: Value,
+    on_failure: &str,
+) -> (String, String) {
+    env.put_config(RESOURCE_TYPE, resource, &input(resource, None), 1)
+        .await
+        .unwrap();
+    let (first, record) = job_record(
+        HANDLER,
+        "create",
+        RESOURCE_TYPE,
+        resource,
+        1,
+        true,
+        false,
+        &[],
+        on_failure,
+        input(resource, Some(first_script)),
+    );
+    env.put_job(&first, &record, true).await.unwrap();
+    let (second, record) = job_record(
+        HANDLER,
+        "create",
+        RESOURCE_TYPE,
+        resource,
+        1,
+        false,
+        true,
+        std::slice::from_ref(&first),
+        "fail",
+        input(resource, None),
+    );
+    env.put_job(&second, &record, false).await.unwrap();
+    (first, second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_with_on_failure_ignore_lets_its_workflow_complete() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let resource = new_resource_id();
+    let (first, second) =
+        put_two_job_workflow(&env, &resource, json!({"always": "permanent"}), "ignore").await;
+    let host = TestHost::start(&env).await;
+
+    let state = env.wait_completed(RESOURCE_TYPE, &resource).await.unwrap();
+    assert_eq!(state["state"]["worker_state"], "CREATE_COMPLETED");
+    assert_eq!(state["error"], "");
+    assert_eq!(scripted_output(&state), json!({"attempts": 0}));
+    recorder
+        .until_put(&state_key(&env, &resource), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded_attempts(&env, &recorder, &first),
+        [0],
+        "a permanent failure is not retried"
+    );
+    let released = recorder.puts_under(&env.job_key(Queue::Ready, &second));
+    assert_eq!(released.len(), 1, "the second job was released once");
+    env.wait_jobs_drained().await.unwrap();
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_with_on_failure_fail_cancels_the_rest_of_its_workflow() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let resource = new_resource_id();
+    let (_, second) =
+        put_two_job_workflow(&env, &resource, json!({"always": "permanent"}), "fail").await;
+    let host = TestHost::start(&env).await;
+
+    let state = wait_failed(&env, &resource).await;
+    assert_eq!(state["state"]["worker_state"], "CREATE_FAILED");
+    let error = state["error"].as_str().unwrap();
+    assert!(error.contains("scripted permanent failure"), "{error}");
+    for queue in [Queue::All, Queue::Waiting] {
+        let key = env.job_key(queue, &second);
+        recorder
+            .until(
+                TIMEOUT,
+                |c| matches!(c, Change::Delete { key: k, .. } if *k == key),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{key} was not deleted: {e}"));
+    }
+    env.wait_jobs_drained().await.unwrap();
+    assert!(
+        recorder
+            .puts_under(&env.job_key(Queue::Ready, &second))
+            .is_empty(),
+        "the cancelled job was never released"
+    );
+    let state = env
+        .get_json(&state_key(&env, &resource))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state["state"]["worker_state"], "CREATE_FAILED", "{state}");
+    host.shutdown().await;
+}
