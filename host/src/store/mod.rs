@@ -69,9 +69,17 @@ pub enum Change {
 }
 
 /// A watch over one prefix that yields changes in revision order.
+///
+/// When the connection breaks (an etcd member dies, a network blip), the watch resumes by
+/// itself from the revision after the last change it delivered, on whichever endpoint the
+/// store has moved to, so callers see no gap and no repeat. Only what a resume cannot fix
+/// reaches the caller: a compacted revision (re-list) or a cancellation.
 pub struct Watch {
+    store: Store,
     prefix: String,
     stream: WatchStream,
+    /// The revision to resume from.
+    next_revision: i64,
 }
 
 /// Why a watch ended.
@@ -81,32 +89,22 @@ pub enum WatchError {
     Compacted { prefix: String, revision: i64 },
     #[error("watch {prefix} was cancelled by etcd: {reason}")]
     Cancelled { prefix: String, reason: String },
-    #[error("watch {prefix} ended")]
-    Ended { prefix: String },
-    #[error("watch {prefix}: {source}")]
-    Etcd {
-        prefix: String,
-        #[source]
-        source: etcd_client::Error,
-    },
 }
 
 impl Watch {
     /// The next batch of changes (one etcd watch response).
     pub async fn next(&mut self) -> Result<Vec<Change>, WatchError> {
         loop {
-            let message = self
-                .stream
-                .message()
-                .await
-                .map_err(|source| WatchError::Etcd {
-                    prefix: self.prefix.clone(),
-                    source,
-                })?;
-            let Some(resp) = message else {
-                return Err(WatchError::Ended {
-                    prefix: self.prefix.clone(),
-                });
+            let resp = match self.stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    self.resume("the stream ended").await;
+                    continue;
+                }
+                Err(e) => {
+                    self.resume(&e.to_string()).await;
+                    continue;
+                }
             };
             if resp.compact_revision() > 0 {
                 return Err(WatchError::Compacted {
@@ -121,9 +119,43 @@ impl Watch {
                 });
             }
             let changes: Vec<Change> = resp.events().iter().filter_map(change_of).collect();
+            if let Some(last) = changes.iter().map(Change::revision).max() {
+                self.next_revision = self.next_revision.max(last + 1);
+            }
             if !changes.is_empty() {
                 return Ok(changes);
             }
+        }
+    }
+}
+
+impl Watch {
+    /// Re-opens the watch from `next_revision`, retrying with backoff until etcd answers.
+    async fn resume(&mut self, why: &str) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tracing::warn!(prefix = %self.prefix, from = self.next_revision, %why, "watch broken; resuming");
+            match self.store.open_watch(&self.prefix, self.next_revision).await {
+                Ok(stream) => {
+                    self.stream = stream;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(prefix = %self.prefix, error = %e, retry_in = ?backoff, "watch: waiting for etcd");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+impl Change {
+    /// The revision the change happened at.
+    pub fn revision(&self) -> i64 {
+        match self {
+            Change::Put(kv) => kv.mod_revision,
+            Change::Delete { revision, .. } => *revision,
         }
     }
 }
@@ -275,19 +307,24 @@ impl Store {
 
     /// Watches `prefix` from `start_revision` (inclusive), with previous values on deletes.
     pub async fn watch(&self, prefix: &str, start_revision: i64) -> Result<Watch> {
+        let stream = self.open_watch(prefix, start_revision).await?;
+        Ok(Watch {
+            store: self.clone(),
+            prefix: prefix.to_string(),
+            stream,
+            next_revision: start_revision,
+        })
+    }
+
+    async fn open_watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream> {
         let options = WatchOptions::new()
             .with_prefix()
             .with_prev_key()
             .with_start_revision(start_revision);
-        let stream = self
-            .client()
+        self.client()
             .watch(prefix, Some(options))
             .await
-            .map_err(|source| self.fail("watch", prefix, source))?;
-        Ok(Watch {
-            prefix: prefix.to_string(),
-            stream,
-        })
+            .map_err(|source| self.fail("watch", prefix, source))
     }
 
     /// Creates `key` bound to `lease` if it does not exist. Returns the revision it was
