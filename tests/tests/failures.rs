@@ -355,3 +355,68 @@ async fn a_failed_job_with_on_failure_fail_cancels_the_rest_of_its_workflow() {
     assert_eq!(state["state"]["worker_state"], "CREATE_FAILED", "{state}");
     host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dependency_fails_a_dependant_of_another_resource_with_a_clear_error() {
+    let env = TestEnv::new().await.unwrap();
+    let (upstream, downstream) = (new_resource_id(), new_resource_id());
+    for resource in [&upstream, &downstream] {
+        env.put_config(RESOURCE_TYPE, resource, &input(resource, None), 1)
+            .await
+            .unwrap();
+    }
+    let (first, record) = job_record(
+        HANDLER,
+        "create",
+        RESOURCE_TYPE,
+        &upstream,
+        1,
+        true,
+        true,
+        &[],
+        "fail",
+        input(&upstream, Some(json!({"always": "permanent"}))),
+    );
+    env.put_job(&first, &record, true).await.unwrap();
+    let (second, record) = job_record(
+        HANDLER,
+        "create",
+        RESOURCE_TYPE,
+        &downstream,
+        1,
+        true,
+        true,
+        std::slice::from_ref(&first),
+        "fail",
+        input(&downstream, None),
+    );
+    env.put_job(&second, &record, false).await.unwrap();
+    let host = TestHost::start(&env).await;
+
+    wait_failed(&env, &upstream).await;
+    let state = wait_failed(&env, &downstream).await;
+    let error = state["error"].as_str().unwrap();
+    assert!(
+        error.contains(&second)
+            && error.contains(&first)
+            && error.contains("scripted permanent failure"),
+        "{error}"
+    );
+    // The failed job is kept for inspection.
+    let dead = env
+        .get_json(&env.keys().dead_job(&first))
+        .await
+        .unwrap()
+        .expect("dead-job record");
+    assert_eq!(dead["job"][1]["id"], first.as_str());
+    assert_eq!(dead["attempts"], 0);
+    assert!(
+        dead["error"]
+            .as_str()
+            .unwrap()
+            .contains("scripted permanent failure"),
+        "{dead}"
+    );
+    env.wait_jobs_drained().await.unwrap();
+    host.shutdown().await;
+}

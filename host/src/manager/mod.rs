@@ -24,7 +24,7 @@ use self::index::{JobIndex, ResourceKey};
 use self::mappings::{resolve_params, ConfigLookup, Lookup, ResolveError};
 use self::workflow::{decide, plan, template_id, Step, HANDLER_ORDER};
 use crate::keys::{Queue, Record};
-use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobRecord, StateRecord};
+use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobId, JobRecord, StateRecord};
 use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
 use crate::store::jobs::NewJob;
 use crate::store::{Change, Kv, Store};
@@ -564,19 +564,41 @@ impl JobManager {
         Ok(())
     }
 
+    /// Cancels every job that (transitively) depends on a failed job. A dependant of another
+    /// resource gets a failed `/state` naming the dependency, since no worker will report
+    /// for it; the failed job's own resource already has one.
     async fn cancel_dependants(&mut self, failed: &str, error: &str) -> anyhow::Result<()> {
+        let failed_resource = failed
+            .parse::<JobId>()
+            .ok()
+            .map(|j| (j.resource_type, j.resource_id));
         let mut queue = vec![failed.to_string()];
         while let Some(id) = queue.pop() {
             for dependant in self.index.dependants(&id) {
                 tracing::info!(job_id = %dependant, cause = %id, %error, "job cancelled: a dependency failed");
                 self.store.cancel(&dependant).await?;
                 if let Some(entry) = self.index.remove(&dependant) {
+                    if failed_resource.as_ref() != Some(&entry.resource) {
+                        let message = format!("job {dependant} cancelled: its dependency {failed} failed: {error}");
+                        self.fail_dependant(&dependant, &message).await?;
+                    }
                     self.dirty.insert(entry.resource.clone());
                 }
                 queue.push(dependant);
             }
         }
         Ok(())
+    }
+
+    async fn fail_dependant(&self, job_id: &str, message: &str) -> anyhow::Result<()> {
+        let Ok(id) = job_id.parse::<JobId>() else {
+            return Ok(());
+        };
+        let Some(schema) = self.schemas.get(&id.resource_type) else {
+            return Ok(());
+        };
+        let state_key = self.store.keys().record(Record::State, schema, &id.resource_id);
+        self.write_failed(&state_key, id.action, id.version, message).await
     }
 
     async fn release(&mut self, id: &str) -> anyhow::Result<()> {
