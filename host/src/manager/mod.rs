@@ -547,14 +547,18 @@ impl JobManager {
         );
         record.attempts += 1;
         let (store, id, revision) = (self.store.clone(), id.to_string(), kv.mod_revision);
-        tracing::warn!(job_id = %id, attempts = record.attempts, retry_in = ?delay, "claim vanished without a result; re-queueing");
+        // Usually the job completed and this delete is just seen before the finished key (two
+        // watches); the re-queue's compares tell, so only an actual re-queue is worth a warning.
+        tracing::debug!(job_id = %id, retry_in = ?delay, "claim gone; re-queueing unless the job is accounted for");
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             match store
                 .requeue_orphan(&id, &record.handler, record.to_json(), revision)
                 .await
             {
-                Ok(true) => tracing::info!(job_id = %id, "job re-queued"),
+                Ok(true) => {
+                    tracing::warn!(job_id = %id, attempts = record.attempts, "claim vanished without a result (its worker died); job re-queued")
+                }
                 Ok(false) => tracing::debug!(job_id = %id, "job was accounted for meanwhile"),
                 Err(e) => {
                     tracing::warn!(job_id = %id, error = %e, "re-queue failed; the next manager start retries it")
@@ -579,7 +583,9 @@ impl JobManager {
                 self.store.cancel(&dependant).await?;
                 if let Some(entry) = self.index.remove(&dependant) {
                     if failed_resource.as_ref() != Some(&entry.resource) {
-                        let message = format!("job {dependant} cancelled: its dependency {failed} failed: {error}");
+                        let message = format!(
+                            "job {dependant} cancelled: its dependency {failed} failed: {error}"
+                        );
                         self.fail_dependant(&dependant, &message).await?;
                     }
                     self.dirty.insert(entry.resource.clone());
@@ -597,8 +603,12 @@ impl JobManager {
         let Some(schema) = self.schemas.get(&id.resource_type) else {
             return Ok(());
         };
-        let state_key = self.store.keys().record(Record::State, schema, &id.resource_id);
-        self.write_failed(&state_key, id.action, id.version, message).await
+        let state_key = self
+            .store
+            .keys()
+            .record(Record::State, schema, &id.resource_id);
+        self.write_failed(&state_key, id.action, id.version, message)
+            .await
     }
 
     async fn release(&mut self, id: &str) -> anyhow::Result<()> {

@@ -135,7 +135,11 @@ impl Watch {
         let mut backoff = Duration::from_millis(100);
         loop {
             tracing::warn!(prefix = %self.prefix, from = self.next_revision, %why, "watch broken; resuming");
-            match self.store.open_watch(&self.prefix, self.next_revision).await {
+            match self
+                .store
+                .open_watch(&self.prefix, self.next_revision)
+                .await
+            {
                 Ok(stream) => {
                     self.stream = stream;
                     return;
