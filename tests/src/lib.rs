@@ -365,6 +365,41 @@ impl Recorder {
     }
 }
 
+/// The seed's ha_interface body (seed record 1) with another id.
+pub fn seed_ha_interface_body(id: &str) -> Value {
+    let mut body = esi_host::seed::records().expect("the seed parses")[0].value["body"].clone();
+    body["id"] = Value::String(id.to_string());
+    body
+}
+
+impl TestEnv {
+    /// Every PUT ever made under `/state/` in this namespace, counted per key, read with a
+    /// watch from revision 1: the exactly-once check of the chaos tests.
+    pub async fn state_put_counts(
+        &self,
+    ) -> anyhow::Result<std::collections::HashMap<String, usize>> {
+        let prefix = self.keys().record_family(Record::State);
+        let (_, now) = self.store.list(&prefix).await?;
+        let mut watch = self.store.watch(&prefix, 1).await?;
+        let mut counts = std::collections::HashMap::new();
+        let mut newest = 0;
+        while newest < now {
+            // No event for 2 s: nothing newer than the listing is coming.
+            let Ok(changes) = tokio::time::timeout(Duration::from_secs(2), watch.next()).await
+            else {
+                break;
+            };
+            for change in changes? {
+                if let Change::Put(kv) = change {
+                    newest = newest.max(kv.mod_revision);
+                    *counts.entry(kv.key).or_default() += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
 /// The repository root.
 pub fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

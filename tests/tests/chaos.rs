@@ -2,7 +2,6 @@
 //! The promise under test: every job runs to completion exactly once in effect, and a stale
 //! host's write is refused by the fencing compare.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,8 +9,7 @@ use std::time::{Duration, Instant};
 use esi_host::keys::{Queue, Record};
 use esi_host::seed;
 use esi_host::store::Change;
-use esi_tests::{plugin_dir, TestEnv};
-use serde_json::json;
+use esi_tests::{plugin_dir, seed_ha_interface_body, TestEnv};
 
 /// One `esi-host run` process with its log in a file.
 struct HostProcess {
@@ -87,35 +85,6 @@ fn uuid_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
 }
 
-/// Every PUT ever made under `/state/` in this namespace, counted per key, from revision 1.
-async fn state_puts(env: &TestEnv) -> HashMap<String, usize> {
-    let prefix = env.keys().record_family(Record::State);
-    let (_, now) = env.store.list(&prefix).await.unwrap();
-    let mut watch = env.store.watch(&prefix, 1).await.unwrap();
-    let mut counts = HashMap::new();
-    loop {
-        let Ok(changes) = tokio::time::timeout(Duration::from_secs(2), watch.next()).await else {
-            return counts; // no event newer than the listing
-        };
-        let mut newest = 0;
-        for change in changes.unwrap() {
-            if let Change::Put(kv) = change {
-                newest = newest.max(kv.mod_revision);
-                *counts.entry(kv.key).or_default() += 1;
-            }
-        }
-        if newest >= now {
-            return counts;
-        }
-    }
-}
-
-fn ha_interface_body(id: &str) -> serde_json::Value {
-    let mut body = seed::records().unwrap()[0].value["body"].clone();
-    body["id"] = json!(id);
-    body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_killed_in_turn_complete_every_job_exactly_once() {
     let env = TestEnv::new().await.unwrap();
@@ -137,7 +106,7 @@ async fn three_hosts_killed_in_turn_complete_every_job_exactly_once() {
         .map(|i| format!("c4a05000-0000-4000-8000-{i:012}"))
         .collect();
     for id in &ids {
-        env.put_config("ha_interface", id, &ha_interface_body(id), 1)
+        env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
             .await
             .unwrap();
     }
@@ -170,7 +139,7 @@ async fn three_hosts_killed_in_turn_complete_every_job_exactly_once() {
     }
     env.wait_jobs_drained().await.unwrap();
 
-    let puts = state_puts(&env).await;
+    let puts = env.state_put_counts().await.unwrap();
     for id in &ids {
         let state = env.wait_completed("ha_interface", id).await.unwrap();
         assert_eq!(state["state"]["worker_state"], "CREATE_COMPLETED");
@@ -210,7 +179,7 @@ async fn a_host_frozen_past_its_lease_cannot_publish_the_job_it_lost() {
     let frozen = HostProcess::spawn(&env, "frozen", &["--worker-only"]);
 
     let id = seed::HA_INTERFACE_ID;
-    env.put_config("ha_interface", id, &ha_interface_body(id), 1)
+    env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
         .await
         .unwrap();
     let working = env.job_key(Queue::Working, "");
@@ -246,7 +215,7 @@ async fn a_host_frozen_past_its_lease_cannot_publish_the_job_it_lost() {
     }
     let key = env.key(Record::State, "ha_interface", id);
     assert_eq!(
-        state_puts(&env).await.get(&key),
+        env.state_put_counts().await.unwrap().get(&key),
         Some(&1),
         "only one worker published"
     );

@@ -1,15 +1,11 @@
 //! A three-member etcd cluster on loopback: killing the etcd leader during a burst loses
 //! nothing and publishes nothing twice.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use esi_host::keys::Record;
 use esi_host::local_etcd::LocalEtcdCluster;
-use esi_host::seed;
-use esi_host::store::Change;
-use esi_tests::TestEnv;
-use serde_json::json;
+use esi_tests::{seed_ha_interface_body, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_etcd_leader_during_a_burst_loses_nothing() {
@@ -30,8 +26,7 @@ async fn killing_the_etcd_leader_during_a_burst_loses_nothing() {
         .map(|i| format!("e7cd0000-0000-4000-8000-{i:012}"))
         .collect();
     for (n, id) in ids.iter().enumerate() {
-        let mut body = seed::records().unwrap()[0].value["body"].clone();
-        body["id"] = json!(id);
+        let body = seed_ha_interface_body(id);
         // The writer (gohan) retries too: a put may fail while the cluster elects a leader.
         while env.put_config("ha_interface", id, &body, 1).await.is_err() {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -48,24 +43,7 @@ async fn killing_the_etcd_leader_during_a_burst_loses_nothing() {
     env.wait_jobs_drained().await.unwrap();
 
     // Exactly one /state PUT per resource, counted from revision 1.
-    let prefix = env.keys().record_family(Record::State);
-    let (_, now) = env.store.list(&prefix).await.unwrap();
-    let mut watch = env.store.watch(&prefix, 1).await.unwrap();
-    let mut puts: HashMap<String, usize> = HashMap::new();
-    let mut newest = 0;
-    while newest < now {
-        match tokio::time::timeout(Duration::from_secs(2), watch.next()).await {
-            Ok(changes) => {
-                for change in changes.unwrap() {
-                    if let Change::Put(kv) = change {
-                        newest = newest.max(kv.mod_revision);
-                        *puts.entry(kv.key).or_default() += 1;
-                    }
-                }
-            }
-            Err(_) => break,
-        }
-    }
+    let puts = env.state_put_counts().await.unwrap();
     for id in &ids {
         let key = env.key(Record::State, "ha_interface", id);
         assert_eq!(puts.get(&key), Some(&1), "{key}");

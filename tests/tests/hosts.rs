@@ -6,14 +6,7 @@ use std::time::Duration;
 use esi_host::keys::{Queue, Record};
 use esi_host::seed;
 use esi_host::store::Change;
-use esi_tests::TestEnv;
-use serde_json::{json, Value};
-
-fn ha_interface_body(id: &str) -> Value {
-    let mut body = seed::records().unwrap()[0].value["body"].clone();
-    body["id"] = json!(id);
-    body
-}
+use esi_tests::{seed_ha_interface_body, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_job_manager_plans_each_workflow_once_and_a_standby_takes_over() {
@@ -34,7 +27,7 @@ async fn one_job_manager_plans_each_workflow_once_and_a_standby_takes_over() {
         .map(|i| format!("00000000-0000-4000-8000-{i:012}"))
         .collect();
     for id in &ids {
-        env.put_config("ha_interface", id, &ha_interface_body(id), 1)
+        env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
             .await
             .unwrap();
     }
@@ -69,7 +62,7 @@ async fn one_job_manager_plans_each_workflow_once_and_a_standby_takes_over() {
         host_a
     };
     let late = "00000000-0000-4000-8000-999999999999";
-    env.put_config("ha_interface", late, &ha_interface_body(late), 1)
+    env.put_config("ha_interface", late, &seed_ha_interface_body(late), 1)
         .await
         .unwrap();
     env.wait_completed("ha_interface", late).await.unwrap();
@@ -101,7 +94,7 @@ async fn a_job_whose_worker_died_is_requeued_and_the_dead_worker_cannot_publish(
     let first = esi_host::Host::start(first).await.unwrap();
 
     let id = seed::HA_INTERFACE_ID;
-    env.put_config("ha_interface", id, &ha_interface_body(id), 1)
+    env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
         .await
         .unwrap();
     let working = env.job_key(Queue::Working, "");
@@ -183,7 +176,7 @@ async fn a_draining_host_hands_unfinished_jobs_back_at_once() {
     let draining = esi_host::Host::start(draining).await.unwrap();
 
     let id = seed::HA_INTERFACE_ID;
-    env.put_config("ha_interface", id, &ha_interface_body(id), 1)
+    env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
         .await
         .unwrap();
     let working = env.job_key(Queue::Working, "");

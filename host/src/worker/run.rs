@@ -270,8 +270,15 @@ impl Worker {
             attempts,
             ..record.clone()
         };
-        let text = next.to_json();
-        let requeued = self
+        if !self.requeue(claim, &next).await {
+            tracing::warn!("lost the claim before re-queueing");
+        }
+    }
+
+    /// Puts a claimed job back to ready with `record`, fenced by our reservation.
+    async fn requeue(&self, claim: &Claim<'_>, record: &JobRecord) -> bool {
+        let text = record.to_json();
+        let done = self
             .persist(|| {
                 self.store.requeue(
                     claim.job_id,
@@ -281,9 +288,7 @@ impl Worker {
                 )
             })
             .await;
-        if requeued != Some(true) {
-            tracing::warn!("lost the claim before re-queueing");
-        }
+        done == Some(true)
     }
 
     /// Runs `work` unless the drain's hard stop comes first (`None`).
@@ -296,18 +301,8 @@ impl Worker {
 
     /// Gives a job we are stopping back to the ready queue as it was (not an attempt).
     async fn hand_back(&self, claim: &Claim<'_>, record: &JobRecord) {
-        let text = record.to_json();
-        let done = self
-            .persist(|| {
-                self.store.requeue(
-                    claim.job_id,
-                    claim.reservation,
-                    &record.handler,
-                    text.clone(),
-                )
-            })
-            .await;
-        tracing::info!(handed_back = done == Some(true), "job stopped by the drain");
+        let handed_back = self.requeue(claim, record).await;
+        tracing::info!(handed_back, "job stopped by the drain");
     }
 
     /// A job that failed for good: `on_failure: ignore` lets the workflow go on as if it had
