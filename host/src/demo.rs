@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::host::{Host, HostConfig};
 use crate::keys::{Keys, Queue, Record};
 use crate::local_etcd::LocalEtcd;
+use crate::protocol::{Action, JobId};
 use crate::schema::SchemaRegistry;
 use crate::seed;
 use crate::store::{Change, Store};
@@ -73,13 +74,16 @@ async fn create_and_capture(
     let config_key = keys.record(Record::Config, ha, seed::HA_INTERFACE_ID);
     let job_state_key = keys.record(Record::JobState, ha, seed::HA_INTERFACE_ID);
     let state_key = keys.record(Record::State, ha, seed::HA_INTERFACE_ID);
-    let job_prefix = keys.job(
-        Queue::All,
-        &format!(
-            "create:monitoring_worker:ha_interface:{}:",
-            seed::HA_INTERFACE_ID
-        ),
-    );
+    // The seed's job id without its random suffix.
+    let job_id = JobId {
+        action: Action::Create,
+        handler: "monitoring_worker".into(),
+        resource_type: "ha_interface".into(),
+        resource_id: seed::HA_INTERFACE_ID.into(),
+        version: 1,
+        suffix: String::new(),
+    };
+    let job_prefix = keys.job(Queue::All, &job_id.to_string());
 
     for resource in seed::chain()? {
         let schema = schemas
