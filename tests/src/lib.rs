@@ -400,6 +400,41 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// A host that only runs the job manager: it loads no plugin and is told that some other
+    /// worker serves `monitoring_worker`, so the test controls which host runs each job.
+    pub async fn start_manager_only(&self) -> anyhow::Result<Host> {
+        let mut config = self.host_config();
+        config.plugin_dir = std::env::temp_dir().join(format!("esi-no-plugins-{}", uuid_like()));
+        std::fs::create_dir_all(&config.plugin_dir)?;
+        config.external_handlers = vec!["monitoring_worker".into()];
+        Host::start(config).await
+    }
+
+    /// A host configuration without the job manager role.
+    pub fn worker_only_config(&self) -> HostConfig {
+        let mut config = self.host_config();
+        config.run_manager = false;
+        config
+    }
+}
+
+impl Recorder {
+    /// Reads events until some job has been claimed (a `/jobs/working/` key put).
+    pub async fn until_claimed(
+        &mut self,
+        keys: &Keys,
+        timeout: Duration,
+    ) -> anyhow::Result<&[Change]> {
+        let working = keys.queue_prefix(Queue::Working);
+        self.until(
+            timeout,
+            |c| matches!(c, Change::Put(kv) if kv.key.starts_with(&working)),
+        )
+        .await
+    }
+}
+
 /// The repository root.
 pub fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

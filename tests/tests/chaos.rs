@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use esi_host::keys::{Queue, Record};
+use esi_host::keys::Record;
 use esi_host::seed;
-use esi_host::store::Change;
 use esi_tests::{plugin_dir, seed_ha_interface_body, TestEnv};
 
 /// One `esi-host run` process with its log in a file.
@@ -171,32 +170,24 @@ async fn a_host_frozen_past_its_lease_cannot_publish_the_job_it_lost() {
         .unwrap();
     let mut recorder = env.record_changes().await.unwrap();
     // The job manager runs in this test process, with no plugin of its own.
-    let mut manager = env.host_config();
-    manager.plugin_dir = std::env::temp_dir().join(format!("esi-no-plugins-{}", uuid_suffix()));
-    std::fs::create_dir_all(&manager.plugin_dir).unwrap();
-    manager.external_handlers = vec!["monitoring_worker".into()];
-    let manager = esi_host::Host::start(manager).await.unwrap();
+    let manager = env.start_manager_only().await.unwrap();
     let frozen = HostProcess::spawn(&env, "frozen", &["--worker-only"]);
 
     let id = seed::HA_INTERFACE_ID;
     env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
         .await
         .unwrap();
-    let working = env.job_key(Queue::Working, "");
     recorder
-        .until(
-            Duration::from_secs(30),
-            |c| matches!(c, Change::Put(kv) if kv.key.starts_with(&working)),
-        )
+        .until_claimed(env.keys(), Duration::from_secs(30))
         .await
         .unwrap();
 
     // Frozen past its 2 s lease: the claim vanishes, the job goes to another worker.
     frozen.signal("-STOP");
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let mut other = env.host_config();
-    other.run_manager = false;
-    let other = esi_host::Host::start(other).await.unwrap();
+    let other = esi_host::Host::start(env.worker_only_config())
+        .await
+        .unwrap();
     env.put_interface_states(None, Some("ACTIVE"))
         .await
         .unwrap();

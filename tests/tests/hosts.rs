@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
 use esi_host::seed;
-use esi_host::store::Change;
 use esi_tests::{seed_ha_interface_body, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,34 +83,26 @@ async fn a_job_whose_worker_died_is_requeued_and_the_dead_worker_cannot_publish(
     let mut recorder = env.record_changes().await.unwrap();
 
     // A manager with no plugins of its own, and a first worker.
-    let no_plugins = tempfile_dir();
-    let mut manager = env.host_config();
-    manager.plugin_dir = no_plugins.clone();
-    manager.external_handlers = vec!["monitoring_worker".into()];
-    let manager = esi_host::Host::start(manager).await.unwrap();
-    let mut first = env.host_config();
-    first.run_manager = false;
-    let first = esi_host::Host::start(first).await.unwrap();
+    let manager = env.start_manager_only().await.unwrap();
+    let first = esi_host::Host::start(env.worker_only_config())
+        .await
+        .unwrap();
 
     let id = seed::HA_INTERFACE_ID;
     env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
         .await
         .unwrap();
-    let working = env.job_key(Queue::Working, "");
     recorder
-        .until(
-            Duration::from_secs(20),
-            |c| matches!(c, Change::Put(kv) if kv.key.starts_with(&working)),
-        )
+        .until_claimed(env.keys(), Duration::from_secs(20))
         .await
         .unwrap();
 
     // The first worker dies holding the claim (its lease goes); a second one starts. The dead
     // worker's job task keeps running, like a frozen process that resumes.
     first.abandon().await;
-    let mut second = env.host_config();
-    second.run_manager = false;
-    let second = esi_host::Host::start(second).await.unwrap();
+    let second = esi_host::Host::start(env.worker_only_config())
+        .await
+        .unwrap();
     env.put_interface_states(None, Some("ACTIVE"))
         .await
         .unwrap();
@@ -149,12 +140,6 @@ async fn a_job_whose_worker_died_is_requeued_and_the_dead_worker_cannot_publish(
     manager.shutdown().await;
 }
 
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("esi-empty-plugins-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_host_hands_unfinished_jobs_back_at_once() {
     let env = TestEnv::new().await.unwrap();
@@ -165,12 +150,8 @@ async fn a_draining_host_hands_unfinished_jobs_back_at_once() {
         .await
         .unwrap();
     let mut recorder = env.record_changes().await.unwrap();
-    let mut manager = env.host_config();
-    manager.plugin_dir = tempfile_dir();
-    manager.external_handlers = vec!["monitoring_worker".into()];
-    let manager = esi_host::Host::start(manager).await.unwrap();
-    let mut draining = env.host_config();
-    draining.run_manager = false;
+    let manager = env.start_manager_only().await.unwrap();
+    let mut draining = env.worker_only_config();
     draining.lease_ttl = Duration::from_secs(30);
     draining.drain_timeout = Duration::from_millis(500);
     let draining = esi_host::Host::start(draining).await.unwrap();
@@ -179,12 +160,8 @@ async fn a_draining_host_hands_unfinished_jobs_back_at_once() {
     env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
         .await
         .unwrap();
-    let working = env.job_key(Queue::Working, "");
     recorder
-        .until(
-            Duration::from_secs(20),
-            |c| matches!(c, Change::Put(kv) if kv.key.starts_with(&working)),
-        )
+        .until_claimed(env.keys(), Duration::from_secs(20))
         .await
         .unwrap();
     let started = std::time::Instant::now();
@@ -203,9 +180,9 @@ async fn a_draining_host_hands_unfinished_jobs_back_at_once() {
         .0;
     assert_eq!(ready.len(), 1, "the unfinished job is ready again");
 
-    let mut next = env.host_config();
-    next.run_manager = false;
-    let next = esi_host::Host::start(next).await.unwrap();
+    let next = esi_host::Host::start(env.worker_only_config())
+        .await
+        .unwrap();
     env.put_interface_states(None, Some("ACTIVE"))
         .await
         .unwrap();
