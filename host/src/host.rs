@@ -6,7 +6,6 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
+use crate::lease::{self, HostLease};
 use crate::manager::{election, JobManager, ManagerConfig};
 use crate::plugins::{Limits, PluginEngine, PluginRegistry};
 use crate::schema::SchemaRegistry;
@@ -38,6 +38,10 @@ pub struct HostConfig {
     pub compile_cache: Option<PathBuf>,
     /// On shutdown, how long in-flight jobs may run before they are handed back to ready.
     pub drain_timeout: Duration,
+    /// First delay before the job manager re-queues a job whose worker died; doubles per
+    /// attempt, with jitter, up to `requeue_backoff_max`.
+    pub requeue_backoff: Duration,
+    pub requeue_backoff_max: Duration,
     pub worker: WorkerConfig,
     pub limits: Limits,
 }
@@ -56,6 +60,8 @@ impl HostConfig {
             run_manager: true,
             compile_cache: Some(crate::plugins::cache::default_dir()),
             drain_timeout: Duration::from_secs(25),
+            requeue_backoff: Duration::from_millis(500),
+            requeue_backoff_max: Duration::from_secs(30),
             worker: WorkerConfig::default(),
             limits: Limits::default(),
         }
@@ -80,7 +86,7 @@ pub struct Host {
     worker: Arc<Worker>,
     drain_timeout: Duration,
     store: Store,
-    lease: Arc<AtomicI64>,
+    lease: Arc<HostLease>,
     plugins: Arc<PluginRegistry>,
 }
 
@@ -102,22 +108,21 @@ impl Host {
         let store = Store::connect(&config.etcd_endpoints, Keys::new(&config.key_root))
             .await
             .context("connecting to etcd")?;
-        let ttl = i64::try_from(config.lease_ttl.as_secs())
-            .unwrap_or(60)
-            .max(1);
-        let lease = Arc::new(AtomicI64::new(
+        let ttl = config.lease_ttl.max(Duration::from_secs(1));
+        let ttl_seconds = i64::try_from(ttl.as_secs()).unwrap_or(60);
+        let lease = Arc::new(HostLease::new(
             store
-                .grant_lease(ttl)
+                .grant_lease(ttl_seconds)
                 .await
                 .context("taking the host's lease")?,
         ));
-        tracing::info!(host_id = %config.host_id, lease = lease.load(Ordering::Relaxed), handlers = ?plugins.handlers(), "esi-host started");
+        tracing::info!(host_id = %config.host_id, lease = lease.id(), handlers = ?plugins.handlers(), "esi-host started");
 
         let config_host_id = config.host_id.clone();
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let keeper_stop = CancellationToken::new();
-        let keeper = tokio::spawn(keep_lease(
+        let keeper = tokio::spawn(lease::keep(
             store.clone(),
             lease.clone(),
             ttl,
@@ -128,17 +133,22 @@ impl Host {
             handlers.extend(config.external_handlers.iter().cloned());
             let config = ManagerConfig {
                 handlers,
-                requeue_backoff: config.worker.retry_backoff,
-                requeue_backoff_max: config.worker.retry_backoff_max,
+                requeue_backoff: config.requeue_backoff,
+                requeue_backoff_max: config.requeue_backoff_max,
             };
             let (store, schemas, lease) = (store.clone(), schemas.clone(), lease.clone());
+            // Every manager write compares the election key with our id (a fencing token), so
+            // a manager that lost the role cannot write, even before its watch tells it so.
+            let manager_store =
+                store.fenced_by(store.keys().job_manager_election(), config_host_id.clone());
             tasks.spawn(election::run_elected(
                 store.clone(),
                 config_host_id.clone(),
-                move || lease.load(Ordering::Relaxed),
+                move || lease.id(),
                 shutdown.clone(),
                 move |term| {
-                    JobManager::new(store.clone(), schemas.clone(), config.clone()).run(term)
+                    JobManager::new(manager_store.clone(), schemas.clone(), config.clone())
+                        .run(term)
                 },
             ));
         }
@@ -176,7 +186,7 @@ impl Host {
         self.worker.drain(self.drain_timeout).await;
         self.lease_keeper.0.cancel();
         let _ = self.lease_keeper.1.await;
-        let lease = self.lease.load(Ordering::Relaxed);
+        let lease = self.lease.id();
         if let Err(e) = self.store.revoke_lease(lease).await {
             tracing::warn!(error = %e, "could not revoke the lease; it expires by itself");
         }
@@ -190,7 +200,7 @@ impl Host {
     pub async fn abandon(mut self) {
         self.shutdown.cancel();
         self.lease_keeper.0.cancel();
-        let lease = self.lease.load(Ordering::Relaxed);
+        let lease = self.lease.id();
         let _ = self.store.revoke_lease(lease).await;
         while self.tasks.join_next().await.is_some() {}
     }
@@ -212,41 +222,4 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
-}
-
-/// Keeps the host's lease alive at a third of its TTL. If the lease is lost (etcd said it
-/// expired), a new one is taken: claims made under the old one are gone, and the fencing
-/// compare stops their results from being published.
-async fn keep_lease(store: Store, lease: Arc<AtomicI64>, ttl: i64, shutdown: CancellationToken) {
-    let interval = Duration::from_secs_f64((ttl as f64 / 3.0).max(0.5));
-    loop {
-        let id = lease.load(Ordering::Relaxed);
-        let failure = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = store.keep_lease_alive(id, interval) => r.err(),
-        };
-        if let Some(e) = failure {
-            tracing::warn!(error = %e, lease = id, "lease keep-alive failed");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        if let Ok(new) = store.grant_lease(ttl).await {
-            if lease_is_gone(&store, id).await {
-                tracing::warn!(old = id, new, "lease was lost; continuing with a new one");
-                lease.store(new, Ordering::Relaxed);
-            } else {
-                let _ = store.revoke_lease(new).await;
-            }
-        }
-    }
-}
-
-async fn lease_is_gone(store: &Store, id: i64) -> bool {
-    store
-        .lease_ttl(id)
-        .await
-        .map(|ttl| ttl <= 0)
-        .unwrap_or(false)
 }

@@ -11,6 +11,7 @@
 pub mod demo;
 pub mod host;
 pub mod keys;
+pub mod lease;
 pub mod local_etcd;
 pub mod manager;
 pub mod plugins;

@@ -105,6 +105,22 @@ struct RunArgs {
     /// Run only the worker role (no job manager).
     #[arg(long)]
     worker_only: bool,
+    /// Attempts after which a retryable failure (or a job whose workers kept dying) fails.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_attempts: u32,
+    /// First delay before a failed job runs again, in milliseconds; doubles per attempt.
+    #[arg(long, default_value_t = 500)]
+    retry_backoff_ms: u64,
+    /// Longest delay between retries of a failed job, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    retry_backoff_max_ms: u64,
+    /// First delay before the job manager re-queues a job whose worker died, in milliseconds;
+    /// doubles per attempt, with jitter.
+    #[arg(long, default_value_t = 500)]
+    requeue_backoff_ms: u64,
+    /// Longest re-queue delay, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    requeue_backoff_max_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -208,6 +224,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.compile_cache = Some(dir);
     }
     config.worker.concurrency = usize::try_from(args.concurrency).unwrap_or(64);
+    config.worker.max_attempts = args.max_attempts;
+    config.worker.retry_backoff = Duration::from_millis(args.retry_backoff_ms);
+    config.worker.retry_backoff_max = Duration::from_millis(args.retry_backoff_max_ms);
+    config.requeue_backoff = Duration::from_millis(args.requeue_backoff_ms);
+    config.requeue_backoff_max = Duration::from_millis(args.requeue_backoff_max_ms);
     if let Some(id) = args.host_id {
         config.host_id = id;
     }

@@ -193,10 +193,16 @@ async fn a_host_frozen_past_its_lease_cannot_publish_the_job_it_lost() {
         .unwrap();
     env.wait_completed("ha_interface", id).await.unwrap();
 
-    // Resumed, the frozen host finishes the job too and tries to publish: refused.
+    // Resumed, the frozen host either finishes the job and tries to publish it, or first
+    // notices its lease is gone, stops the job and tries to hand it back. Both are writes
+    // fenced by its reservation, and etcd refuses both.
     frozen.signal("-CONT");
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !frozen.log().contains("lost the claim before completing") {
+    let refused = |log: &str| {
+        log.contains("lost the claim before completing")
+            || log.contains("lost the claim before re-queueing (the fence refused it)")
+    };
+    while !refused(&frozen.log()) {
         assert!(
             Instant::now() < deadline,
             "the frozen host never tried to publish:\n{}",

@@ -40,6 +40,8 @@ impl TestHost {
         config.plugin_dir = plugin_dir_with_test_guests();
         config.worker.retry_backoff = Duration::from_millis(50);
         config.worker.retry_backoff_max = Duration::from_millis(200);
+        config.requeue_backoff = Duration::from_millis(50);
+        config.requeue_backoff_max = Duration::from_millis(200);
         adjust(&mut config);
         let plugin_dir = config.plugin_dir.clone();
         let host = Host::start(config).await.unwrap();
@@ -240,6 +242,49 @@ async fn a_guest_that_never_returns_is_stopped_at_its_deadline_and_retried() {
         .unwrap();
     let attempts: Vec<u64> = (0..MAX_ATTEMPTS).collect();
     assert_eq!(recorded_attempts(&env, &recorder, &id), attempts);
+    env.wait_jobs_drained().await.unwrap();
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_call_running_when_the_lease_is_lost_is_stopped_and_its_job_runs_again() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    // A deadline far beyond the test's timeout: only losing the lease can stop the call.
+    let host = TestHost::start_with(&env, |config| {
+        config.limits.call_deadline = Duration::from_secs(600);
+    })
+    .await;
+    let resource = new_resource_id();
+    let (id, record) = single_job(&resource, Some(json!({"spin_until_attempt": 1})));
+    env.put_job(&id, &record, true).await.unwrap();
+    let working = env.job_key(Queue::Working, &id);
+    let changes = recorder.until_claimed(env.keys(), TIMEOUT).await.unwrap();
+    let claim = changes
+        .iter()
+        .find_map(|c| match c {
+            Change::Put(kv) if kv.key == working => Some(kv.clone()),
+            _ => None,
+        })
+        .expect("the claim is recorded");
+
+    // etcd expires the lease under the running call, as after a partition longer than its TTL.
+    env.store.revoke_lease(claim.lease).await.unwrap();
+
+    let state = env.wait_completed(RESOURCE_TYPE, &resource).await.unwrap();
+    assert_eq!(scripted_output(&state), json!({"attempts": 1}));
+    recorder
+        .until_put(&state_key(&env, &resource), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(recorded_attempts(&env, &recorder, &id), [0, 1]);
+    assert_eq!(
+        env.state_put_counts()
+            .await
+            .unwrap()
+            .get(&state_key(&env, &resource)),
+        Some(&1)
+    );
     env.wait_jobs_drained().await.unwrap();
     host.shutdown().await;
 }

@@ -205,3 +205,58 @@ async fn a_draining_host_hands_unfinished_jobs_back_at_once() {
     next.shutdown().await;
     manager.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_manager_store_writes_nothing_once_the_election_key_is_not_its_own() {
+    let env = TestEnv::new().await.unwrap();
+    let election = env.keys().job_manager_election();
+    let manager = env.store.fenced_by(election.clone(), "host-a");
+    let job = esi_host::store::jobs::NewJob {
+        id: "fence-test-1".into(),
+        handler: "monitoring_worker".into(),
+        record: "[]".into(),
+        ready: true,
+    };
+    let state = env.key(Record::State, "ha_interface", "fenced");
+
+    env.store.put(&election, "host-a").await.unwrap();
+    manager.put(&state, "while leader").await.unwrap();
+    assert!(manager
+        .write_workflow(std::slice::from_ref(&job))
+        .await
+        .unwrap());
+
+    // Another host won the role: every kind of write is refused, and nothing changes.
+    env.store.put(&election, "host-b").await.unwrap();
+    let refused = manager.put(&state, "after losing").await.unwrap_err();
+    assert!(refused.is_fenced(), "{refused}");
+    assert!(refused.to_string().contains(&election), "{refused}");
+    let next = esi_host::store::jobs::NewJob {
+        id: "fence-test-2".into(),
+        ..job
+    };
+    let refused = manager
+        .write_workflow(std::slice::from_ref(&next))
+        .await
+        .unwrap_err();
+    assert!(refused.is_fenced(), "{refused}");
+    assert!(manager.delete(&state).await.unwrap_err().is_fenced());
+    assert_eq!(
+        env.store.get(&state).await.unwrap().unwrap().value,
+        b"while leader"
+    );
+    assert!(env
+        .store
+        .get(&env.job_key(Queue::All, "fence-test-2"))
+        .await
+        .unwrap()
+        .is_none());
+
+    // The role gone altogether: still refused.
+    env.store.delete(&election).await.unwrap();
+    assert!(manager
+        .put(&state, "no leader")
+        .await
+        .unwrap_err()
+        .is_fenced());
+}

@@ -27,7 +27,7 @@ use crate::keys::{Queue, Record};
 use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobId, JobRecord, StateRecord};
 use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
 use crate::store::jobs::NewJob;
-use crate::store::{Change, Kv, Store};
+use crate::store::{Change, Kv, Store, StoreError};
 
 /// Job manager settings.
 #[derive(Debug, Clone)]
@@ -73,6 +73,10 @@ impl JobManager {
         while !shutdown.is_cancelled() {
             match self.sync_and_follow(&shutdown).await {
                 Ok(()) => return,
+                Err(e) if is_fenced(&e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "job manager: another host holds the role; stopping");
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "job manager: waiting for etcd");
                     tokio::select! {
@@ -638,6 +642,14 @@ impl JobManager {
             None => self.on_config_deleted(&key).await,
         }
     }
+}
+
+/// `true` when a write was refused because the election key is no longer ours.
+fn is_fenced(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        e.downcast_ref::<StoreError>()
+            .is_some_and(StoreError::is_fenced)
+    })
 }
 
 /// The error of a job finished with `on_failure: fail`, if it failed.

@@ -9,12 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimitsBuilder,
+    UpdateDeadline,
 };
 
 use super::bindings::esi::worker::types::{Job, JobError, Outcome, PluginInfo, RunContext};
@@ -73,6 +75,8 @@ pub enum CallError {
     Trap { plugin: String, message: String },
     #[error("plugin {plugin} could not be instantiated: {message}")]
     Instantiate { plugin: String, message: String },
+    #[error("plugin {plugin} was stopped: the host lost the lease its job was claimed under")]
+    Interrupted { plugin: String },
 }
 
 /// Owns the engine, the linker and the epoch ticker.
@@ -161,14 +165,15 @@ impl PluginEngine {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let never = CancellationToken::new();
         let (mut store, instance) = self
-            .instantiate(&pre, &name, None)
+            .instantiate(&pre, &name, None, never.clone())
             .await
             .map_err(anyhow::Error::new)?;
         let info = instance
             .call_describe(&mut store)
             .await
-            .map_err(|e| self.classify(&name, e))
+            .map_err(|e| self.classify(&name, e, &never))
             .with_context(|| format!("{}: describe() failed", path.display()))?;
         validate_info(&info)
             .with_context(|| format!("{}: describe() answered badly", path.display()))?;
@@ -180,20 +185,24 @@ impl PluginEngine {
         })
     }
 
-    /// Runs one job in a fresh instance.
+    /// Runs one job in a fresh instance. Cancelling `interrupt` stops the call at the next
+    /// epoch tick, as the deadline does.
     pub async fn handle(
         &self,
         plugin: &LoadedPlugin,
         access: RecordAccess,
         job: &Job,
         context: &RunContext,
+        interrupt: &CancellationToken,
     ) -> Result<Result<Outcome, JobError>, CallError> {
         let name = plugin.info.name.clone();
-        let (mut store, instance) = self.instantiate(&plugin.pre, &name, Some(access)).await?;
+        let (mut store, instance) = self
+            .instantiate(&plugin.pre, &name, Some(access), interrupt.clone())
+            .await?;
         instance
             .call_handle(&mut store, job, context)
             .await
-            .map_err(|e| self.classify(&name, e))
+            .map_err(|e| self.classify(&name, e, interrupt))
     }
 
     async fn instantiate(
@@ -201,6 +210,7 @@ impl PluginEngine {
         pre: &HandlerPre<HostState>,
         plugin: &str,
         access: Option<RecordAccess>,
+        interrupt: CancellationToken,
     ) -> Result<(Store<HostState>, Handler), CallError> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.max_memory_bytes)
@@ -208,9 +218,17 @@ impl PluginEngine {
             .build();
         let mut store = Store::new(&self.engine, HostState::new(plugin, access, limits));
         store.limiter(|s| &mut s.limits);
-        let ticks = self.limits.call_deadline.as_millis() / EPOCH_TICK.as_millis();
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX).max(1));
-        store.epoch_deadline_trap();
+        // Every tick: stop the call if its deadline passed or it was interrupted, otherwise
+        // yield to the async runtime so a long call never holds a runtime thread.
+        let deadline = Instant::now() + self.limits.call_deadline;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if interrupt.is_cancelled() || Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
         let instance =
             pre.instantiate_async(&mut store)
                 .await
@@ -221,8 +239,18 @@ impl PluginEngine {
         Ok((store, instance))
     }
 
-    fn classify(&self, plugin: &str, error: wasmtime::Error) -> CallError {
+    fn classify(
+        &self,
+        plugin: &str,
+        error: wasmtime::Error,
+        interrupt: &CancellationToken,
+    ) -> CallError {
         if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
+            if interrupt.is_cancelled() {
+                return CallError::Interrupted {
+                    plugin: plugin.to_string(),
+                };
+            }
             return CallError::Deadline {
                 plugin: plugin.to_string(),
                 deadline: self.limits.call_deadline,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, TxnResponse, WatchOptions, WatchStream,
+    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchStream,
 };
 
 use crate::keys::Keys;
@@ -24,7 +24,25 @@ pub struct StoreError {
     pub op: &'static str,
     pub key: String,
     #[source]
-    pub source: etcd_client::Error,
+    pub source: Failure,
+}
+
+/// What went wrong in a [`StoreError`].
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    /// A fenced store's fence key no longer holds its value: another process holds the role
+    /// the fence stands for, and nothing was written.
+    #[error("{key} no longer holds {expected:?}; nothing was written")]
+    Fenced { key: String, expected: String },
+}
+
+impl StoreError {
+    /// `true` when the write was refused by the store's fence.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self.source, Failure::Fenced { .. })
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -182,11 +200,16 @@ fn change_of(event: &etcd_client::Event) -> Option<Change> {
 /// request while any one endpoint is down, so the store fails over itself. An error moves the
 /// store to the next endpoint; callers retry (every role does), and the retry goes to a member
 /// that may be alive.
+///
+/// A store made by [`Store::fenced_by`] writes only while a fence key holds a given value: every
+/// write becomes a transaction that compares it first. The job manager writes through one, with
+/// the election key as the fence, so a deposed manager cannot write even before it notices.
 #[derive(Clone)]
 pub struct Store {
     clients: Arc<[(String, Client)]>,
     current: Arc<AtomicUsize>,
     keys: Keys,
+    fence: Option<Arc<(String, String)>>,
 }
 
 impl Store {
@@ -201,25 +224,30 @@ impl Store {
         for endpoint in endpoints {
             let client = Client::connect([endpoint.as_str()], Some(options.clone()))
                 .await
-                .map_err(|source| StoreError {
-                    op: "connect",
-                    key: endpoint.clone(),
-                    source,
-                })?;
+                .map_err(|source| err("connect", endpoint, source))?;
             clients.push((endpoint.clone(), client));
         }
         if clients.is_empty() {
-            return Err(StoreError {
-                op: "connect",
-                key: String::new(),
-                source: etcd_client::Error::InvalidArgs("no etcd endpoint given".into()),
-            });
+            return Err(err(
+                "connect",
+                "",
+                etcd_client::Error::InvalidArgs("no etcd endpoint given".into()),
+            ));
         }
         Ok(Store {
             clients: clients.into(),
             current: Arc::new(AtomicUsize::new(0)),
             keys,
+            fence: None,
         })
+    }
+
+    /// The same store, writing only while `key` holds `value` (see [`Store`]).
+    pub fn fenced_by(&self, key: impl Into<String>, value: impl Into<String>) -> Store {
+        Store {
+            fence: Some(Arc::new((key.into(), value.into()))),
+            ..self.clone()
+        }
     }
 
     pub fn keys(&self) -> &Keys {
@@ -263,6 +291,10 @@ impl Store {
     }
 
     pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<()> {
+        if self.fence.is_some() {
+            let put = TxnOp::put(key, value, None);
+            return self.txn(key, Txn::new().and_then([put])).await.map(drop);
+        }
         self.client()
             .put(key, value, None)
             .await
@@ -285,6 +317,10 @@ impl Store {
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {
+        if self.fence.is_some() {
+            let delete = TxnOp::delete(key, None);
+            return self.txn(key, Txn::new().and_then([delete])).await.map(drop);
+        }
         self.client()
             .delete(key, None)
             .await
@@ -294,6 +330,13 @@ impl Store {
 
     /// Deletes every key under `prefix`.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        if self.fence.is_some() {
+            let delete = TxnOp::delete(prefix, Some(DeleteOptions::new().with_prefix()));
+            return self
+                .txn(prefix, Txn::new().and_then([delete]))
+                .await
+                .map(drop);
+        }
         self.client()
             .delete(prefix, Some(DeleteOptions::new().with_prefix()))
             .await
@@ -301,12 +344,44 @@ impl Store {
         Ok(())
     }
 
-    /// Runs a transaction; `what` names it in errors.
+    /// Runs a transaction; `what` names it in errors. A fenced store nests it in one that
+    /// first compares the fence, and answers with the nested transaction's response.
     pub async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse> {
-        self.client()
-            .txn(txn)
+        let Some(fence) = &self.fence else {
+            return self
+                .client()
+                .txn(txn)
+                .await
+                .map_err(|source| self.fail("txn", what, source));
+        };
+        let (key, value) = (&fence.0, &fence.1);
+        let fenced = Txn::new()
+            .when([Compare::value(
+                key.as_str(),
+                CompareOp::Equal,
+                value.as_str(),
+            )])
+            .and_then([TxnOp::txn(txn)]);
+        let response = self
+            .client()
+            .txn(fenced)
             .await
-            .map_err(|source| self.fail("txn", what, source))
+            .map_err(|source| self.fail("txn", what, source))?;
+        let refused = || StoreError {
+            op: "txn",
+            key: what.to_string(),
+            source: Failure::Fenced {
+                key: key.clone(),
+                expected: value.clone(),
+            },
+        };
+        if !response.succeeded() {
+            return Err(refused());
+        }
+        match response.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Txn(inner)) => Ok(inner),
+            _ => Err(refused()),
+        }
     }
 
     /// Watches `prefix` from `start_revision` (inclusive), with previous values on deletes.
@@ -417,32 +492,13 @@ impl Store {
         Ok(resp.ttl())
     }
 
-    /// Keeps `lease` alive until the returned future fails: sends a keep-alive every
-    /// `interval` and returns an error when etcd stops answering or says the lease is gone.
-    pub async fn keep_lease_alive(&self, lease: i64, interval: Duration) -> Result<()> {
-        let name = lease.to_string();
-        let (mut keeper, mut stream) = self
-            .client()
-            .lease_keep_alive(lease)
-            .await
-            .map_err(|source| self.fail("lease keep-alive", &name, source))?;
-        loop {
-            keeper
-                .keep_alive()
-                .await
-                .map_err(|source| self.fail("lease keep-alive", &name, source))?;
-            match stream.message().await {
-                Ok(Some(resp)) if resp.ttl() > 0 => {}
-                Ok(_) => {
-                    return Err(err(
-                        "lease keep-alive",
-                        &name,
-                        etcd_client::Error::LeaseKeepAliveError("lease expired or revoked".into()),
-                    ))
-                }
-                Err(source) => return Err(self.fail("lease keep-alive", &name, source)),
-            }
-            tokio::time::sleep(interval).await;
+    /// Renews `lease` once. `Ok(false)` when etcd says the lease is gone (expired or revoked).
+    pub async fn renew_lease(&self, lease: i64) -> Result<bool> {
+        // Opening the keep-alive stream sends the first renewal and checks its answer.
+        match self.client().lease_keep_alive(lease).await {
+            Ok(_) => Ok(true),
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found" => Ok(false),
+            Err(source) => Err(self.fail("lease keep-alive", &lease.to_string(), source)),
         }
     }
 }
@@ -451,6 +507,6 @@ fn err(op: &'static str, key: &str, source: etcd_client::Error) -> StoreError {
     StoreError {
         op,
         key: key.to_string(),
-        source,
+        source: source.into(),
     }
 }

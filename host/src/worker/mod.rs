@@ -8,7 +8,6 @@
 
 mod run;
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::keys::Queue;
+use crate::lease::HostLease;
 use crate::plugins::{PluginEngine, PluginRegistry};
 use crate::schema::SchemaRegistry;
 use crate::store::{Change, Store};
@@ -53,7 +53,7 @@ pub struct Worker {
     pub(crate) plugins: Arc<PluginRegistry>,
     pub(crate) config: WorkerConfig,
     /// The host's current lease; replaced if the host had to take a new one.
-    pub(crate) lease: Arc<AtomicI64>,
+    pub(crate) lease: Arc<HostLease>,
     slots: Arc<Semaphore>,
     /// Every job task, so that a drain can wait for them.
     in_flight: TaskTracker,
@@ -70,7 +70,7 @@ impl Worker {
         engine: Arc<PluginEngine>,
         plugins: Arc<PluginRegistry>,
         config: WorkerConfig,
-        lease: Arc<AtomicI64>,
+        lease: Arc<HostLease>,
     ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
         Arc::new(Worker {
@@ -85,10 +85,6 @@ impl Worker {
             stop_claiming: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         })
-    }
-
-    pub(crate) fn lease(&self) -> i64 {
-        self.lease.load(Ordering::Relaxed)
     }
 
     /// Watches the ready queue until `shutdown`, re-listing after any watch failure so that no

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use super::Worker;
 use crate::keys::{Queue, Record};
 use crate::plugins::bindings::esi::worker::types as wit;
+use crate::plugins::engine::CallError;
 use crate::plugins::host_api::{key_of, writable, RecordAccess};
 use crate::protocol::{Job, JobId, JobRecord, OnFailure, StateRecord};
 use crate::retry::backoff;
@@ -34,13 +35,15 @@ impl Worker {
             return Ok(()); // draining: leave it for another host
         }
         let reservation = reservation.to_string();
-        if !self.store.claim(job_id, &reservation, self.lease()).await? {
+        let term = self.lease.term();
+        if !self.store.claim(job_id, &reservation, term.id).await? {
             tracing::debug!("claimed by another worker");
             return Ok(());
         }
         let claim = Claim {
             job_id,
             reservation: &reservation,
+            lease_lost: term.lost().clone(),
         };
         let all_key = self.store.keys().job(Queue::All, job_id);
         let Some(found) = self.persist(|| self.store.get(&all_key)).await else {
@@ -98,18 +101,23 @@ impl Worker {
                 elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 config: "{}".into(),
             };
-            let call = self
-                .engine
-                .handle(&plugin, access.clone(), &wit_job, &context);
-            let Some(answer) = self.unless_stopped(call).await else {
-                return self.hand_back(claim, &record).await;
+            let call = self.engine.handle(
+                &plugin,
+                access.clone(),
+                &wit_job,
+                &context,
+                &claim.lease_lost,
+            );
+            let answer = match self.unless_stopped(claim, call).await {
+                Ok(answer) => answer,
+                Err(stop) => return self.hand_back(claim, &record, stop).await,
             };
             let verdict = match answer {
                 Ok(Ok(wit::Outcome::Wait(millis))) => {
                     tracing::debug!(millis, "plugin asked to run again later");
                     let pause = tokio::time::sleep(Duration::from_millis(u64::from(millis.max(1))));
-                    if self.unless_stopped(pause).await.is_none() {
-                        return self.hand_back(claim, &record).await;
+                    if let Err(stop) = self.unless_stopped(claim, pause).await {
+                        return self.hand_back(claim, &record, stop).await;
                     }
                     reruns += 1;
                     continue;
@@ -117,6 +125,9 @@ impl Worker {
                 Ok(Ok(wit::Outcome::Completed(c))) => self.verdict_of_completion(c, &access),
                 Ok(Err(wit::JobError::Retryable(m))) => Verdict::Retry(m),
                 Ok(Err(wit::JobError::Permanent(m))) => Verdict::Fail(m),
+                Err(CallError::Interrupted { .. }) => {
+                    return self.hand_back(claim, &record, Stopped::LeaseLost).await
+                }
                 Err(call) => Verdict::Retry(call.to_string()),
             };
             let rerun = match verdict {
@@ -265,7 +276,7 @@ impl Worker {
         );
         tracing::warn!(error = %message, attempts, retry_in = ?delay, "job failed, will retry");
         // Stopped during the backoff: re-queue at once rather than keep the claim.
-        let _ = self.unless_stopped(tokio::time::sleep(delay)).await;
+        let _ = self.unless_stopped(claim, tokio::time::sleep(delay)).await;
         let next = JobRecord {
             attempts,
             ..record.clone()
@@ -291,18 +302,34 @@ impl Worker {
         done == Some(true)
     }
 
-    /// Runs `work` unless the drain's hard stop comes first (`None`).
-    async fn unless_stopped<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+    /// Runs `work` unless the drain's hard stop or the loss of the claim's lease comes first.
+    /// Dropping a plugin call stops it at its next epoch tick.
+    async fn unless_stopped<T>(
+        &self,
+        claim: &Claim<'_>,
+        work: impl Future<Output = T>,
+    ) -> Result<T, Stopped> {
         tokio::select! {
-            out = work => Some(out),
-            _ = self.hard_stop.cancelled() => None,
+            out = work => Ok(out),
+            _ = self.hard_stop.cancelled() => Err(Stopped::Drain),
+            _ = claim.lease_lost.cancelled() => Err(Stopped::LeaseLost),
         }
     }
 
-    /// Gives a job we are stopping back to the ready queue as it was (not an attempt).
-    async fn hand_back(&self, claim: &Claim<'_>, record: &JobRecord) {
+    /// Gives a job we are stopping back to the ready queue as it was (not an attempt). After a
+    /// lease loss the claim is usually gone already and the fence refuses the hand-back; the
+    /// job manager re-queues the job instead.
+    async fn hand_back(&self, claim: &Claim<'_>, record: &JobRecord, why: Stopped) {
         let handed_back = self.requeue(claim, record).await;
-        tracing::info!(handed_back, "job stopped by the drain");
+        match why {
+            Stopped::Drain => tracing::info!(handed_back, "job stopped by the drain"),
+            Stopped::LeaseLost if handed_back => {
+                tracing::warn!("lease lost: plugin call stopped, job handed back")
+            }
+            Stopped::LeaseLost => tracing::warn!(
+                "lease lost: plugin call stopped; lost the claim before re-queueing (the fence refused it)"
+            ),
+        }
     }
 
     /// A job that failed for good: `on_failure: ignore` lets the workflow go on as if it had
@@ -444,6 +471,17 @@ fn dead_job_write(key: String, record: &JobRecord, message: &str) -> GuardedWrit
 struct Claim<'a> {
     job_id: &'a str,
     reservation: &'a str,
+    /// Cancelled when the lease the claim is bound to is lost.
+    lease_lost: tokio_util::sync::CancellationToken,
+}
+
+/// Why a job stopped before it finished.
+#[derive(Debug, Clone, Copy)]
+enum Stopped {
+    /// The drain ran out of time.
+    Drain,
+    /// The lease the claim is bound to was lost.
+    LeaseLost,
 }
 
 fn to_wit_job(job: &Job, job_state: &Map<String, Value>) -> wit::Job {

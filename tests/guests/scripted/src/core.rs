@@ -56,6 +56,10 @@ pub enum Script {
     Trap,
     /// `{"spin": true}`: never return, so only the host's call deadline ends the run.
     Spin,
+    /// `{"spin_until_attempt": N}`: never return while `attempts < N`, then complete; only
+    /// something that stops the call (its deadline, or the host losing its lease) moves the
+    /// job on.
+    SpinUntilAttempt(u32),
 }
 
 /// The two kinds of [`JobError`].
@@ -93,7 +97,7 @@ impl Script {
             JobError::Permanent(format!(
                 "resource_input.{SCRIPT_FIELD} {script}: {why}; expected one of \
                  {{\"fail_retryable_until_attempt\": N}}, {{\"always\": \"retryable\"|\"permanent\"}}, \
-                 {{\"trap\": true}}, {{\"spin\": true}}"
+                 {{\"trap\": true}}, {{\"spin\": true}}, {{\"spin_until_attempt\": N}}"
             ))
         };
         let Some(object) = script.as_object() else {
@@ -117,6 +121,11 @@ impl Script {
             }
             ("trap", Value::Bool(true)) => Ok(Script::Trap),
             ("spin", Value::Bool(true)) => Ok(Script::Spin),
+            ("spin_until_attempt", Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Script::SpinUntilAttempt)
+                .ok_or_else(|| bad("the attempt is not a small non-negative integer")),
             _ => Err(bad("unknown script")),
         }
     }
@@ -152,6 +161,8 @@ pub fn handle(
         Script::Always(kind) => Err(kind.error(format!("scripted {} failure", kind.name()))),
         Script::Trap => panic!("scripted trap at attempt {attempt}"),
         Script::Spin => spin(),
+        Script::SpinUntilAttempt(until) if attempt < until => spin(),
+        Script::SpinUntilAttempt(_) => Ok(completed(attempt)),
     }
 }
 
