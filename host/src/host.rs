@@ -76,6 +76,23 @@ pub fn default_host_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// The value of `/esi-worker/hosts/<host_id>`. Its lease (etcd's, not in the value) is the
+/// one the host's claims are bound to.
+fn host_record(host_id: &str, handlers: &[String]) -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    serde_json::json!({
+        "host_id": host_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "started_at_unix": started,
+        "handlers": handlers,
+    })
+    .to_string()
+}
+
 /// A running host.
 pub struct Host {
     /// Stops the roles: the manager resigns and the worker stops claiming.
@@ -116,6 +133,14 @@ impl Host {
                 .await
                 .context("taking the host's lease")?,
         ));
+        lease
+            .publish(
+                &store,
+                &store.keys().host(&config.host_id),
+                host_record(&config.host_id, &plugins.handlers()),
+            )
+            .await
+            .context("registering the host")?;
         tracing::info!(host_id = %config.host_id, lease = lease.id(), handlers = ?plugins.handlers(), "esi-host started");
 
         let config_host_id = config.host_id.clone();

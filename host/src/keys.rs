@@ -142,6 +142,25 @@ impl Keys {
         format!("{}/esi-worker/dead_jobs/{}", self.root, job_id)
     }
 
+    /// `/esi-worker/hosts/<host_id>`: a running host (bound to its lease), so that tools can
+    /// tell which host owns a claim: a claim's lease is the lease of this key.
+    pub fn host(&self, host_id: &str) -> String {
+        format!("{}/{}", self.hosts_prefix(), host_id)
+    }
+
+    pub fn hosts_prefix(&self) -> String {
+        format!("{}/esi-worker/hosts", self.root)
+    }
+
+    /// `/esi-worker/plugins/<host_id>/<plugin>`: a plugin as one host loaded it.
+    pub fn plugin_status(&self, host_id: &str, plugin: &str) -> String {
+        format!("{}/{}/{}", self.plugin_status_prefix(), host_id, plugin)
+    }
+
+    pub fn plugin_status_prefix(&self) -> String {
+        format!("{}/esi-worker/plugins", self.root)
+    }
+
     /// `/job_manager_id`: the job manager election key (PROTOCOL 4.7).
     pub fn job_manager_election(&self) -> String {
         format!("{}/job_manager_id", self.root)

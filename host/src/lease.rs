@@ -13,12 +13,13 @@
 //! A lost lease is replaced by a new one (and the old one revoked, in case it was merely
 //! unconfirmed), so the host goes on claiming.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{self, Store};
 
 /// One lease id and the token cancelled when it is lost.
 #[derive(Debug, Clone)]
@@ -34,10 +35,13 @@ impl LeaseTerm {
     }
 }
 
-/// The host's current lease, shared by every role.
+/// The host's current lease, shared by every role, and the records bound to it.
 #[derive(Debug)]
 pub struct HostLease {
     current: Mutex<LeaseTerm>,
+    /// Records that live as long as the host (its host record, plugin status): re-put under
+    /// a new lease when the old one was lost.
+    bound: Mutex<BTreeMap<String, String>>,
 }
 
 impl HostLease {
@@ -47,6 +51,32 @@ impl HostLease {
                 id,
                 lost: CancellationToken::new(),
             }),
+            bound: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Puts `key` bound to the lease, and keeps it there across lease changes.
+    pub async fn publish(&self, store: &Store, key: &str, value: String) -> store::Result<()> {
+        lock(&self.bound).insert(key.to_string(), value.clone());
+        store.put_with_lease(key, value, self.id()).await
+    }
+
+    /// Deletes a record put by [`HostLease::publish`].
+    pub async fn withdraw(&self, store: &Store, key: &str) -> store::Result<()> {
+        lock(&self.bound).remove(key);
+        store.delete(key).await
+    }
+
+    async fn republish(&self, store: &Store) {
+        let records: Vec<(String, String)> = lock(&self.bound)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let id = self.id();
+        for (key, value) in records {
+            if let Err(e) = store.put_with_lease(&key, value, id).await {
+                tracing::warn!(%key, error = %e, "could not restore a lease-bound record");
+            }
         }
     }
 
@@ -74,10 +104,14 @@ impl HostLease {
         };
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LeaseTerm> {
-        // A poisoned lock only means a panic elsewhere; the term inside is still whole.
-        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, LeaseTerm> {
+        lock(&self.current)
     }
+}
+
+/// A poisoned lock only means a panic elsewhere; the values inside are still whole.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Renews `lease` every third of `ttl` until `shutdown`; on loss, ends the term and takes a
@@ -134,6 +168,7 @@ async fn replace_lost(store: &Store, lease: &HostLease, lost: &LeaseTerm, ttl: D
             let _ = store.revoke_lease(lost.id).await;
             lease.replace(new);
             tracing::warn!(old = lost.id, new, "continuing with a new lease");
+            lease.republish(store).await;
         }
         Err(e) => tracing::warn!(error = %e, "cannot take a new lease yet; waiting for etcd"),
     }
