@@ -27,7 +27,11 @@ use crate::keys::{Queue, Record};
 use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobId, JobRecord, StateRecord};
 use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
 use crate::store::jobs::NewJob;
+use crate::store::jobs::PlannedTxn;
 use crate::store::{Change, Kv, Store, StoreError};
+
+/// Queued transactions that make the manager send a batch before reading further.
+const MAX_PENDING: usize = 64;
 
 /// Job manager settings.
 #[derive(Debug, Clone)]
@@ -51,6 +55,9 @@ pub struct JobManager {
     deferred: HashMap<ResourceKey, HashSet<String>>,
     /// Resources whose config changed while a workflow of theirs was running.
     dirty: HashSet<ResourceKey>,
+    /// Workflow writes, clean-ups and releases not sent yet: one batch per watch response,
+    /// so a burst of configs or finished jobs costs one etcd commit, not one each.
+    pending: Vec<PlannedTxn>,
 }
 
 impl JobManager {
@@ -63,6 +70,7 @@ impl JobManager {
             index: JobIndex::default(),
             deferred: HashMap::new(),
             dirty: HashSet::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -90,8 +98,12 @@ impl JobManager {
     }
 
     async fn sync_and_follow(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        // Writes queued before a failure are dropped: the rebuild below plans from etcd.
+        self.pending.clear();
         let jobs_revision = self.rebuild_jobs().await?;
+        self.flush().await?;
         let config_revision = self.rebuild_configs().await?;
+        self.flush().await?;
         let keys = self.store.keys().clone();
         let mut finished = self
             .store
@@ -115,11 +127,13 @@ impl JobManager {
                             self.on_finished(&kv).await?;
                         }
                     }
+                    self.flush().await?;
                 }
                 changes = configs.next() => {
                     for change in changes? {
                         self.on_config_change(change).await?;
                     }
+                    self.flush().await?;
                 }
                 changes = working.next() => {
                     for change in changes? {
@@ -251,6 +265,7 @@ impl JobManager {
             return Ok(());
         }
         // gohan deleted the resource after its logical delete: drop what we kept for it.
+        self.flush().await?;
         let keys = self.store.keys();
         self.store
             .delete(&keys.record(Record::State, &schema, &id))
@@ -326,6 +341,7 @@ impl JobManager {
         };
         if steps.is_empty() {
             let state = StateRecord::bare("READ_COMPLETE", config.version, String::new());
+            self.flush().await?;
             self.store.put(&state_key, state.to_json()).await?;
             tracing::debug!(key = %kv.key, "no template for any handler: READ_COMPLETE");
             return Ok(());
@@ -436,6 +452,26 @@ impl JobManager {
         Ok(ConfigEnvelope::parse(&key, &kv.value).ok().map(|c| c.body))
     }
 
+    /// Queues a transaction for the next batch; a full batch is sent at once.
+    async fn queue(&mut self, txn: Option<PlannedTxn>) -> anyhow::Result<()> {
+        self.pending.extend(txn);
+        if self.pending.len() >= MAX_PENDING {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the queued transactions. Every write that is not queued flushes first, so that
+    /// etcd sees the manager's writes in the order it made them.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        self.store.batch(batch).await?;
+        Ok(())
+    }
+
     async fn write_jobs(&mut self, jobs: &[JobRecord]) -> anyhow::Result<()> {
         let new: Vec<NewJob> = jobs
             .iter()
@@ -446,7 +482,7 @@ impl JobManager {
                 ready: r.job.dependency.is_empty(),
             })
             .collect();
-        self.store.write_workflow(&new).await?;
+        self.queue(self.store.workflow_txn(&new)).await?;
         for r in jobs {
             self.index.insert(&r.job, r.job.dependency.is_empty());
             tracing::info!(job_id = %r.job.id, "job written");
@@ -479,7 +515,7 @@ impl JobManager {
     }
 
     async fn write_failed(
-        &self,
+        &mut self,
         state_key: &str,
         action: Action,
         version: u64,
@@ -487,6 +523,7 @@ impl JobManager {
     ) -> anyhow::Result<()> {
         tracing::error!(key = %state_key, error = %message, "resource failed");
         let state = StateRecord::bare(&action.failed_state(), version, message.to_string());
+        self.flush().await?;
         self.store.put(state_key, state.to_json()).await?;
         Ok(())
     }
@@ -510,9 +547,10 @@ impl JobManager {
                     .get(&e.resource.0)
                     .map(|s| keys.record(Record::JobState, s, &e.resource.1))
             });
-        self.store
-            .clean_finished(&id, job_state.as_deref().map(|k| (k, kv.create_revision)))
-            .await?;
+        let clean = self
+            .store
+            .clean_finished_txn(&id, job_state.as_deref().map(|k| (k, kv.create_revision)));
+        self.queue(Some(clean)).await?;
         match &failure {
             Some(error) => self.cancel_dependants(&id, error).await?,
             None => {
@@ -584,6 +622,7 @@ impl JobManager {
         while let Some(id) = queue.pop() {
             for dependant in self.index.dependants(&id) {
                 tracing::info!(job_id = %dependant, cause = %id, %error, "job cancelled: a dependency failed");
+                self.flush().await?;
                 self.store.cancel(&dependant).await?;
                 if let Some(entry) = self.index.remove(&dependant) {
                     if failed_resource.as_ref() != Some(&entry.resource) {
@@ -600,7 +639,7 @@ impl JobManager {
         Ok(())
     }
 
-    async fn fail_dependant(&self, job_id: &str, message: &str) -> anyhow::Result<()> {
+    async fn fail_dependant(&mut self, job_id: &str, message: &str) -> anyhow::Result<()> {
         let Ok(id) = job_id.parse::<JobId>() else {
             return Ok(());
         };
@@ -619,7 +658,8 @@ impl JobManager {
         let Some(handler) = self.index.handler_of(id) else {
             return Ok(());
         };
-        self.store.release(id, &handler).await?;
+        let release = self.store.release_txn(id, &handler);
+        self.queue(Some(release)).await?;
         self.index.mark_ready(id);
         tracing::debug!(job_id = %id, "job released");
         Ok(())

@@ -53,13 +53,29 @@ pub fn failed_marker(error: &str) -> String {
     serde_json::json!({ "failed": error }).to_string()
 }
 
+/// A transaction built but not sent: run it with [`Store::batch`]. `what` names it in errors.
+pub struct PlannedTxn {
+    what: String,
+    txn: Txn,
+}
+
+/// Transactions per outer transaction of a [`Store::batch`]: below etcd's default
+/// `--max-txn-ops` (128), and small enough to stay far under its request size limit.
+const BATCH_TXNS: usize = 64;
+
 impl Store {
     /// Writes a whole workflow at once. The compare on the first job's `/jobs/all` key makes a
     /// repeated write (a retry after a lost response) a no-op instead of a duplicate.
     pub async fn write_workflow(&self, jobs: &[NewJob]) -> Result<bool> {
-        let Some(first) = jobs.first() else {
+        let Some(PlannedTxn { what, txn }) = self.workflow_txn(jobs) else {
             return Ok(true);
         };
+        Ok(self.txn(&what, txn).await?.succeeded())
+    }
+
+    /// The transaction of [`Store::write_workflow`], to run alone or in a [`Store::batch`].
+    pub fn workflow_txn(&self, jobs: &[NewJob]) -> Option<PlannedTxn> {
+        let first = jobs.first()?;
         let k = self.keys();
         let mut ops = Vec::with_capacity(jobs.len() * 2);
         for job in jobs {
@@ -82,7 +98,44 @@ impl Store {
                 0,
             )])
             .and_then(ops);
-        Ok(self.txn(&first.id, txn).await?.succeeded())
+        Some(PlannedTxn {
+            what: first.id.clone(),
+            txn,
+        })
+    }
+
+    /// Runs independent transactions in as few round trips as possible: each becomes a
+    /// nested transaction of one outer transaction (etcd >= 3.3), so each still succeeds or
+    /// fails on its own compares while the batch costs one commit. Transactions in one batch
+    /// must not touch the same key. If a batch is refused as a whole (etcd's limits on one
+    /// request), its transactions run one by one.
+    pub async fn batch(&self, txns: Vec<PlannedTxn>) -> Result<()> {
+        let mut txns = txns.into_iter().peekable();
+        while txns.peek().is_some() {
+            let chunk: Vec<PlannedTxn> = txns.by_ref().take(BATCH_TXNS).collect();
+            if let [only] = chunk.as_slice() {
+                self.txn(&only.what, only.txn.clone()).await?;
+                continue;
+            }
+            let what = format!("batch of {} starting with {}", chunk.len(), chunk[0].what);
+            let outer = Txn::new().and_then(
+                chunk
+                    .iter()
+                    .map(|p| TxnOp::txn(p.txn.clone()))
+                    .collect::<Vec<_>>(),
+            );
+            match self.txn(&what, outer).await {
+                Ok(_) => {}
+                Err(e) if e.is_fenced() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "batch refused; running its transactions one by one");
+                    for PlannedTxn { what, txn } in chunk {
+                        self.txn(&what, txn).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Claims a ready job: succeeds for exactly one claimer, because the working key must not
@@ -282,6 +335,13 @@ impl Store {
     /// equals the finished key's create revision, both written by the completion
     /// transaction); a newer workflow's job state is left alone.
     pub async fn clean_finished(&self, job_id: &str, job_state: Option<(&str, i64)>) -> Result<()> {
+        let PlannedTxn { what, txn } = self.clean_finished_txn(job_id, job_state);
+        self.txn(&what, txn).await?;
+        Ok(())
+    }
+
+    /// The transaction of [`Store::clean_finished`].
+    pub fn clean_finished_txn(&self, job_id: &str, job_state: Option<(&str, i64)>) -> PlannedTxn {
         let k = self.keys();
         let base = [
             TxnOp::delete(k.job(Queue::Finished, job_id), None),
@@ -298,12 +358,20 @@ impl Store {
             }
             None => Txn::new().and_then(base),
         };
-        self.txn(job_id, txn).await?;
-        Ok(())
+        PlannedTxn {
+            what: job_id.to_string(),
+            txn,
+        }
     }
 
     /// Moves a waiting job to ready, once: the waiting key must still exist.
     pub async fn release(&self, job_id: &str, handler: &str) -> Result<bool> {
+        let PlannedTxn { what, txn } = self.release_txn(job_id, handler);
+        Ok(self.txn(&what, txn).await?.succeeded())
+    }
+
+    /// The transaction of [`Store::release`].
+    pub fn release_txn(&self, job_id: &str, handler: &str) -> PlannedTxn {
         let k = self.keys();
         let waiting = k.job(Queue::Waiting, job_id);
         let txn = Txn::new()
@@ -312,7 +380,10 @@ impl Store {
                 TxnOp::put(k.job(Queue::Ready, job_id), handler, None),
                 TxnOp::delete(waiting, None),
             ]);
-        Ok(self.txn(job_id, txn).await?.succeeded())
+        PlannedTxn {
+            what: job_id.to_string(),
+            txn,
+        }
     }
 
     /// Cancels a job that has not started: removes its record and queue entries.
