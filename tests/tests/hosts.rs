@@ -260,3 +260,57 @@ async fn a_job_manager_store_writes_nothing_once_the_election_key_is_not_its_own
         .unwrap_err()
         .is_fenced());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_configs_seen_in_one_watch_response_is_planned_in_one_etcd_commit() {
+    use etcd_client::{Txn, TxnOp};
+    let env = TestEnv::new().await.unwrap();
+    env.put_ha_interface_template_retrying_every("0.5")
+        .await
+        .unwrap();
+    let manager = env.start_manager_only().await.unwrap();
+
+    // 40 configs in one transaction reach the manager in one watch response.
+    let ids: Vec<String> = (0..40)
+        .map(|i| format!("b0057000-0000-4000-8000-{i:012}"))
+        .collect();
+    let puts: Vec<TxnOp> = ids
+        .iter()
+        .map(|id| {
+            TxnOp::put(
+                env.key(Record::Config, "ha_interface", id),
+                esi_host::seed::gohan_envelope(&seed_ha_interface_body(id), 1),
+                None,
+            )
+        })
+        .collect();
+    env.store
+        .txn("burst", Txn::new().and_then(puts))
+        .await
+        .unwrap();
+
+    let all = env.keys().queue_prefix(Queue::All);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let jobs = loop {
+        let (jobs, _) = env.store.list(&all).await.unwrap();
+        if jobs.len() >= ids.len() {
+            break jobs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {} workflows planned",
+            jobs.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let commits: std::collections::BTreeSet<i64> =
+        jobs.iter().map(|kv| kv.create_revision).collect();
+    assert_eq!(jobs.len(), ids.len(), "one job per resource");
+    assert_eq!(
+        commits.len(),
+        1,
+        "workflows written at revisions {commits:?}"
+    );
+    manager.shutdown().await;
+}
