@@ -4,7 +4,6 @@
 //! them, waits for them, and revokes the lease so that etcd drops our claims at once instead of
 //! after the TTL.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keys::Keys;
 use crate::lease::{self, HostLease};
-use crate::manager::{election, JobManager, ManagerConfig};
+use crate::manager::{election, JobManager, ManagerConfig, ServedHandlers};
 use crate::plugins::{Limits, PluginEngine, PluginRegistry};
 use crate::schema::SchemaRegistry;
 use crate::store::Store;
@@ -44,6 +43,8 @@ pub struct HostConfig {
     pub requeue_backoff_max: Duration,
     pub worker: WorkerConfig,
     pub limits: Limits,
+    /// Watch the plugin directory and swap in new or changed plugins while running.
+    pub hot_reload: bool,
 }
 
 impl HostConfig {
@@ -64,6 +65,7 @@ impl HostConfig {
             requeue_backoff_max: Duration::from_secs(30),
             worker: WorkerConfig::default(),
             limits: Limits::default(),
+            hot_reload: true,
         }
     }
 }
@@ -118,7 +120,8 @@ impl Host {
             config.limits.clone(),
             config.compile_cache.as_deref(),
         )?);
-        let plugins = Arc::new(PluginRegistry::load_dir(&engine, &config.plugin_dir).await?);
+        let plugins =
+            Arc::new(PluginRegistry::load_dir(engine.clone(), &config.plugin_dir).await?);
         if plugins.handlers().is_empty() {
             tracing::warn!(dir = %config.plugin_dir.display(), "no plugin loaded: this host will claim no job");
         }
@@ -154,8 +157,10 @@ impl Host {
             keeper_stop.clone(),
         ));
         if config.run_manager {
-            let mut handlers: HashSet<String> = plugins.handlers().into_iter().collect();
-            handlers.extend(config.external_handlers.iter().cloned());
+            let handlers = ServedHandlers {
+                external: config.external_handlers.iter().cloned().collect(),
+                plugins: Some(plugins.clone()),
+            };
             let config = ManagerConfig {
                 handlers,
                 requeue_backoff: config.requeue_backoff,
@@ -186,6 +191,12 @@ impl Host {
             lease.clone(),
         );
         tasks.spawn(worker.clone().run(shutdown.clone()));
+        plugins
+            .publish_status(store.clone(), lease.clone(), &config.host_id)
+            .await;
+        if config.hot_reload {
+            tasks.spawn(plugins.clone().watch(shutdown.clone()));
+        }
         Ok(Host {
             shutdown,
             tasks,

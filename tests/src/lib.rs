@@ -498,7 +498,7 @@ pub fn plugin_dir_with_test_guests() -> PathBuf {
             let path = entry
                 .unwrap_or_else(|e| panic!("reading {}: {e}", source.display()))
                 .path();
-            if path.extension().is_some_and(|x| x == "wasm") {
+            if path.extension().is_some_and(|x| x == "wasm" || x == "toml") {
                 let link = dir.join(path.file_name().expect("a directory entry has a name"));
                 std::os::unix::fs::symlink(&path, &link).unwrap_or_else(|e| {
                     panic!("linking {} to {}: {e}", link.display(), path.display())

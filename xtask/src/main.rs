@@ -224,7 +224,39 @@ fn build_plugins(options: &BuildOptions) -> Result<()> {
         let size =
             componentize_file(&module, &output).with_context(|| format!("{what} `{package}`"))?;
         print_written(package, size, &output);
+        copy_manifest(&root, package, &output)?;
     }
+    Ok(())
+}
+
+/// The directory of a plugin or test guest crate, where its manifest lives.
+fn crate_dir(package: &str) -> Option<&'static str> {
+    match package {
+        "monitoring_worker" => Some("plugins/monitoring"),
+        "vlan_pool_worker" => Some("plugins/vlan_pool"),
+        "scripted_worker" => Some("tests/guests/scripted"),
+        "example_echo_worker" => Some("plugins/examples/echo"),
+        _ => None,
+    }
+}
+
+/// Copies `<crate dir>/<name>.toml` (the plugin's manifest) next to its component, if the
+/// crate has one; without it the host grants the plugin nothing.
+fn copy_manifest(root: &Path, package: &str, component: &Path) -> Result<()> {
+    let Some(dir) = crate_dir(package) else {
+        return Ok(());
+    };
+    let name = component.with_extension("toml");
+    let Some(file_name) = name.file_name() else {
+        return Ok(());
+    };
+    let source = root.join(dir).join(file_name);
+    if !source.exists() {
+        return Ok(());
+    }
+    let text = fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+    write_atomically(&name, &text)?;
+    print_written("  manifest", text.len(), &name);
     Ok(())
 }
 

@@ -33,12 +33,34 @@ use crate::store::{Change, Kv, Store, StoreError};
 /// Queued transactions that make the manager send a batch before reading further.
 const MAX_PENDING: usize = 64;
 
+/// The handlers some worker serves: this host's plugins (live, so a plugin added by hot
+/// reload counts at once) and handlers served outside this host.
+#[derive(Debug, Clone, Default)]
+pub struct ServedHandlers {
+    pub external: HashSet<String>,
+    pub plugins: Option<Arc<crate::plugins::PluginRegistry>>,
+}
+
+impl ServedHandlers {
+    /// A fixed set, for hosts and tests without local plugins.
+    pub fn fixed(handlers: impl IntoIterator<Item = String>) -> Self {
+        ServedHandlers {
+            external: handlers.into_iter().collect(),
+            plugins: None,
+        }
+    }
+
+    pub fn contains(&self, handler: &str) -> bool {
+        self.external.contains(handler) || self.plugins.as_ref().is_some_and(|p| p.serves(handler))
+    }
+}
+
 /// Job manager settings.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
     /// Handlers some worker serves. A template naming any other handler fails the resource
     /// with a clear error instead of leaving a job nobody will ever claim.
-    pub handlers: HashSet<String>,
+    pub handlers: ServedHandlers,
     /// First delay before a job whose worker died goes back to ready; doubles per attempt.
     pub requeue_backoff: Duration,
     pub requeue_backoff_max: Duration,

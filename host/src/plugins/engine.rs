@@ -23,9 +23,14 @@ use super::bindings::esi::worker::types::{Job, JobError, Outcome, PluginInfo, Ru
 use super::bindings::{Handler, HandlerPre};
 use super::cache::CompileCache;
 use super::host_api::{HostState, RecordAccess};
+use super::manifest::Manifest;
 
 /// How often the epoch advances; deadlines are whole ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Output plus proposed writes one call may return, unless its manifest says otherwise: well
+/// under etcd's default request limit (1.5 MiB), which the completion must fit in.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
 
 /// Sandbox limits applied to every call.
 #[derive(Debug, Clone)]
@@ -50,11 +55,42 @@ impl Default for Limits {
 
 /// A compiled, validated plugin, ready to instantiate.
 pub struct LoadedPlugin {
+    /// The plugin's name: its file stem, as in status records and counters.
+    pub name: String,
     pub info: PluginInfo,
     pub path: PathBuf,
     /// sha256 of the component file, hex.
     pub sha256: String,
+    /// What the operator granted it (an empty manifest when it has none).
+    pub manifest: Arc<Manifest>,
+    /// The handlers routed to it: the manifest's, else the ones it describes.
+    pub handlers: Vec<String>,
+    /// The manifest's version, else the one it describes.
+    pub version: String,
+    pub loaded_at_unix: u64,
+    /// Bounds the instances of this plugin that run at once (`limits.max_instances`).
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// The manifest's `config` as JSON, handed to every call.
+    config_json: String,
+    limits: Limits,
+    max_output_bytes: usize,
     pre: HandlerPre<HostState>,
+}
+
+impl LoadedPlugin {
+    /// The limits its calls run under: the manifest's, within the host's.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The most bytes of output and proposed writes one call may return.
+    pub fn max_output_bytes(&self) -> usize {
+        self.max_output_bytes
+    }
+
+    pub fn config_json(&self) -> &str {
+        &self.config_json
+    }
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -77,6 +113,27 @@ pub enum CallError {
     Instantiate { plugin: String, message: String },
     #[error("plugin {plugin} was stopped: the host lost the lease its job was claimed under")]
     Interrupted { plugin: String },
+}
+
+impl CallError {
+    /// A short name of the failure, for counters and status records.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::Deadline { .. } => "deadline",
+            CallError::Trap { message, .. } if is_out_of_memory(message) => "memory",
+            CallError::Trap { message, .. } if message.contains("stack overflow") => "stack",
+            CallError::Trap { .. } => "trap",
+            CallError::Instantiate { .. } => "instantiate",
+            CallError::Interrupted { .. } => "interrupted",
+        }
+    }
+}
+
+/// A guest that ran out of memory traps when its allocator gives up after `memory.grow`
+/// failed at the store's limit; Rust guests abort through `unreachable`, with the allocation
+/// error in their message when they print one.
+fn is_out_of_memory(message: &str) -> bool {
+    message.contains("memory allocation") || message.contains("out of memory")
 }
 
 /// Owns the engine, the linker and the epoch ticker.
@@ -135,8 +192,10 @@ impl PluginEngine {
         &self.limits
     }
 
-    /// Compiles a component file, links it and asks it to `describe()` itself.
+    /// Compiles a component file, links it, asks it to `describe()` itself and checks it
+    /// against its manifest (`<name>.toml` beside it, if any).
     pub async fn load(&self, path: &Path) -> anyhow::Result<LoadedPlugin> {
+        let manifest = Manifest::load_for(path)?.unwrap_or_default();
         let bytes = tokio::fs::read(path)
             .await
             .with_context(|| format!("reading plugin {}", path.display()))?;
@@ -166,23 +225,76 @@ impl PluginEngine {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let never = CancellationToken::new();
+        let call = CallSetup {
+            plugin: &name,
+            access: None,
+            grants: Arc::new(Manifest::default()),
+            limits: &self.limits,
+            interrupt: never.clone(),
+        };
         let (mut store, instance) = self
-            .instantiate(&pre, &name, None, never.clone())
+            .instantiate(&pre, call)
             .await
             .map_err(anyhow::Error::new)?;
         let info = instance
             .call_describe(&mut store)
             .await
-            .map_err(|e| self.classify(&name, e, &never))
+            .map_err(|e| classify(&name, &self.limits, e, &never))
             .with_context(|| format!("{}: describe() failed", path.display()))?;
         validate_info(&info)
             .with_context(|| format!("{}: describe() answered badly", path.display()))?;
+        manifest.check_handlers(&info.handlers).map_err(|e| {
+            anyhow::anyhow!("{}: {e}", Manifest::path_for(path).display())
+        })?;
+        let limits = self.limits_for(&manifest);
+        let loaded_at_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         Ok(LoadedPlugin {
+            handlers: manifest
+                .handlers
+                .clone()
+                .unwrap_or_else(|| info.handlers.clone()),
+            version: manifest
+                .version
+                .clone()
+                .unwrap_or_else(|| info.version.clone()),
+            loaded_at_unix,
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_instances as usize)),
+            config_json: serde_json::Value::Object(manifest.config.clone()).to_string(),
+            max_output_bytes: manifest
+                .limits
+                .max_output_bytes
+                .unwrap_or(DEFAULT_MAX_OUTPUT_BYTES),
+            limits,
+            manifest: Arc::new(manifest),
+            name,
             info,
             path: path.to_path_buf(),
             sha256,
             pre,
         })
+    }
+
+    /// A plugin's limits: its manifest's, but never beyond the host's.
+    fn limits_for(&self, manifest: &Manifest) -> Limits {
+        let host = &self.limits;
+        let asked = &manifest.limits;
+        Limits {
+            call_deadline: asked
+                .deadline
+                .unwrap_or(host.call_deadline)
+                .min(host.call_deadline.max(Duration::from_secs(600))),
+            max_memory_bytes: asked
+                .memory_bytes
+                .unwrap_or(host.max_memory_bytes)
+                .min(host.max_memory_bytes),
+            max_instances: asked
+                .max_instances
+                .unwrap_or(host.max_instances)
+                .min(host.max_instances),
+        }
     }
 
     /// Runs one job in a fresh instance. Cancelling `interrupt` stops the call at the next
@@ -195,32 +307,43 @@ impl PluginEngine {
         context: &RunContext,
         interrupt: &CancellationToken,
     ) -> Result<Result<Outcome, JobError>, CallError> {
-        let name = plugin.info.name.clone();
-        let (mut store, instance) = self
-            .instantiate(&plugin.pre, &name, Some(access), interrupt.clone())
-            .await?;
+        let name = plugin.name.clone();
+        let call = CallSetup {
+            plugin: &name,
+            access: Some(access),
+            grants: plugin.manifest.clone(),
+            limits: &plugin.limits,
+            interrupt: interrupt.clone(),
+        };
+        let (mut store, instance) = self.instantiate(&plugin.pre, call).await?;
         instance
             .call_handle(&mut store, job, context)
             .await
-            .map_err(|e| self.classify(&name, e, interrupt))
+            .map_err(|e| classify(&name, &plugin.limits, e, interrupt))
     }
 
     async fn instantiate(
         &self,
         pre: &HandlerPre<HostState>,
-        plugin: &str,
-        access: Option<RecordAccess>,
-        interrupt: CancellationToken,
+        call: CallSetup<'_>,
     ) -> Result<(Store<HostState>, Handler), CallError> {
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.max_memory_bytes)
+        let CallSetup {
+            plugin,
+            access,
+            grants,
+            limits,
+            interrupt,
+        } = call;
+        let store_limits = StoreLimitsBuilder::new()
+            .memory_size(limits.max_memory_bytes)
             .instances(16)
             .build();
-        let mut store = Store::new(&self.engine, HostState::new(plugin, access, limits));
+        let state = HostState::new(plugin, access, grants, store_limits);
+        let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         // Every tick: stop the call if its deadline passed or it was interrupted, otherwise
         // yield to the async runtime so a long call never holds a runtime thread.
-        let deadline = Instant::now() + self.limits.call_deadline;
+        let deadline = Instant::now() + limits.call_deadline;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if interrupt.is_cancelled() || Instant::now() >= deadline {
@@ -239,28 +362,6 @@ impl PluginEngine {
         Ok((store, instance))
     }
 
-    fn classify(
-        &self,
-        plugin: &str,
-        error: wasmtime::Error,
-        interrupt: &CancellationToken,
-    ) -> CallError {
-        if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
-            if interrupt.is_cancelled() {
-                return CallError::Interrupted {
-                    plugin: plugin.to_string(),
-                };
-            }
-            return CallError::Deadline {
-                plugin: plugin.to_string(),
-                deadline: self.limits.call_deadline,
-            };
-        }
-        CallError::Trap {
-            plugin: plugin.to_string(),
-            message: format!("{error:#}"),
-        }
-    }
 }
 
 impl Drop for PluginEngine {
@@ -282,6 +383,38 @@ fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) {
         .unwrap_or_else(|e| {
             tracing::error!("cannot start the epoch ticker, deadlines are off: {e}")
         });
+}
+
+fn classify(
+plugin: &str,
+limits: &Limits,
+error: wasmtime::Error,
+interrupt: &CancellationToken,
+) -> CallError {
+    if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
+        if interrupt.is_cancelled() {
+            return CallError::Interrupted {
+                plugin: plugin.to_string(),
+            };
+        }
+        return CallError::Deadline {
+            plugin: plugin.to_string(),
+            deadline: limits.call_deadline,
+        };
+    }
+    CallError::Trap {
+        plugin: plugin.to_string(),
+        message: format!("{error:#}"),
+    }
+}
+
+/// What one call is instantiated with.
+struct CallSetup<'a> {
+    plugin: &'a str,
+    access: Option<RecordAccess>,
+    grants: Arc<Manifest>,
+    limits: &'a Limits,
+    interrupt: CancellationToken,
 }
 
 /// wasmtime 48 has its own error type; this converts it for `anyhow` context chains.

@@ -12,6 +12,7 @@ use super::bindings::esi::worker::host::Host;
 use super::bindings::esi::worker::types::{
     self as wit, HostError, LogLevel, RecordKind, RecordRef, Versioned,
 };
+use super::manifest::Manifest;
 use crate::keys::Record;
 use crate::schema::SchemaRegistry;
 use crate::store::Store;
@@ -27,18 +28,31 @@ pub struct RecordAccess {
 pub struct HostState {
     /// `None` while validating a plugin (`describe()`): no records are readable then.
     pub(crate) access: Option<RecordAccess>,
+    /// What the plugin's manifest grants: reads outside `read` prefixes are denied.
+    pub(crate) grants: Arc<Manifest>,
     pub(crate) limits: StoreLimits,
     pub(crate) plugin: String,
 }
 
 impl HostState {
-    pub fn new(plugin: &str, access: Option<RecordAccess>, limits: StoreLimits) -> Self {
+    pub fn new(
+        plugin: &str,
+        access: Option<RecordAccess>,
+        grants: Arc<Manifest>,
+        limits: StoreLimits,
+    ) -> Self {
         HostState {
             access,
+            grants,
             limits,
             plugin: plugin.to_string(),
         }
     }
+}
+
+/// `key` below the key root, the form manifests grant prefixes in.
+pub fn relative_key<'k>(store: &Store, key: &'k str) -> &'k str {
+    key.strip_prefix(store.keys().root()).unwrap_or(key)
 }
 
 /// The key family a record kind lives in.
@@ -92,6 +106,15 @@ impl Host for HostState {
         let key = key_of(&access.store, &access.schemas, &target).inspect_err(|e| {
             tracing::warn!(plugin = %self.plugin, error = ?e, "plugin read refused");
         })?;
+        let relative = relative_key(&access.store, &key);
+        if !self.grants.may_read(relative) {
+            let message = format!(
+                "reading {relative} is not granted to plugin {} (its manifest's capabilities.read: {:?})",
+                self.plugin, self.grants.read
+            );
+            tracing::warn!(plugin = %self.plugin, key = %relative, "plugin read denied: not granted");
+            return Err(HostError::Denied(message));
+        }
         match access.store.get(&key).await {
             Ok(found) => Ok(found.map(|kv| Versioned {
                 value: kv.value_str().into_owned(),

@@ -5,11 +5,13 @@
 //!   leave state behind for the next.
 //! - [`host_api`]: the imports a plugin gets (record reads, logging), their grant checks and
 //!   per-call state, kept together.
+//! - [`manifest`]: `<name>.toml` beside each component: grants, limits, config.
 //! - [`registry`]: the loaded plugins and the routing from handler name to plugin.
 
 pub mod cache;
 pub mod engine;
 pub mod host_api;
+pub mod manifest;
 pub mod registry;
 
 pub use engine::{CallError, Limits, LoadedPlugin, PluginEngine};

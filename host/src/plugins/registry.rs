@@ -1,93 +1,375 @@
-//! The loaded plugins and the routing from handler name to plugin.
+//! The loaded plugins, the routing from handler name to plugin, and hot reload.
+//!
+//! The live set of plugins sits behind an [`ArcSwap`]: a job looks its plugin up once and
+//! keeps the `Arc<LoadedPlugin>` until it ends, so a swap never touches a running job, which
+//! finishes on the version it started with. A new version is compiled and validated off the
+//! job path (the component's world, `describe()`, its manifest) and only then swapped in; a
+//! version that fails is *rejected* and the previous one keeps serving.
+//!
+//! [`PluginRegistry::watch`] follows the plugin directory with `notify`. One copy or rename
+//! fires several events, so events are debounced per plugin and a reload whose component
+//! bytes and manifest did not change is a no-op. The supported way to update a plugin is to
+//! write the new file under a temporary name (anything not ending in `.wasm` or `.toml`, e.g.
+//! `.monitoring_worker.wasm.tmp`) and rename it over the old one; a half-written file that is
+//! picked up anyway fails validation and is retried when its last write lands.
+//!
+//! Each plugin's state is published for the fleet under
+//! `/esi-worker/plugins/<host-id>/<plugin>`, bound to the host lease.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::engine::{LoadedPlugin, PluginEngine};
+use crate::lease::HostLease;
+use crate::store::Store;
 
-/// A plugin file that could not be loaded, and why.
-#[derive(Debug, Clone)]
-pub struct Rejected {
-    pub path: PathBuf,
-    pub reason: String,
+/// How long the directory must be quiet before a burst of events is acted on.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// The plugins serving at one moment.
+#[derive(Debug, Default, Clone)]
+pub struct PluginSet {
+    by_handler: HashMap<String, Arc<LoadedPlugin>>,
+    /// By plugin name (the file stem).
+    by_name: BTreeMap<String, Arc<LoadedPlugin>>,
 }
 
-/// Handler name -> plugin.
-#[derive(Debug, Default)]
+/// What the fleet sees of one plugin on one host.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PluginStatus {
+    pub plugin: String,
+    /// The serving version (empty when none serves).
+    pub version: String,
+    pub sha256: String,
+    pub loaded_at_unix: u64,
+    pub handlers: Vec<String>,
+    /// `active`, or `rejected: <why>` for the newest file (the version above still serves, if
+    /// any).
+    pub state: String,
+    /// Calls that failed without an answer, by kind (`trap`, `deadline`, `memory`, ...).
+    pub failures: BTreeMap<String, u64>,
+}
+
+/// Where status records go, once the host has a lease.
+struct Publisher {
+    store: Store,
+    lease: Arc<HostLease>,
+    host_id: String,
+}
+
+/// Handler name -> plugin, live.
 pub struct PluginRegistry {
-    by_handler: HashMap<String, Arc<LoadedPlugin>>,
-    rejected: Vec<Rejected>,
+    engine: Arc<PluginEngine>,
+    dir: PathBuf,
+    live: ArcSwap<PluginSet>,
+    status: Mutex<BTreeMap<String, PluginStatus>>,
+    publisher: Mutex<Option<Arc<Publisher>>>,
+    /// Bumped after every swap, so the worker looks at the ready queue again.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// One reload at a time: each computes the next set from the current one.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for PluginRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRegistry")
+            .field("dir", &self.dir)
+            .field("handlers", &self.handlers())
+            .finish()
+    }
 }
 
 impl PluginRegistry {
     /// Loads every `*.wasm` in `dir`. A file that fails is rejected with its reason and the
     /// rest still load: one bad plugin must not take the others down.
-    pub async fn load_dir(engine: &PluginEngine, dir: &Path) -> anyhow::Result<Self> {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+    pub async fn load_dir(engine: Arc<PluginEngine>, dir: &Path) -> anyhow::Result<Self> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
             .with_context(|| format!("reading plugin directory {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+            .filter_map(|p| plugin_name(&p).filter(|_| p.extension() == Some("wasm".as_ref())))
             .collect();
-        entries.sort();
-        let mut registry = PluginRegistry::default();
-        for path in entries {
-            match engine.load(&path).await {
-                Ok(plugin) => registry.add(plugin),
-                Err(e) => registry.reject(path, format!("{e:#}")),
-            }
+        names.sort();
+        let registry = PluginRegistry {
+            engine,
+            dir: dir.to_path_buf(),
+            live: ArcSwap::from_pointee(PluginSet::default()),
+            status: Mutex::new(BTreeMap::new()),
+            publisher: Mutex::new(None),
+            changed: tokio::sync::watch::channel(0).0,
+            reloading: tokio::sync::Mutex::new(()),
+        };
+        for name in names {
+            registry.reload(&name).await;
         }
         Ok(registry)
     }
 
-    /// Routes the plugin's handlers to it; a handler already served by another plugin keeps
-    /// its first plugin and the newcomer is rejected.
-    pub fn add(&mut self, plugin: LoadedPlugin) {
-        if let Some(taken) = plugin
-            .info
-            .handlers
-            .iter()
-            .find(|h| self.by_handler.contains_key(*h))
-        {
-            let reason = format!(
-                "handler {taken:?} is already served by {}",
-                self.by_handler[taken].path.display()
-            );
-            self.reject(plugin.path.clone(), reason);
-            return;
-        }
-        tracing::info!(
-            plugin = %plugin.info.name,
-            version = %plugin.info.version,
-            handlers = ?plugin.info.handlers,
-            path = %plugin.path.display(),
-            "plugin loaded"
-        );
-        let plugin = Arc::new(plugin);
-        for h in &plugin.info.handlers {
-            self.by_handler.insert(h.clone(), plugin.clone());
-        }
-    }
-
-    fn reject(&mut self, path: PathBuf, reason: String) {
-        tracing::error!(path = %path.display(), %reason, "plugin rejected");
-        self.rejected.push(Rejected { path, reason });
-    }
-
-    pub fn get(&self, handler: &str) -> Option<&Arc<LoadedPlugin>> {
-        self.by_handler.get(handler)
+    /// The plugin serving `handler` now.
+    pub fn get(&self, handler: &str) -> Option<Arc<LoadedPlugin>> {
+        self.live.load().by_handler.get(handler).cloned()
     }
 
     /// Every handler served, sorted.
     pub fn handlers(&self) -> Vec<String> {
-        let mut h: Vec<String> = self.by_handler.keys().cloned().collect();
+        let mut h: Vec<String> = self.live.load().by_handler.keys().cloned().collect();
         h.sort();
         h
     }
 
-    pub fn rejected(&self) -> &[Rejected] {
-        &self.rejected
+    /// Whether some plugin serves `handler` now.
+    pub fn serves(&self, handler: &str) -> bool {
+        self.live.load().by_handler.contains_key(handler)
+    }
+
+    /// The status of every plugin this host knows, by name.
+    pub fn statuses(&self) -> Vec<PluginStatus> {
+        lock(&self.status).values().cloned().collect()
+    }
+
+    pub fn status(&self, name: &str) -> Option<PluginStatus> {
+        lock(&self.status).get(name).cloned()
+    }
+
+    /// A receiver that changes after every swap.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Counts a call of `plugin` that ended without an answer, by kind.
+    pub fn count_failure(&self, plugin: &str, kind: &str) {
+        if let Some(s) = lock(&self.status).get_mut(plugin) {
+            *s.failures.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Starts publishing status records under the host's lease (and publishes the current
+    /// ones).
+    pub async fn publish_status(&self, store: Store, lease: Arc<HostLease>, host_id: &str) {
+        let publisher = Arc::new(Publisher {
+            store,
+            lease,
+            host_id: host_id.to_string(),
+        });
+        *lock(&self.publisher) = Some(publisher.clone());
+        for status in self.statuses() {
+            publish(&publisher, &status).await;
+        }
+    }
+
+    /// Loads (or removes) the plugin `name` from the directory and swaps it in.
+    pub async fn reload(&self, name: &str) {
+        let _one_at_a_time = self.reloading.lock().await;
+        let path = self.dir.join(format!("{name}.wasm"));
+        if !path.exists() {
+            self.remove(name).await;
+            return;
+        }
+        let current = self.live.load_full();
+        let outcome = match self.engine.load(&path).await {
+            Ok(plugin) => self.swap_in(&current, name, plugin),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        let status = match outcome {
+            Ok(None) => return, // same bytes and manifest: nothing to do
+            Ok(Some(plugin)) => {
+                tracing::info!(plugin = %name, version = %plugin.version, sha256 = %plugin.sha256,
+                    handlers = ?plugin.handlers, path = %path.display(), "plugin active");
+                status_of(name, Some(&plugin), "active".into(), self.failures(name))
+            }
+            Err(reason) => {
+                tracing::error!(plugin = %name, path = %path.display(), %reason,
+                    "plugin rejected; the previous version (if any) keeps serving");
+                let serving = current.by_name.get(name);
+                status_of(name, serving, format!("rejected: {reason}"), self.failures(name))
+            }
+        };
+        self.set_status(status).await;
+    }
+
+    /// Swaps `plugin` in for `name`. `Ok(None)`: identical to what serves already.
+    fn swap_in(
+        &self,
+        current: &PluginSet,
+        name: &str,
+        plugin: LoadedPlugin,
+    ) -> Result<Option<Arc<LoadedPlugin>>, String> {
+        if let Some(old) = current.by_name.get(name) {
+            if old.sha256 == plugin.sha256 && old.manifest == plugin.manifest {
+                return Ok(None);
+            }
+        }
+        let mut next = current.clone();
+        if let Some(old) = next.by_name.remove(name) {
+            next.by_handler.retain(|_, p| !Arc::ptr_eq(p, &old));
+        }
+        if let Some((handler, other)) = plugin
+            .handlers
+            .iter()
+            .find_map(|h| next.by_handler.get(h).map(|p| (h, p)))
+        {
+            return Err(format!(
+                "handler {handler:?} is already served by {}",
+                other.path.display()
+            ));
+        }
+        let plugin = Arc::new(plugin);
+        for h in &plugin.handlers {
+            next.by_handler.insert(h.clone(), plugin.clone());
+        }
+        next.by_name.insert(name.to_string(), plugin.clone());
+        self.live.store(Arc::new(next));
+        self.changed.send_modify(|n| *n += 1);
+        Ok(Some(plugin))
+    }
+
+    /// Stops routing to a plugin whose file is gone; its running jobs finish.
+    async fn remove(&self, name: &str) {
+        let current = self.live.load_full();
+        if current.by_name.contains_key(name) {
+            let mut next = (*current).clone();
+            if let Some(old) = next.by_name.remove(name) {
+                next.by_handler.retain(|_, p| !Arc::ptr_eq(p, &old));
+            }
+            self.live.store(Arc::new(next));
+            self.changed.send_modify(|n| *n += 1);
+            tracing::info!(plugin = %name, "plugin removed; its running jobs finish");
+        }
+        let removed = lock(&self.status).remove(name).is_some();
+        let publisher = lock(&self.publisher).clone();
+        if let (true, Some(p)) = (removed, publisher) {
+            let key = p.store.keys().plugin_status(&p.host_id, name);
+            if let Err(e) = p.lease.withdraw(&p.store, &key).await {
+                tracing::warn!(%key, error = %e, "could not remove the plugin's status record");
+            }
+        }
+    }
+
+    fn failures(&self, name: &str) -> BTreeMap<String, u64> {
+        lock(&self.status)
+            .get(name)
+            .map(|s| s.failures.clone())
+            .unwrap_or_default()
+    }
+
+    async fn set_status(&self, status: PluginStatus) {
+        lock(&self.status).insert(status.plugin.clone(), status.clone());
+        let publisher = lock(&self.publisher).clone();
+        if let Some(p) = publisher {
+            publish(&p, &status).await;
+        }
+    }
+
+    /// Follows the plugin directory until `shutdown`, reloading what changes.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        use notify::Watcher as _;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                for path in event.paths {
+                    let _ = tx.send(path);
+                }
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the plugin directory; hot reload is off");
+                return;
+            }
+        };
+        if let Err(e) = watcher.watch(&self.dir, notify::RecursiveMode::NonRecursive) {
+            tracing::error!(dir = %self.dir.display(), error = %e, "cannot watch the plugin directory; hot reload is off");
+            return;
+        }
+        tracing::info!(dir = %self.dir.display(), "watching the plugin directory");
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = rx.recv() => match p { Some(p) => p, None => return },
+            };
+            let mut touched = std::collections::BTreeSet::new();
+            touched.extend(plugin_file_name(&first));
+            // Debounce: gather until the directory has been quiet for a moment.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    p = rx.recv() => match p {
+                        Some(p) => { touched.extend(plugin_file_name(&p)); }
+                        None => return,
+                    },
+                    _ = tokio::time::sleep(DEBOUNCE) => break,
+                }
+            }
+            for name in touched {
+                self.reload(&name).await;
+            }
+        }
+    }
+}
+
+async fn publish(p: &Publisher, status: &PluginStatus) {
+    let key = p.store.keys().plugin_status(&p.host_id, &status.plugin);
+    let value = serde_json::to_string(status).unwrap_or_default();
+    if let Err(e) = p.lease.publish(&p.store, &key, value).await {
+        tracing::warn!(%key, error = %e, "could not publish the plugin's status");
+    }
+}
+
+fn status_of(
+    name: &str,
+    serving: Option<&Arc<LoadedPlugin>>,
+    state: String,
+    failures: BTreeMap<String, u64>,
+) -> PluginStatus {
+    PluginStatus {
+        plugin: name.to_string(),
+        version: serving.map(|p| p.version.clone()).unwrap_or_default(),
+        sha256: serving.map(|p| p.sha256.clone()).unwrap_or_default(),
+        loaded_at_unix: serving.map(|p| p.loaded_at_unix).unwrap_or(0),
+        handlers: serving.map(|p| p.handlers.clone()).unwrap_or_default(),
+        state,
+        failures,
+    }
+}
+
+/// The plugin name of a component path (its file stem), for names a plugin may have.
+fn plugin_name(path: &Path) -> Option<String> {
+    let stem = path.file_stem()?.to_str()?;
+    (!stem.is_empty() && !stem.starts_with('.') && !stem.contains('.')).then(|| stem.to_string())
+}
+
+/// The plugin a changed file belongs to: `<name>.wasm` or `<name>.toml`; temporary files
+/// (any other name) are ignored until renamed.
+fn plugin_file_name(path: &Path) -> Option<String> {
+    let ext = path.extension()?.to_str()?;
+    matches!(ext, "wasm" | "toml")
+        .then(|| plugin_name(path))
+        .flatten()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_components_and_manifests_name_a_plugin() {
+        let name = |p: &str| plugin_file_name(Path::new(p));
+        assert_eq!(name("/p/monitoring_worker.wasm").as_deref(), Some("monitoring_worker"));
+        assert_eq!(name("/p/monitoring_worker.toml").as_deref(), Some("monitoring_worker"));
+        assert_eq!(name("/p/.monitoring_worker.wasm.tmp"), None);
+        assert_eq!(name("/p/monitoring_worker.wasm.tmp"), None);
+        assert_eq!(name("/p/.hidden.wasm"), None);
+        assert_eq!(name("/p/notes.txt"), None);
     }
 }

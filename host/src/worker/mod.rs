@@ -116,10 +116,19 @@ impl Worker {
             self.offer(&kv.key, &kv.value_str());
         }
         let mut watch = self.store.watch(&prefix, revision + 1).await?;
+        let mut plugins_changed = self.plugins.subscribe();
         loop {
             let changes = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 changes = watch.next() => changes?,
+                Ok(()) = plugins_changed.changed() => {
+                    // A plugin came or went: jobs already waiting may be ours to run now.
+                    let (ready, _) = self.store.list(&prefix).await?;
+                    for kv in ready {
+                        self.offer(&kv.key, &kv.value_str());
+                    }
+                    continue;
+                }
             };
             for change in changes {
                 if let Change::Put(kv) = change {
@@ -157,15 +166,15 @@ impl Worker {
         let Some(job_id) = self.store.keys().parse_job_key(Queue::Ready, key) else {
             return;
         };
-        if self.plugins.get(handler).is_none() {
+        let Some(plugin) = self.plugins.get(handler) else {
             tracing::debug!(
                 job_id,
                 handler,
                 "no plugin here serves this handler; leaving it"
             );
             return;
-        }
-        let job_id = job_id.to_string();
+        };
+        let (job_id, handler) = (job_id.to_string(), handler.to_string());
         let span = tracing::info_span!("job", job_id = %job_id, handler = %handler);
         let worker = self.clone();
         self.in_flight.spawn(
@@ -175,6 +184,16 @@ impl Worker {
                     _ = worker.stop_claiming.cancelled() => return,
                 };
                 let Ok(_slot) = slot else { return };
+                // The plugin's own bound (limits.max_instances), taken before the claim so a
+                // job never holds a claim while it waits for an instance.
+                let plugin_slot = tokio::select! {
+                    slot = plugin.slots.clone().acquire_owned() => slot,
+                    _ = worker.stop_claiming.cancelled() => return,
+                };
+                let Ok(_plugin_slot) = plugin_slot else { return };
+                if !worker.plugins.serves(&handler) {
+                    return; // its plugin was removed while the job waited for a slot
+                }
                 // An etcd error before the claim would otherwise leave the job in ready with
                 // nobody offering it again; retry until it is claimed, by us or someone else.
                 let mut backoff = Duration::from_millis(200);

@@ -9,7 +9,8 @@ use super::Worker;
 use crate::keys::{Queue, Record};
 use crate::plugins::bindings::esi::worker::types as wit;
 use crate::plugins::engine::CallError;
-use crate::plugins::host_api::{key_of, writable, RecordAccess};
+use crate::plugins::host_api::{key_of, relative_key, writable, RecordAccess};
+use crate::plugins::LoadedPlugin;
 use crate::protocol::{Job, JobId, JobRecord, OnFailure, StateRecord};
 use crate::retry::backoff;
 use crate::store::jobs::{Completion, CompletionOutcome, GuardedWrite};
@@ -71,7 +72,7 @@ impl Worker {
     async fn run_record(&self, claim: &Claim<'_>, record: JobRecord) {
         let job = &record.job;
         tracing::info!(resource = %job.resource_id, action = %job.action, attempt = record.attempts, "running job");
-        let Some(plugin) = self.plugins.get(&record.handler).cloned() else {
+        let Some(plugin) = self.plugins.get(&record.handler) else {
             let message = format!(
                 "no plugin serves handler {:?} (job {})",
                 record.handler, job.id
@@ -99,7 +100,7 @@ impl Worker {
                 attempts: record.attempts,
                 reruns,
                 elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                config: "{}".into(),
+                config: plugin.config_json().to_string(),
             };
             let call = self.engine.handle(
                 &plugin,
@@ -122,13 +123,18 @@ impl Worker {
                     reruns += 1;
                     continue;
                 }
-                Ok(Ok(wit::Outcome::Completed(c))) => self.verdict_of_completion(c, &access),
+                Ok(Ok(wit::Outcome::Completed(c))) => {
+                    self.verdict_of_completion(c, &access, &plugin)
+                }
                 Ok(Err(wit::JobError::Retryable(m))) => Verdict::Retry(m),
                 Ok(Err(wit::JobError::Permanent(m))) => Verdict::Fail(m),
                 Err(CallError::Interrupted { .. }) => {
                     return self.hand_back(claim, &record, Stopped::LeaseLost).await
                 }
-                Err(call) => Verdict::Retry(call.to_string()),
+                Err(call) => {
+                    self.plugins.count_failure(&plugin.name, call.kind());
+                    Verdict::Retry(call.to_string())
+                }
             };
             let rerun = match verdict {
                 Verdict::Done { output, writes } => {
@@ -172,7 +178,29 @@ impl Worker {
         }
     }
 
-    fn verdict_of_completion(&self, c: wit::Completion, access: &RecordAccess) -> Verdict {
+    fn verdict_of_completion(
+        &self,
+        c: wit::Completion,
+        access: &RecordAccess,
+        plugin: &LoadedPlugin,
+    ) -> Verdict {
+        let size = c.output.len()
+            + c.writes
+                .iter()
+                .map(|w| match &w.op {
+                    wit::WriteOp::Put(v) => v.len(),
+                    wit::WriteOp::Delete => 0,
+                })
+                .sum::<usize>();
+        if size > plugin.max_output_bytes() {
+            self.plugins.count_failure(&plugin.name, "output");
+            return Verdict::Fail(format!(
+                "plugin {} returned {size} bytes of output and writes, over its limit of {} \
+                 (limits.max_output_kib in its manifest)",
+                plugin.name,
+                plugin.max_output_bytes()
+            ));
+        }
         let output = match serde_json::from_str::<Value>(&c.output) {
             Ok(Value::Object(o)) => o,
             Ok(_) | Err(_) => {
@@ -193,6 +221,16 @@ impl Worker {
                     return Verdict::Fail(format!("plugin proposed a write to a bad record: {e:?}"))
                 }
             };
+            let relative = relative_key(&access.store, &key);
+            if !plugin.manifest.may_write(relative) {
+                tracing::warn!(plugin = %plugin.name, key = %relative, "proposed write refused: not granted");
+                self.plugins.count_failure(&plugin.name, "write-denied");
+                return Verdict::Fail(format!(
+                    "plugin {} proposed a write to {relative}, which its manifest does not grant \
+                     (capabilities.write: {:?})",
+                    plugin.name, plugin.manifest.write
+                ));
+            }
             writes.push(GuardedWrite {
                 key,
                 value: match w.op {

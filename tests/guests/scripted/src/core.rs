@@ -33,8 +33,8 @@
 use serde_json::{json, Value};
 
 pub use esi_plugin_sdk::{
-    HostError, Job, JobError, LogLevel, Logger, Outcome, RecordKind, RecordReader, RunContext,
-    Versioned,
+    HostError, Job, JobError, LogLevel, Logger, Outcome, ProposedWrite, RecordKind, RecordReader,
+    RecordRef, RunContext, Versioned, WriteOp,
 };
 
 /// The handler name (and plugin name) of this guest.
@@ -44,7 +44,7 @@ pub const HANDLER: &str = "scripted_worker";
 pub const SCRIPT_FIELD: &str = "script";
 
 /// What a run does, read from `resource_input.script`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Script {
     /// No script: complete with `{"scripted": {"attempts": K}}`.
     Complete,
@@ -60,6 +60,19 @@ pub enum Script {
     /// something that stops the call (its deadline, or the host losing its lease) moves the
     /// job on.
     SpinUntilAttempt(u32),
+    /// `{"allocate_mib": N}`: allocate and touch N MiB, then complete (a memory bomb when N is
+    /// over the plugin's limit).
+    AllocateMib(u32),
+    /// `{"recurse": N}`: recurse N calls deep, then complete (a stack overflow when N is big).
+    Recurse(u32),
+    /// `{"read": "<kind> <resource_type> <resource_id>"}`: read that record; a refused read
+    /// fails the job permanently with the host's message, a granted one completes with it.
+    Read(RecordRef),
+    /// `{"write": "<kind> <resource_type> <resource_id>"}`: complete, proposing to put `{}`
+    /// there.
+    Write(RecordRef),
+    /// `{"output_kib": N}`: complete with N KiB of output.
+    OutputKib(u32),
 }
 
 /// The two kinds of [`JobError`].
@@ -97,7 +110,9 @@ impl Script {
             JobError::Permanent(format!(
                 "resource_input.{SCRIPT_FIELD} {script}: {why}; expected one of \
                  {{\"fail_retryable_until_attempt\": N}}, {{\"always\": \"retryable\"|\"permanent\"}}, \
-                 {{\"trap\": true}}, {{\"spin\": true}}, {{\"spin_until_attempt\": N}}"
+                 {{\"trap\": true}}, {{\"spin\": true}}, {{\"spin_until_attempt\": N}}, \
+                 {{\"allocate_mib\": N}}, {{\"recurse\": N}}, {{\"output_kib\": N}}, \
+                 {{\"read\": \"<kind> <type> <id>\"}}, {{\"write\": \"<kind> <type> <id>\"}}"
             ))
         };
         let Some(object) = script.as_object() else {
@@ -126,9 +141,48 @@ impl Script {
                 .and_then(|n| u32::try_from(n).ok())
                 .map(Script::SpinUntilAttempt)
                 .ok_or_else(|| bad("the attempt is not a small non-negative integer")),
+            ("allocate_mib", Value::Number(n)) => small(n)
+                .map(Script::AllocateMib)
+                .ok_or_else(|| bad("not a small non-negative integer")),
+            ("recurse", Value::Number(n)) => small(n)
+                .map(Script::Recurse)
+                .ok_or_else(|| bad("not a small non-negative integer")),
+            ("output_kib", Value::Number(n)) => small(n)
+                .map(Script::OutputKib)
+                .ok_or_else(|| bad("not a small non-negative integer")),
+            ("read", Value::String(target)) => record_ref(target)
+                .map(Script::Read)
+                .ok_or_else(|| bad("expected \"<kind> <resource_type> <resource_id>\"")),
+            ("write", Value::String(target)) => record_ref(target)
+                .map(Script::Write)
+                .ok_or_else(|| bad("expected \"<kind> <resource_type> <resource_id>\"")),
             _ => Err(bad("unknown script")),
         }
     }
+}
+
+fn small(n: &serde_json::Number) -> Option<u32> {
+    n.as_u64().and_then(|n| u32::try_from(n).ok())
+}
+
+/// `"<kind> <resource_type> <resource_id>"`, kinds named as in the WIT (`vlan-pool`, ...).
+fn record_ref(text: &str) -> Option<RecordRef> {
+    let mut parts = text.split_whitespace();
+    let kind = match parts.next()? {
+        "config" => RecordKind::Config,
+        "state" => RecordKind::State,
+        "monitoring" => RecordKind::Monitoring,
+        "monitoring-target" => RecordKind::MonitoringTarget,
+        "resource-mapping" => RecordKind::ResourceMapping,
+        "vlan-pool" => RecordKind::VlanPool,
+        _ => return None,
+    };
+    let (resource_type, resource_id) = (parts.next()?, parts.next()?);
+    parts.next().is_none().then(|| RecordRef {
+        kind,
+        resource_type: resource_type.to_string(),
+        resource_id: resource_id.to_string(),
+    })
 }
 
 /// Runs one `scripted_worker` job: follows its script.
@@ -143,7 +197,7 @@ impl Script {
 pub fn handle(
     job: &Job,
     context: &RunContext,
-    _reader: &mut dyn RecordReader,
+    reader: &mut dyn RecordReader,
     logger: &mut dyn Logger,
 ) -> Result<Outcome, JobError> {
     let script = Script::of(&job.resource_input)?;
@@ -152,23 +206,74 @@ pub fn handle(
         LogLevel::Info,
         &format!("following {script:?} at attempt {attempt}"),
     );
+    let config = &context.config;
     match script {
-        Script::Complete => Ok(completed(attempt)),
+        Script::Complete => Ok(completed(attempt, config)),
         Script::FailRetryableUntilAttempt(until) if attempt < until => Err(JobError::Retryable(
             format!("scripted retryable failure at attempt {attempt}"),
         )),
-        Script::FailRetryableUntilAttempt(_) => Ok(completed(attempt)),
+        Script::FailRetryableUntilAttempt(_) => Ok(completed(attempt, config)),
         Script::Always(kind) => Err(kind.error(format!("scripted {} failure", kind.name()))),
         Script::Trap => panic!("scripted trap at attempt {attempt}"),
         Script::Spin => spin(),
         Script::SpinUntilAttempt(until) if attempt < until => spin(),
-        Script::SpinUntilAttempt(_) => Ok(completed(attempt)),
+        Script::SpinUntilAttempt(_) => Ok(completed(attempt, config)),
+        Script::AllocateMib(mib) => {
+            let mut bomb: Vec<u8> = Vec::new();
+            for _ in 0..mib {
+                let mut chunk = vec![1u8; 1 << 20];
+                chunk[0] = std::hint::black_box(2);
+                bomb.push(chunk[(1 << 20) - 1]);
+                std::mem::forget(chunk);
+            }
+            Ok(completed(attempt, config))
+        }
+        Script::Recurse(depth) => {
+            std::hint::black_box(recurse(depth));
+            Ok(completed(attempt, config))
+        }
+        Script::Read(target) => {
+            match reader.read(target.kind, &target.resource_type, &target.resource_id) {
+                Ok(found) => Ok(Outcome::Completed {
+                    output: json!({"scripted": {"read": found.map(|v| v.value)}}),
+                    writes: Vec::new(),
+                }),
+                Err(e) => Err(JobError::Permanent(format!("read refused: {e:?}"))),
+            }
+        }
+        Script::Write(target) => Ok(Outcome::Completed {
+            output: json!({"scripted": {"attempts": attempt}}),
+            writes: vec![ProposedWrite {
+                target,
+                op: WriteOp::Put("{}".into()),
+                expect_mod_revision: None,
+            }],
+        }),
+        Script::OutputKib(kib) => Ok(Outcome::Completed {
+            output: json!({"scripted": {"padding": "x".repeat(kib as usize * 1024)}}),
+            writes: Vec::new(),
+        }),
     }
 }
 
-fn completed(attempt: u32) -> Outcome {
+/// Recurses `depth` calls deep with a frame wasm cannot optimise away.
+fn recurse(depth: u32) -> u64 {
+    if depth == 0 {
+        return 1;
+    }
+    let frame = std::hint::black_box([u64::from(depth); 16]);
+    frame[(depth % 16) as usize].wrapping_add(recurse(depth - 1))
+}
+
+/// The output of a run that completes: the attempt, and the plugin's config when it has one
+/// (so a test can tell which manifest a job ran under).
+fn completed(attempt: u32, config: &Value) -> Outcome {
+    let mut scripted = json!({"attempts": attempt});
+    if config.as_object().is_some_and(|c| !c.is_empty()) {
+        scripted["config"] = config.clone();
+    }
     Outcome::Completed {
-        output: json!({"scripted": {"attempts": attempt}}),
+        output: json!({ "scripted": scripted }),
         writes: Vec::new(),
     }
 }
@@ -225,7 +330,7 @@ mod tests {
         let mut log: Vec<(LogLevel, String)> = Vec::new();
         assert_eq!(
             handle(&job, &context, &mut NoRecords, &mut log),
-            Ok(completed(3))
+            Ok(completed(3, &Value::Null))
         );
     }
 
@@ -238,7 +343,7 @@ mod tests {
                 "scripted retryable failure at attempt 1".into()
             ))
         );
-        assert_eq!(run(script, 2), Ok(completed(2)));
+        assert_eq!(run(script, 2), Ok(completed(2, &Value::Null)));
     }
 
     #[test]
@@ -268,6 +373,8 @@ mod tests {
             json!({"always": "sometimes"}),
             json!({"fail_retryable_until_attempt": -1}),
             json!({"trap": false}),
+            json!({"read": "secrets ha_interface x"}),
+            json!({"write": "config ha_interface"}),
         ] {
             match run(script.clone(), 0) {
                 Err(JobError::Permanent(message)) => {
@@ -276,5 +383,70 @@ mod tests {
                 other => panic!("{script}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_read_completes_with_the_value_and_a_refused_read_fails_permanently() {
+        struct Granted;
+        impl RecordReader for Granted {
+            fn read(
+                &mut self,
+                kind: RecordKind,
+                _: &str,
+                id: &str,
+            ) -> Result<Option<Versioned>, HostError> {
+                match kind {
+                    RecordKind::State => Ok(Some(Versioned {
+                        value: format!("state of {id}"),
+                        mod_revision: 3,
+                    })),
+                    _ => Err(HostError::Denied("not granted".into())),
+                }
+            }
+        }
+        let run_with = |script: Value| {
+            let job = Job {
+                resource_input: json!({ "script": script }),
+                ..Job::default()
+            };
+            let mut log: Vec<(LogLevel, String)> = Vec::new();
+            handle(&job, &RunContext::default(), &mut Granted, &mut log)
+        };
+        let Ok(Outcome::Completed { output, .. }) = run_with(json!({"read": "state ha_interface a"}))
+        else {
+            panic!("a granted read completes");
+        };
+        assert_eq!(output, json!({"scripted": {"read": "state of a"}}));
+        match run_with(json!({"read": "config ha_interface a"})) {
+            Err(JobError::Permanent(m)) => assert!(m.contains("not granted"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_write_script_proposes_a_put_to_its_record() {
+        let Ok(Outcome::Completed { writes, .. }) =
+            run(json!({"write": "vlan-pool ha_interface p1"}), 0)
+        else {
+            panic!("a write script completes");
+        };
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].target.kind, RecordKind::VlanPool);
+        assert_eq!(writes[0].target.resource_id, "p1");
+    }
+
+    #[test]
+    fn the_plugin_config_shows_in_the_output_when_set() {
+        let job = Job::default();
+        let context = RunContext {
+            config: json!({"build": 3}),
+            ..RunContext::default()
+        };
+        let mut log: Vec<(LogLevel, String)> = Vec::new();
+        let Ok(Outcome::Completed { output, .. }) = handle(&job, &context, &mut NoRecords, &mut log)
+        else {
+            panic!("no script completes");
+        };
+        assert_eq!(output, json!({"scripted": {"attempts": 0, "config": {"build": 3}}}));
     }
 }
