@@ -139,7 +139,18 @@ impl Keys {
 
     /// `/esi-worker/dead_jobs/<job_id>`: a job that failed for good, kept for inspection.
     pub fn dead_job(&self, job_id: &str) -> String {
-        format!("{}/esi-worker/dead_jobs/{}", self.root, job_id)
+        format!("{}{}", self.dead_jobs_prefix(), job_id)
+    }
+
+    /// `/esi-worker/dead_jobs/`, for listing every dead job.
+    pub fn dead_jobs_prefix(&self) -> String {
+        format!("{}/esi-worker/dead_jobs/", self.root)
+    }
+
+    /// The job id at the end of a dead-job key.
+    pub fn parse_dead_job_key<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let id = key.strip_prefix(self.dead_jobs_prefix().as_str())?;
+        (!id.is_empty()).then_some(id)
     }
 
     /// `/esi-worker/hosts/<host_id>`: a running host (bound to its lease), so that tools can
@@ -216,5 +227,9 @@ mod tests {
         );
         assert_eq!(k.parse_job_key(Queue::Ready, "/t/1/jobs/readyx/j1"), None);
         assert_eq!(k.parse_job_key(Queue::All, "/t/1/jobs/ready/j1"), None);
+        assert_eq!(k.parse_dead_job_key(&k.dead_job("j1")), Some("j1"));
+        assert!(k.dead_job("j1").starts_with(&k.dead_jobs_prefix()));
+        assert_eq!(k.parse_dead_job_key("/t/1/esi-worker/dead_jobs/"), None);
+        assert_eq!(k.parse_dead_job_key("/esi-worker/dead_jobs/j1"), None);
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod demo;
 pub mod host;
+pub mod inspect;
 pub mod keys;
 pub mod lease;
 pub mod local_etcd;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use esi_host::demo::{self, DemoConfig};
+use esi_host::inspect::{self, JobQueue};
 use esi_host::keys::Keys;
 use esi_host::schema::SchemaRegistry;
 use esi_host::store::Store;
@@ -40,6 +41,119 @@ enum Command {
     /// Inspect VLAN pools.
     #[command(subcommand)]
     Vlan(VlanCommand),
+    /// Inspect jobs (the queues under /jobs/ and the dead jobs) and retry a dead one.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Inspect one resource: its config, /state, job state, monitoring and jobs.
+    #[command(subcommand)]
+    Resource(ResourceCommand),
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// List jobs: id, handler, resource, attempts, age and owner host.
+    ///
+    /// Without --state: every job under /jobs/ and then every dead job, with a QUEUE column
+    /// (ready, waiting, working, finished, unqueued = its claim vanished and the job manager has
+    /// not re-queued it yet, dead).
+    ///
+    /// AGE: etcd keeps no timestamps and job records carry none, so a live job's age is the
+    /// number of etcd revisions since its /jobs/all record was written (e.g. `17rev`; every
+    /// etcd write counts); a dead job's is the time since it failed (`42s`, `5m`, `3h`, `2d`).
+    /// OWNER: the host registered (/esi-worker/hosts/<id>) on the lease of the job's claim;
+    /// `?` when no host record is on that lease, `-` when the job is not claimed.
+    ///
+    /// --json prints {"revision": N, "jobs": [{"id", "queue", "handler", "resource_type",
+    /// "resource_id", "attempts", "age_seconds", "age_revisions", "owner_host", "error",
+    /// "record_problem"}]}; unknown values are null.
+    List {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Only the jobs in this queue.
+        #[arg(long, value_enum)]
+        state: Option<JobStateArg>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job: its record, the queues holding it, its claim, finished value and dead-job
+    /// record.
+    ///
+    /// --json prints {"id", "handler", "resource_type", "resource_id", "queues": [...],
+    /// "record": {"key", "create_revision", "mod_revision", "attempts", "value", "problem"},
+    /// "claim": {"key", "reservation", "lease", "owner_host"}, "finished": {"key", "value",
+    /// "failed"}, "dead": {"key", "mod_revision", "error", "attempts", "failed_at_unix",
+    /// "age_seconds", "job", "problem"}}; an absent part is null. Exits non-zero if no key of
+    /// the job exists.
+    Show {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The job id (`<action>:<handler>:<type>:<resource_id>:<version>:<suffix>`).
+        job_id: String,
+    },
+    /// Re-run one dead job: put it back to ready with attempts reset to 0.
+    ///
+    /// Only a dead job (/esi-worker/dead_jobs/<id>) whose record the job manager has cleaned
+    /// can be retried: in one transaction, and only if /jobs/all/<id> and every queue key of the
+    /// id are absent and the dead-job record is unchanged, it writes /jobs/all/<id> (the kept
+    /// record, attempts 0) and /jobs/ready/<id> and deletes the dead-job record. Anything else
+    /// is refused with a non-zero exit and nothing is written.
+    ///
+    /// This re-runs that single job. When it failed with on_failure "fail", the rest of its
+    /// workflow was cancelled and stays cancelled; to redo a whole workflow, have gohan write
+    /// the resource's config again (a new version).
+    Retry {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// The dead job's id.
+        job_id: String,
+    },
+}
+
+/// The queues `jobs list --state` filters on.
+#[derive(Clone, Copy, ValueEnum)]
+enum JobStateArg {
+    Ready,
+    Waiting,
+    Working,
+    Dead,
+}
+
+impl From<JobStateArg> for JobQueue {
+    fn from(state: JobStateArg) -> Self {
+        match state {
+            JobStateArg::Ready => JobQueue::Ready,
+            JobStateArg::Waiting => JobQueue::Waiting,
+            JobStateArg::Working => JobQueue::Working,
+            JobStateArg::Dead => JobQueue::Dead,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ResourceCommand {
+    /// Show one resource: config (version, body), /state, job state, monitoring record,
+    /// monitoring targets, and its jobs (under /jobs/ and dead).
+    ///
+    /// --json prints {"resource_type", "plural", "resource_id", "config": {"key",
+    /// "mod_revision", "version", "marked_for_deletion", "body", "problem"}, "state",
+    /// "job_state", "monitoring", "monitoring_targets" (each {"key", "mod_revision", "value"}),
+    /// "jobs": [rows as in `jobs list --json`]}; an absent record is null. Exits non-zero if
+    /// nothing at all is stored for the resource.
+    Show {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The resource type, singular (ha_interface) or plural (ha_interfaces).
+        resource_type: String,
+        /// The resource id.
+        resource_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -199,6 +313,24 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Jobs(command) => jobs(command).await,
+        Command::Resource(ResourceCommand::Show {
+            etcd,
+            json,
+            resource_type,
+            resource_id,
+        }) => {
+            let store = Store::connect(&etcd.endpoints, Keys::new(&etcd.key_root)).await?;
+            let schemas = SchemaRegistry::built_in();
+            let view =
+                inspect::show_resource(&store, &schemas, &resource_type, &resource_id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", view.render());
+            }
+            Ok(())
+        }
         Command::Demo(args) => {
             demo::run(DemoConfig {
                 plugin_dir: args.plugin_dir,
@@ -208,6 +340,41 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+async fn jobs(command: JobsCommand) -> anyhow::Result<()> {
+    match command {
+        JobsCommand::List { etcd, state, json } => {
+            let store = Store::connect(&etcd.endpoints, Keys::new(&etcd.key_root)).await?;
+            let list = inspect::list_jobs(&store, state.map(JobQueue::from)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", inspect::render_job_table(&list.jobs, state.is_none()));
+            }
+        }
+        JobsCommand::Show { etcd, json, job_id } => {
+            let store = Store::connect(&etcd.endpoints, Keys::new(&etcd.key_root)).await?;
+            let view = inspect::show_job(&store, &job_id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", view.render());
+            }
+        }
+        JobsCommand::Retry { etcd, job_id } => {
+            let store = Store::connect(&etcd.endpoints, Keys::new(&etcd.key_root)).await?;
+            let retried = inspect::retry_job(&store, &job_id).await?;
+            println!(
+                "job {} re-queued at {} with attempts reset to 0 (it had failed after {} attempts: {})",
+                retried.id,
+                retried.ready_key,
+                retried.failed_attempts.map_or("?".to_string(), |a| a.to_string()),
+                retried.error
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 //! (get, list, watch, leases) is here; the protocol's transactions, each of which is a safety
 //! boundary, live in [`jobs`] with a comment saying what its compares guarantee.
 
+pub mod inspect;
 pub mod jobs;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
