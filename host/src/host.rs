@@ -120,8 +120,7 @@ impl Host {
             config.limits.clone(),
             config.compile_cache.as_deref(),
         )?);
-        let plugins =
-            Arc::new(PluginRegistry::load_dir(engine.clone(), &config.plugin_dir).await?);
+        let plugins = Arc::new(PluginRegistry::load_dir(engine.clone(), &config.plugin_dir).await?);
         if plugins.handlers().is_empty() {
             tracing::warn!(dir = %config.plugin_dir.display(), "no plugin loaded: this host will claim no job");
         }
@@ -192,7 +191,12 @@ impl Host {
         );
         tasks.spawn(worker.clone().run(shutdown.clone()));
         plugins
-            .publish_status(store.clone(), lease.clone(), &config.host_id)
+            .publish_status(
+                store.clone(),
+                lease.clone(),
+                &config.host_id,
+                shutdown.clone(),
+            )
             .await;
         if config.hot_reload {
             tasks.spawn(plugins.clone().watch(shutdown.clone()));

@@ -5,7 +5,9 @@
 //! seeing each other's keys; without it the test starts a private etcd process. Either way the
 //! server is a real etcd.
 
-use std::path::PathBuf;
+pub mod scripted;
+
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -375,6 +377,38 @@ pub fn seed_ha_interface_body(id: &str) -> Value {
 impl TestEnv {
     /// Every PUT ever made under `/state/` in this namespace, counted per key, read with a
     /// watch from revision 1: the exactly-once check of the chaos tests.
+    /// The fleet status record of plugin `name` on host `host_id`, if there is one.
+    pub async fn plugin_status(&self, host_id: &str, name: &str) -> anyhow::Result<Option<Value>> {
+        let key = self.keys().plugin_status(host_id, name);
+        Ok(match self.store.get(&key).await? {
+            Some(kv) => Some(serde_json::from_slice(&kv.value)?),
+            None => None,
+        })
+    }
+
+    /// Waits until plugin `name`'s status on `host_id` satisfies `until`; returns it.
+    pub async fn wait_plugin_status(
+        &self,
+        host_id: &str,
+        name: &str,
+        timeout: Duration,
+        until: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let status = self.plugin_status(host_id, name).await?;
+            if let Some(status) = status.as_ref().filter(|s| until(s)) {
+                return Ok(status.clone());
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "plugin {name} on {host_id}: status still {status:?} after {timeout:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn state_put_counts(
         &self,
     ) -> anyhow::Result<std::collections::HashMap<String, usize>> {
@@ -480,6 +514,87 @@ pub fn test_plugin_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// Where the example plugins are (`ESI_EXAMPLE_PLUGIN_DIR`, else `target/example-plugins`).
+pub fn example_plugin_dir() -> PathBuf {
+    let dir = std::env::var_os("ESI_EXAMPLE_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join("target/example-plugins"));
+    assert!(
+        dir.join("example_echo_worker.wasm").exists(),
+        "{} has no example_echo_worker.wasm: build it first with `cargo xtask build-plugins` \
+         (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A fresh directory (one per call) holding *copies* of the named plugins (`<name>.wasm` and,
+/// if there is one, `<name>.toml`) found in `sources`: a directory a test may rename new
+/// versions into without touching the shared build output.
+pub fn plugin_dir_with_copies(sources: &[PathBuf], names: &[&str]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("esi-test-plugins-{}", uuid_like()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("creating plugin directory {}: {e}", dir.display()));
+    for name in names {
+        let source = sources
+            .iter()
+            .find(|s| s.join(format!("{name}.wasm")).exists())
+            .unwrap_or_else(|| panic!("no {name}.wasm in {sources:?}"));
+        for ext in ["wasm", "toml"] {
+            let from = source.join(format!("{name}.{ext}"));
+            if from.exists() {
+                let to = dir.join(format!("{name}.{ext}"));
+                std::fs::copy(&from, &to).unwrap_or_else(|e| {
+                    panic!("copying {} to {}: {e}", from.display(), to.display())
+                });
+            }
+        }
+    }
+    dir
+}
+
+/// Writes `bytes` to `path` the supported way for a live plugin directory: a temporary file
+/// in the same directory, then a rename over the old one.
+pub fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("plugin")
+    ));
+    std::fs::write(&tmp, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path)
+        .unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
+}
+
+/// A component with a custom section appended: the same code under a different sha256, as a
+/// rebuilt plugin would be.
+pub fn component_variant(component: &[u8], build: u32) -> Vec<u8> {
+    let name = b"esi-test-build";
+    let payload = build.to_le_bytes();
+    let mut section = Vec::new();
+    leb128(&mut section, name.len());
+    section.extend_from_slice(name);
+    section.extend_from_slice(&payload);
+    let mut out = component.to_vec();
+    out.push(0); // custom section id
+    leb128(&mut out, section.len());
+    out.extend_from_slice(&section);
+    out
+}
+
+fn leb128(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
 }
 
 /// A fresh directory (one per call) holding symlinks to every component of [`plugin_dir`] and

@@ -45,9 +45,16 @@ use wit_component::ComponentEncoder;
 /// `crate-type = ["cdylib", ...]`).
 const PLUGINS: &[&str] = &["monitoring_worker", "vlan_pool_worker"];
 
+/// Example plugins (`plugins/examples/*`): built like [`PLUGINS`] into `<target dir>/`
+/// [`EXAMPLE_PLUGIN_DIR`], so the demo and production directories never serve them by accident.
+const EXAMPLES: &[&str] = &["example_echo_worker"];
+
+/// Directory under the target dir that receives [`EXAMPLES`].
+const EXAMPLE_PLUGIN_DIR: &str = "example-plugins";
+
 /// Guest crates only integration tests load, built like [`PLUGINS`] but into
 /// `<target dir>/`[`TEST_PLUGIN_DIR`], never into the plugin directory.
-const TEST_GUESTS: &[&str] = &["scripted_worker"];
+const TEST_GUESTS: &[&str] = &["scripted_worker", "broken_describe_worker"];
 
 /// Directory under the target dir that receives [`TEST_GUESTS`].
 const TEST_PLUGIN_DIR: &str = "test-plugins";
@@ -174,10 +181,12 @@ fn parse_build_options(mut args: impl Iterator<Item = String>) -> Result<BuildOp
             "--package" | "-p" => {
                 let name = value("--package")?;
                 ensure!(
-                    PLUGINS.contains(&name.as_str()) || TEST_GUESTS.contains(&name.as_str()),
+                    PLUGINS.contains(&name.as_str())
+                        || EXAMPLES.contains(&name.as_str())
+                        || TEST_GUESTS.contains(&name.as_str()),
                     "`{name}` is not a plugin crate; known plugins: {}; known test guests: {} \
-                     (add new ones to PLUGINS or TEST_GUESTS in xtask/src/main.rs)",
-                    PLUGINS.join(", "),
+                     (add new ones to PLUGINS, EXAMPLES or TEST_GUESTS in xtask/src/main.rs)",
+                    [PLUGINS, EXAMPLES].concat().join(", "),
                     TEST_GUESTS.join(", ")
                 );
                 if !options.packages.contains(&name) {
@@ -199,8 +208,14 @@ fn build_plugins(options: &BuildOptions) -> Result<()> {
         None => target_dir.join("plugins"),
     };
     let test_out_dir = target_dir.join(TEST_PLUGIN_DIR);
+    let example_out_dir = target_dir.join(EXAMPLE_PLUGIN_DIR);
     let packages: Vec<&str> = if options.packages.is_empty() {
-        PLUGINS.iter().chain(TEST_GUESTS).copied().collect()
+        PLUGINS
+            .iter()
+            .chain(EXAMPLES)
+            .chain(TEST_GUESTS)
+            .copied()
+            .collect()
     } else {
         options.packages.iter().map(String::as_str).collect()
     };
@@ -212,6 +227,8 @@ fn build_plugins(options: &BuildOptions) -> Result<()> {
     for package in packages {
         let (dir, what) = if TEST_GUESTS.contains(&package) {
             (&test_out_dir, "test guest crate")
+        } else if EXAMPLES.contains(&package) {
+            (&example_out_dir, "example plugin crate")
         } else {
             (&out_dir, "plugin crate")
         };
@@ -235,6 +252,7 @@ fn crate_dir(package: &str) -> Option<&'static str> {
         "monitoring_worker" => Some("plugins/monitoring"),
         "vlan_pool_worker" => Some("plugins/vlan_pool"),
         "scripted_worker" => Some("tests/guests/scripted"),
+        "broken_describe_worker" => Some("tests/guests/broken_describe"),
         "example_echo_worker" => Some("plugins/examples/echo"),
         _ => None,
     }
@@ -565,6 +583,7 @@ mod tests {
     fn no_crate_is_both_a_plugin_and_a_test_guest() {
         for guest in TEST_GUESTS {
             assert!(!PLUGINS.contains(guest), "{guest} is in both lists");
+            assert!(!EXAMPLES.contains(guest), "{guest} is in both lists");
         }
     }
 

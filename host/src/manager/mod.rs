@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::index::{JobIndex, ResourceKey};
 use self::mappings::{resolve_params, ConfigLookup, Lookup, ResolveError};
-use self::workflow::{decide, plan, template_id, Step, HANDLER_ORDER};
+use self::workflow::{decide, handler_order, plan, template_id, Step};
 use crate::keys::{Queue, Record};
 use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobId, JobRecord, StateRecord};
 use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
@@ -48,6 +48,15 @@ impl ServedHandlers {
             external: handlers.into_iter().collect(),
             plugins: None,
         }
+    }
+
+    /// Every handler served now.
+    pub fn all(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.external.iter().cloned().collect();
+        if let Some(plugins) = &self.plugins {
+            all.extend(plugins.handlers());
+        }
+        all
     }
 
     pub fn contains(&self, handler: &str) -> bool {
@@ -382,8 +391,8 @@ impl JobManager {
         config: &ConfigEnvelope,
     ) -> anyhow::Result<Result<Option<Vec<Step>>, String>> {
         let mut steps = Vec::new();
-        for handler in HANDLER_ORDER {
-            let Some(template) = template_id(handler, schema)
+        for handler in handler_order(self.config.handlers.all()) {
+            let Some(template) = template_id(&handler, schema)
                 .and_then(|t| self.templates.get(&t))
                 .cloned()
             else {

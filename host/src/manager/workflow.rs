@@ -12,13 +12,33 @@ pub const HANDLER_ORDER: [&str; 3] = ["vlan_pool_worker", "heat_worker", "monito
 /// The handler whose modify is `delete` + `create` rather than one `modify` job.
 pub const MONITORING: &str = "monitoring_worker";
 
-/// The template id a handler uses for a resource type, if the handler is template-driven.
+/// The template id a handler uses for a resource type, if the handler is template-driven:
+/// `<type>_monitoring` and `<type>_vlan_pool` for the built-in ones (the names ESI's templates
+/// have), `<type>_<handler>` for any third-party handler. The heat worker is not driven by
+/// templates here.
 pub fn template_id(handler: &str, schema: &Schema) -> Option<String> {
     match handler {
         "monitoring_worker" => Some(format!("{}_monitoring", schema.id)),
         "vlan_pool_worker" => Some(format!("{}_vlan_pool", schema.id)),
-        _ => None,
+        "heat_worker" => None,
+        other => Some(format!("{}_{other}", schema.id)),
     }
+}
+
+/// The order handlers' jobs run in within a workflow: the built-in ones in
+/// [`HANDLER_ORDER`], then every other handler served, by name.
+pub fn handler_order(served: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut others: Vec<String> = served
+        .into_iter()
+        .filter(|h| !HANDLER_ORDER.contains(&h.as_str()))
+        .collect();
+    others.sort();
+    others.dedup();
+    HANDLER_ORDER
+        .iter()
+        .map(|h| h.to_string())
+        .chain(others)
+        .collect()
 }
 
 /// What the job manager must do for a config, given the version of its `/state` (if any).
@@ -184,6 +204,26 @@ mod tests {
         assert_eq!(
             deleted[0].handler, MONITORING,
             "teardown runs in reverse order"
+        );
+    }
+
+    #[test]
+    fn third_party_handlers_run_after_the_built_in_ones_by_name() {
+        let served = [
+            "zeta_worker",
+            "monitoring_worker",
+            "alpha_worker",
+            "alpha_worker",
+        ];
+        assert_eq!(
+            handler_order(served.map(String::from)),
+            [
+                "vlan_pool_worker",
+                "heat_worker",
+                "monitoring_worker",
+                "alpha_worker",
+                "zeta_worker"
+            ]
         );
     }
 }

@@ -113,27 +113,40 @@ pub enum CallError {
     Instantiate { plugin: String, message: String },
     #[error("plugin {plugin} was stopped: the host lost the lease its job was claimed under")]
     Interrupted { plugin: String },
+    #[error(
+        "plugin {plugin} hit its memory limit of {limit_mib} MiB (limits.memory_mib): {message}"
+    )]
+    Memory {
+        plugin: String,
+        limit_mib: usize,
+        message: String,
+    },
+    #[error("plugin {plugin} overflowed its stack (too deep a recursion)")]
+    StackOverflow { plugin: String },
 }
 
 impl CallError {
+    /// Failures that would repeat on a retry with the same input: the guest grew past its
+    /// memory limit or recursed past its stack. Traps and deadlines may be transient (a slow
+    /// read, an instance pool briefly full) and are retried.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            CallError::Memory { .. } | CallError::StackOverflow { .. }
+        )
+    }
+
     /// A short name of the failure, for counters and status records.
     pub fn kind(&self) -> &'static str {
         match self {
             CallError::Deadline { .. } => "deadline",
-            CallError::Trap { message, .. } if is_out_of_memory(message) => "memory",
-            CallError::Trap { message, .. } if message.contains("stack overflow") => "stack",
+            CallError::Memory { .. } => "memory",
+            CallError::StackOverflow { .. } => "stack",
             CallError::Trap { .. } => "trap",
             CallError::Instantiate { .. } => "instantiate",
             CallError::Interrupted { .. } => "interrupted",
         }
     }
-}
-
-/// A guest that ran out of memory traps when its allocator gives up after `memory.grow`
-/// failed at the store's limit; Rust guests abort through `unreachable`, with the allocation
-/// error in their message when they print one.
-fn is_out_of_memory(message: &str) -> bool {
-    message.contains("memory allocation") || message.contains("out of memory")
 }
 
 /// Owns the engine, the linker and the epoch ticker.
@@ -243,9 +256,9 @@ impl PluginEngine {
             .with_context(|| format!("{}: describe() failed", path.display()))?;
         validate_info(&info)
             .with_context(|| format!("{}: describe() answered badly", path.display()))?;
-        manifest.check_handlers(&info.handlers).map_err(|e| {
-            anyhow::anyhow!("{}: {e}", Manifest::path_for(path).display())
-        })?;
+        manifest
+            .check_handlers(&info.handlers)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", Manifest::path_for(path).display()))?;
         let limits = self.limits_for(&manifest);
         let loaded_at_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -316,10 +329,20 @@ impl PluginEngine {
             interrupt: interrupt.clone(),
         };
         let (mut store, instance) = self.instantiate(&plugin.pre, call).await?;
-        instance
-            .call_handle(&mut store, job, context)
-            .await
-            .map_err(|e| classify(&name, &plugin.limits, e, interrupt))
+        let answer = instance.call_handle(&mut store, job, context).await;
+        answer.map_err(|e| {
+            let error = classify(&name, &plugin.limits, e, interrupt);
+            match error {
+                CallError::Trap { message, .. } if store.data().limits.memory_refused => {
+                    CallError::Memory {
+                        plugin: name.clone(),
+                        limit_mib: plugin.limits.max_memory_bytes >> 20,
+                        message,
+                    }
+                }
+                other => other,
+            }
+        })
     }
 
     async fn instantiate(
@@ -361,7 +384,6 @@ impl PluginEngine {
                 })?;
         Ok((store, instance))
     }
-
 }
 
 impl Drop for PluginEngine {
@@ -386,11 +408,16 @@ fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) {
 }
 
 fn classify(
-plugin: &str,
-limits: &Limits,
-error: wasmtime::Error,
-interrupt: &CancellationToken,
+    plugin: &str,
+    limits: &Limits,
+    error: wasmtime::Error,
+    interrupt: &CancellationToken,
 ) -> CallError {
+    if let Some(wasmtime::Trap::StackOverflow) = error.downcast_ref::<wasmtime::Trap>() {
+        return CallError::StackOverflow {
+            plugin: plugin.to_string(),
+        };
+    }
     if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
         if interrupt.is_cancelled() {
             return CallError::Interrupted {

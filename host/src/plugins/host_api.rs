@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use wasmtime::StoreLimits;
+use wasmtime::{ResourceLimiter, StoreLimits};
 
 use super::bindings::esi::worker::host::Host;
 use super::bindings::esi::worker::types::{
@@ -30,8 +30,50 @@ pub struct HostState {
     pub(crate) access: Option<RecordAccess>,
     /// What the plugin's manifest grants: reads outside `read` prefixes are denied.
     pub(crate) grants: Arc<Manifest>,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: CallLimiter,
     pub(crate) plugin: String,
+}
+
+/// The store's memory limit, remembering whether it refused a growth: a guest whose
+/// allocation failed at the limit usually aborts with a bare `unreachable` trap, and this is
+/// how the host can still say "memory limit" instead of "trap".
+pub struct CallLimiter {
+    limits: StoreLimits,
+    pub(crate) memory_refused: bool,
+}
+
+impl ResourceLimiter for CallLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        self.memory_refused |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 impl HostState {
@@ -44,7 +86,10 @@ impl HostState {
         HostState {
             access,
             grants,
-            limits,
+            limits: CallLimiter {
+                limits,
+                memory_refused: false,
+            },
             plugin: plugin.to_string(),
         }
     }

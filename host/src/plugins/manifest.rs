@@ -142,7 +142,10 @@ impl Manifest {
         let file: File = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if let Some(handlers) = &file.plugin.handlers {
             if handlers.is_empty() {
-                return Err(invalid("plugin.handlers: empty; omit it to serve the handlers the component describes".into()));
+                return Err(invalid(
+                    "plugin.handlers: empty; omit it to serve the handlers the component describes"
+                        .into(),
+                ));
             }
         }
         for (field, prefixes) in [
@@ -181,8 +184,8 @@ impl Manifest {
         if limits.max_instances == Some(0) {
             return Err(invalid("limits.max_instances: must be at least 1".into()));
         }
-        let config = serde_json::to_value(&file.config)
-            .map_err(|e| invalid(format!("config: {e}")))?;
+        let config =
+            serde_json::to_value(&file.config).map_err(|e| invalid(format!("config: {e}")))?;
         let serde_json::Value::Object(config) = config else {
             return Err(invalid("config: not a table".into()));
         };
@@ -257,7 +260,10 @@ mod tests {
         let e = parse("[limits]\ndeadline_ms = 0\n").unwrap_err();
         assert!(e.contains("limits.deadline_ms"), "{e}");
         let e = parse("[capabilities]\nread = [\"state/\"]\n").unwrap_err();
-        assert!(e.contains("capabilities.read") && e.contains("state/"), "{e}");
+        assert!(
+            e.contains("capabilities.read") && e.contains("state/"),
+            "{e}"
+        );
         let e = parse("[limits]\nmax_instances = 0\n").unwrap_err();
         assert!(e.contains("limits.max_instances"), "{e}");
         let e = parse("[plugin]\nhandlers = []\n").unwrap_err();
@@ -284,7 +290,9 @@ mod tests {
     #[test]
     fn granted_handlers_must_be_described() {
         let m = parse("[plugin]\nhandlers = [\"a\", \"b\"]\n").unwrap();
-        assert!(m.check_handlers(&["a".into(), "b".into(), "c".into()]).is_ok());
+        assert!(m
+            .check_handlers(&["a".into(), "b".into(), "c".into()])
+            .is_ok());
         let e = m.check_handlers(&["a".into()]).unwrap_err();
         assert!(e.contains("\"b\""), "{e}");
     }

@@ -75,6 +75,8 @@ pub struct PluginRegistry {
     changed: tokio::sync::watch::Sender<u64>,
     /// One reload at a time: each computes the next set from the current one.
     reloading: tokio::sync::Mutex<()>,
+    /// Wakes the task that republishes failure counts.
+    counts_changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for PluginRegistry {
@@ -104,6 +106,7 @@ impl PluginRegistry {
             publisher: Mutex::new(None),
             changed: tokio::sync::watch::channel(0).0,
             reloading: tokio::sync::Mutex::new(()),
+            counts_changed: tokio::sync::Notify::new(),
         };
         for name in names {
             registry.reload(&name).await;
@@ -147,11 +150,19 @@ impl PluginRegistry {
         if let Some(s) = lock(&self.status).get_mut(plugin) {
             *s.failures.entry(kind.to_string()).or_default() += 1;
         }
+        self.counts_changed.notify_one();
     }
 
     /// Starts publishing status records under the host's lease (and publishes the current
-    /// ones).
-    pub async fn publish_status(&self, store: Store, lease: Arc<HostLease>, host_id: &str) {
+    /// ones). Failure counts are republished by a task, at most every [`DEBOUNCE`], until
+    /// `shutdown`.
+    pub async fn publish_status(
+        self: &Arc<Self>,
+        store: Store,
+        lease: Arc<HostLease>,
+        host_id: &str,
+        shutdown: CancellationToken,
+    ) {
         let publisher = Arc::new(Publisher {
             store,
             lease,
@@ -161,6 +172,25 @@ impl PluginRegistry {
         for status in self.statuses() {
             publish(&publisher, &status).await;
         }
+        let registry = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(changed) = registry.upgrade() else {
+                    return;
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = changed.counts_changed.notified() => {}
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                // Under the reload lock, so a reload's status is never overwritten by an
+                // older copy.
+                let _one_at_a_time = changed.reloading.lock().await;
+                for status in changed.statuses() {
+                    publish(&publisher, &status).await;
+                }
+            }
+        });
     }
 
     /// Loads (or removes) the plugin `name` from the directory and swaps it in.
@@ -187,7 +217,12 @@ impl PluginRegistry {
                 tracing::error!(plugin = %name, path = %path.display(), %reason,
                     "plugin rejected; the previous version (if any) keeps serving");
                 let serving = current.by_name.get(name);
-                status_of(name, serving, format!("rejected: {reason}"), self.failures(name))
+                status_of(
+                    name,
+                    serving,
+                    format!("rejected: {reason}"),
+                    self.failures(name),
+                )
             }
         };
         self.set_status(status).await;
@@ -365,8 +400,14 @@ mod tests {
     #[test]
     fn only_components_and_manifests_name_a_plugin() {
         let name = |p: &str| plugin_file_name(Path::new(p));
-        assert_eq!(name("/p/monitoring_worker.wasm").as_deref(), Some("monitoring_worker"));
-        assert_eq!(name("/p/monitoring_worker.toml").as_deref(), Some("monitoring_worker"));
+        assert_eq!(
+            name("/p/monitoring_worker.wasm").as_deref(),
+            Some("monitoring_worker")
+        );
+        assert_eq!(
+            name("/p/monitoring_worker.toml").as_deref(),
+            Some("monitoring_worker")
+        );
         assert_eq!(name("/p/.monitoring_worker.wasm.tmp"), None);
         assert_eq!(name("/p/monitoring_worker.wasm.tmp"), None);
         assert_eq!(name("/p/.hidden.wasm"), None);

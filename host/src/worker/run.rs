@@ -132,8 +132,13 @@ impl Worker {
                     return self.hand_back(claim, &record, Stopped::LeaseLost).await
                 }
                 Err(call) => {
+                    tracing::warn!(error = %call, kind = call.kind(), "plugin call failed");
                     self.plugins.count_failure(&plugin.name, call.kind());
-                    Verdict::Retry(call.to_string())
+                    if call.is_permanent() {
+                        Verdict::Fail(call.to_string())
+                    } else {
+                        Verdict::Retry(call.to_string())
+                    }
                 }
             };
             let rerun = match verdict {

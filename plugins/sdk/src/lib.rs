@@ -41,11 +41,21 @@ pub use types::{
 ///
 /// The world's exports are generated in the plugin crate, so that its component-type section
 /// describes them; the `types` and `host` interfaces are taken from this crate's bindings.
+///
+/// A crate elsewhere (an outside author's, or `plugins/examples/<name>/`) names the directory
+/// holding `worker.wit`, relative to its own manifest:
+///
+/// ```text
+/// esi_plugin_sdk::export_plugin!(EchoWorker, crate::HANDLER, crate::handle, wit = "../../../wit");
+/// ```
 #[macro_export]
 macro_rules! export_plugin {
     ($component:ident, $name:expr, $handle:path) => {
+        $crate::export_plugin!($component, $name, $handle, wit = "../../wit");
+    };
+    ($component:ident, $name:expr, $handle:path, wit = $wit:literal) => {
         wit_bindgen::generate!({
-            path: "../../wit",
+            path: $wit,
             world: "handler",
             with: {
                 "esi:worker/types@0.1.0": esi_plugin_sdk::guest::bindings::esi::worker::types,

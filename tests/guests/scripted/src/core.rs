@@ -73,6 +73,9 @@ pub enum Script {
     Write(RecordRef),
     /// `{"output_kib": N}`: complete with N KiB of output.
     OutputKib(u32),
+    /// `{"wait_once_ms": N}`: ask to run again in N ms, then complete; the job holds its claim
+    /// (and its plugin version) across the wait.
+    WaitOnceMs(u32),
 }
 
 /// The two kinds of [`JobError`].
@@ -111,7 +114,7 @@ impl Script {
                 "resource_input.{SCRIPT_FIELD} {script}: {why}; expected one of \
                  {{\"fail_retryable_until_attempt\": N}}, {{\"always\": \"retryable\"|\"permanent\"}}, \
                  {{\"trap\": true}}, {{\"spin\": true}}, {{\"spin_until_attempt\": N}}, \
-                 {{\"allocate_mib\": N}}, {{\"recurse\": N}}, {{\"output_kib\": N}}, \
+                 {{\"wait_once_ms\": N}}, {{\"allocate_mib\": N}}, {{\"recurse\": N}}, {{\"output_kib\": N}}, \
                  {{\"read\": \"<kind> <type> <id>\"}}, {{\"write\": \"<kind> <type> <id>\"}}"
             ))
         };
@@ -146,6 +149,9 @@ impl Script {
                 .ok_or_else(|| bad("not a small non-negative integer")),
             ("recurse", Value::Number(n)) => small(n)
                 .map(Script::Recurse)
+                .ok_or_else(|| bad("not a small non-negative integer")),
+            ("wait_once_ms", Value::Number(n)) => small(n)
+                .map(Script::WaitOnceMs)
                 .ok_or_else(|| bad("not a small non-negative integer")),
             ("output_kib", Value::Number(n)) => small(n)
                 .map(Script::OutputKib)
@@ -219,13 +225,12 @@ pub fn handle(
         Script::SpinUntilAttempt(until) if attempt < until => spin(),
         Script::SpinUntilAttempt(_) => Ok(completed(attempt, config)),
         Script::AllocateMib(mib) => {
-            let mut bomb: Vec<u8> = Vec::new();
+            // black_box makes every chunk escape, so the allocations cannot be optimised away.
+            let mut bomb: Vec<Vec<u8>> = Vec::new();
             for _ in 0..mib {
-                let mut chunk = vec![1u8; 1 << 20];
-                chunk[0] = std::hint::black_box(2);
-                bomb.push(chunk[(1 << 20) - 1]);
-                std::mem::forget(chunk);
+                bomb.push(std::hint::black_box(vec![1u8; 1 << 20]));
             }
+            std::hint::black_box(&bomb);
             Ok(completed(attempt, config))
         }
         Script::Recurse(depth) => {
@@ -249,6 +254,8 @@ pub fn handle(
                 expect_mod_revision: None,
             }],
         }),
+        Script::WaitOnceMs(millis) if context.reruns == 0 => Ok(Outcome::Wait { millis }),
+        Script::WaitOnceMs(_) => Ok(completed(attempt, config)),
         Script::OutputKib(kib) => Ok(Outcome::Completed {
             output: json!({"scripted": {"padding": "x".repeat(kib as usize * 1024)}}),
             writes: Vec::new(),
@@ -256,13 +263,14 @@ pub fn handle(
     }
 }
 
-/// Recurses `depth` calls deep with a frame wasm cannot optimise away.
+/// Recurses `depth` calls deep. The values stay in wasm locals (no frame in the shadow stack
+/// in linear memory), so what overflows is the wasm call stack itself; `black_box` on each
+/// call's result keeps the compiler from turning the recursion into a loop.
 fn recurse(depth: u32) -> u64 {
     if depth == 0 {
         return 1;
     }
-    let frame = std::hint::black_box([u64::from(depth); 16]);
-    frame[(depth % 16) as usize].wrapping_add(recurse(depth - 1))
+    std::hint::black_box(recurse(depth - 1)).wrapping_add(u64::from(depth))
 }
 
 /// The output of a run that completes: the attempt, and the plugin's config when it has one
@@ -412,7 +420,8 @@ mod tests {
             let mut log: Vec<(LogLevel, String)> = Vec::new();
             handle(&job, &RunContext::default(), &mut Granted, &mut log)
         };
-        let Ok(Outcome::Completed { output, .. }) = run_with(json!({"read": "state ha_interface a"}))
+        let Ok(Outcome::Completed { output, .. }) =
+            run_with(json!({"read": "state ha_interface a"}))
         else {
             panic!("a granted read completes");
         };
@@ -443,10 +452,14 @@ mod tests {
             ..RunContext::default()
         };
         let mut log: Vec<(LogLevel, String)> = Vec::new();
-        let Ok(Outcome::Completed { output, .. }) = handle(&job, &context, &mut NoRecords, &mut log)
+        let Ok(Outcome::Completed { output, .. }) =
+            handle(&job, &context, &mut NoRecords, &mut log)
         else {
             panic!("no script completes");
         };
-        assert_eq!(output, json!({"scripted": {"attempts": 0, "config": {"build": 3}}}));
+        assert_eq!(
+            output,
+            json!({"scripted": {"attempts": 0, "config": {"build": 3}}})
+        );
     }
 }

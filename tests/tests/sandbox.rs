@@ -1,0 +1,185 @@
+//! The sandbox: hostile guests fail only their own job, grants are enforced, and plugins are
+//! replaced, rejected and removed while the host runs (issue 5).
+//!
+//! The guests are real components: `scripted_worker` (whose every run follows the script in
+//! the job's `resource_input`) under its test manifest (32 MiB, 64 KiB of output, reads of
+//! `/state/`, writes to `/esi-worker/monitoring_targets/`), `broken_describe_worker` (whose
+//! `describe()` traps), and the example third-party handler `example_echo_worker`.
+
+use std::time::{Duration, Instant};
+
+use esi_host::keys::Record;
+use esi_tests::scripted::{
+    completed_output, put_scripted_job, start_host, wait_failed, HANDLER, RESOURCE_TYPE, TIMEOUT,
+};
+use esi_tests::{
+    example_plugin_dir, plugin_dir, plugin_dir_with_copies, plugin_dir_with_test_guests,
+    replace_file, test_plugin_dir, TestEnv,
+};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_guests_fail_only_their_own_job_and_the_host_keeps_serving() {
+    let env = TestEnv::new().await.unwrap();
+    let (host, host_id) = start_host(&env, plugin_dir_with_test_guests()).await;
+
+    let cases = [
+        (json!({"spin": true}), "deadline"),
+        (json!({"allocate_mib": 64}), "memory limit of 32 MiB"),
+        (json!({"recurse": 100_000_000}), "overflowed its stack"),
+        (
+            json!({"read": "config ha_interface secret"}),
+            "reading /config/v2.0/ha_interfaces/secret is not granted",
+        ),
+        (
+            json!({"write": "vlan-pool ha_interface p1"}),
+            "which its manifest does not grant",
+        ),
+        (json!({"output_kib": 128}), "over its limit of 65536"),
+    ];
+    for (script, expected) in cases {
+        let resource = put_scripted_job(&env, Some(script.clone())).await;
+        eprintln!("hostile script {script}: resource {resource}");
+        let error = wait_failed(&env, &resource).await;
+        assert!(error.contains(expected), "{script}: {error}");
+        // The host is still up and serves the next job.
+        let next = put_scripted_job(&env, None).await;
+        assert_eq!(completed_output(&env, &next).await, json!({"attempts": 0}));
+    }
+
+    // A granted read and a granted write go through.
+    let interface = env.key(Record::State, "ha_interface", "granted");
+    env.store.put(&interface, "{\"up\": true}").await.unwrap();
+    let reader = put_scripted_job(&env, Some(json!({"read": "state ha_interface granted"}))).await;
+    assert_eq!(
+        completed_output(&env, &reader).await,
+        json!({"read": "{\"up\": true}"})
+    );
+    let writer = put_scripted_job(
+        &env,
+        Some(json!({"write": "monitoring-target ha_interface granted"})),
+    )
+    .await;
+    completed_output(&env, &writer).await;
+    let target = env.key(Record::MonitoringTarget, "ha_interface", "granted");
+    assert_eq!(env.store.get(&target).await.unwrap().unwrap().value, b"{}");
+
+    // Every failure was counted for the plugin, by kind, in its fleet status.
+    let status = env
+        .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] == "active")
+        .await
+        .unwrap();
+    let failures = &status["failures"];
+    assert_eq!(failures["deadline"], 5, "{status}");
+    assert_eq!(failures["memory"], 1, "{status}");
+    assert_eq!(failures["stack"], 1, "{status}");
+    assert_eq!(failures["write-denied"], 1, "{status}");
+    assert_eq!(failures["output"], 1, "{status}");
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_versions_are_rejected_while_the_previous_one_serves_and_removal_stops_claims() {
+    let env = TestEnv::new().await.unwrap();
+    let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
+    let (host, host_id) = start_host(&env, dir.clone()).await;
+    let active = env
+        .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] == "active")
+        .await
+        .unwrap();
+    let serving_sha = active["sha256"].clone();
+
+    let empty_component = b"\0asm\x0d\0\x01\0".to_vec();
+    let broken_describe =
+        std::fs::read(test_plugin_dir().join("broken_describe_worker.wasm")).unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "corrupt",
+            b"not a component at all".to_vec(),
+            "not a valid WebAssembly component",
+        ),
+        (
+            "wrong world",
+            empty_component,
+            "does not export the esi:worker handler world",
+        ),
+        ("trapping describe()", broken_describe, "describe() failed"),
+    ];
+    for (what, bytes, reason) in cases {
+        replace_file(&dir.join(format!("{HANDLER}.wasm")), &bytes);
+        let status = env
+            .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| {
+                s["state"]
+                    .as_str()
+                    .is_some_and(|st| st.starts_with("rejected:") && st.contains(reason))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(
+            status["sha256"], serving_sha,
+            "{what}: the old version still serves"
+        );
+        let resource = put_scripted_job(&env, None).await;
+        assert_eq!(
+            completed_output(&env, &resource).await,
+            json!({"attempts": 0}),
+            "{what}"
+        );
+    }
+
+    // Removed: the status record goes, and a new job for its handler is left in ready.
+    std::fs::remove_file(dir.join(format!("{HANDLER}.wasm"))).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while env
+        .plugin_status(&host_id, HANDLER)
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "the status record stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let orphan = put_scripted_job(&env, None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.store
+            .get(&env.key(Record::State, RESOURCE_TYPE, &orphan))
+            .await
+            .unwrap(),
+        None,
+        "no plugin serves the handler any more"
+    );
+    host.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_third_party_handler_runs_end_to_end_from_its_template() {
+    let env = TestEnv::new().await.unwrap();
+    let dir = plugin_dir_with_copies(
+        &[plugin_dir(), example_plugin_dir()],
+        &["monitoring_worker", "example_echo_worker"],
+    );
+    let templates_dir = esi_tests::repo_dir().join("plugins/examples/echo/templates");
+    let templates = esi_host::templates::read_dir(&templates_dir).unwrap();
+    esi_host::templates::load(&env.store, &env.schemas, &templates)
+        .await
+        .unwrap();
+    let (host, _) = start_host(&env, dir.clone()).await;
+
+    let id = uuid::Uuid::new_v4().to_string();
+    env.put_config(RESOURCE_TYPE, &id, &json!({"id": id, "name": "r1"}), 1)
+        .await
+        .unwrap();
+    let state = env.wait_completed(RESOURCE_TYPE, &id).await.unwrap();
+    let echo: Value = serde_json::from_str(state["state"]["echo"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        echo,
+        json!({
+            "params": {"router_name": "r1", "router_id": id},
+            "config": {"greeting": "hello from the manifest"}
+        })
+    );
+    host.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
