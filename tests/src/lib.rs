@@ -469,6 +469,23 @@ impl Recorder {
     }
 }
 
+/// The `esi-host` binary built next to this test binary (`cargo build -p esi-host`, which
+/// scripts/test runs, puts it there).
+pub fn host_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binaries live in <target>/<profile>/deps")
+        .join("esi-host");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p esi-host` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
 /// The repository root.
 pub fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -597,8 +614,8 @@ fn leb128(out: &mut Vec<u8>, mut n: usize) {
     }
 }
 
-/// A fresh directory (one per call) holding symlinks to every component of [`plugin_dir`] and
-/// [`test_plugin_dir`], for a host that should serve the real plugins and the test guests.
+/// A fresh directory (one per call) holding symlinks to every component (and manifest) of
+/// [`plugin_dir`] and [`test_plugin_dir`] except the deliberately broken ones (`broken_*`), for a host that should serve the real plugins and the test guests.
 /// Test guests never sit in the real plugin directory, which the demo and production load.
 pub fn plugin_dir_with_test_guests() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("esi-test-plugins-{}", uuid_like()));
@@ -613,7 +630,11 @@ pub fn plugin_dir_with_test_guests() -> PathBuf {
             let path = entry
                 .unwrap_or_else(|e| panic!("reading {}: {e}", source.display()))
                 .path();
-            if path.extension().is_some_and(|x| x == "wasm" || x == "toml") {
+            let broken = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("broken_"));
+            if !broken && path.extension().is_some_and(|x| x == "wasm" || x == "toml") {
                 let link = dir.join(path.file_name().expect("a directory entry has a name"));
                 std::os::unix::fs::symlink(&path, &link).unwrap_or_else(|e| {
                     panic!("linking {} to {}: {e}", link.display(), path.display())

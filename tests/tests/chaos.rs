@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use esi_host::keys::Record;
 use esi_host::seed;
-use esi_tests::{plugin_dir, seed_ha_interface_body, TestEnv};
+use esi_tests::{host_binary, plugin_dir, seed_ha_interface_body, TestEnv};
 
 /// One `esi-host run` process with its log in a file.
 struct HostProcess {
@@ -62,22 +62,6 @@ impl Drop for HostProcess {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
     }
-}
-
-/// `target/<profile>/esi-host`, built by `cargo test --workspace` for the host's own tests.
-fn host_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("esi-host");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p esi-host` (scripts/test does)",
-        bin.display()
-    );
-    bin
 }
 
 fn uuid_suffix() -> String {

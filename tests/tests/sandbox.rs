@@ -183,3 +183,66 @@ async fn the_example_third_party_handler_runs_end_to_end_from_its_template() {
     host.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_list_shows_the_fleet_and_plugins_check_validates_offline() {
+    let env = TestEnv::new().await.unwrap();
+    let (host, host_id) = start_host(&env, plugin_dir_with_test_guests()).await;
+    env.wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] == "active")
+        .await
+        .unwrap();
+
+    let endpoint = env.endpoints.join(",");
+    let out = std::process::Command::new(esi_tests::host_binary())
+        .args(["plugins", "list", "--json", "--etcd", &endpoint])
+        .args(["--key-root", env.keys().root()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fleet: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ours: Vec<&Value> = fleet
+        .iter()
+        .filter(|e| e["host"] == host_id.as_str())
+        .collect();
+    let names: Vec<&str> = ours.iter().filter_map(|e| e["plugin"].as_str()).collect();
+    assert!(
+        names.contains(&HANDLER) && names.contains(&"monitoring_worker"),
+        "{fleet:?}"
+    );
+    assert!(ours.iter().all(|e| e["state"] == "active"), "{fleet:?}");
+
+    let check = |path: &std::path::Path| {
+        std::process::Command::new(esi_tests::host_binary())
+            .args(["plugins", "check", "--json"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = check(&test_plugin_dir().join(format!("{HANDLER}.wasm")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["handlers"], json!([HANDLER]));
+    assert_eq!(report["read"], json!(["/state/"]));
+    assert_eq!(report["memory_mib"], 32);
+
+    let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
+    let broken = dir.join(format!("{HANDLER}.wasm"));
+    replace_file(&broken, b"garbage");
+    let out = check(&broken);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("not a valid WebAssembly component"),
+        "{stderr}"
+    );
+    host.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

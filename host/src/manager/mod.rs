@@ -570,14 +570,17 @@ impl JobManager {
         };
         let failure = failure_of(&kv.value);
         let entry = self.index.remove(&id);
-        let job_state = entry
-            .as_ref()
-            .filter(|e| e.is_last && failure.is_none())
-            .and_then(|e| {
-                self.schemas
-                    .get(&e.resource.0)
-                    .map(|s| keys.record(Record::JobState, s, &e.resource.1))
-            });
+        let last_of = match &entry {
+            Some(e) => e.is_last.then(|| e.resource.clone()),
+            // A job this manager did not write (`esi-host jobs retry`, or written while it
+            // ran elsewhere): its record, still there until the clean-up, says.
+            None => self.last_job_resource(&id).await?,
+        };
+        let job_state = last_of.filter(|_| failure.is_none()).and_then(|(t, r)| {
+            self.schemas
+                .get(&t)
+                .map(|s| keys.record(Record::JobState, s, &r))
+        });
         let clean = self
             .store
             .clean_finished_txn(&id, job_state.as_deref().map(|k| (k, kv.create_revision)));
@@ -596,6 +599,18 @@ impl JobManager {
             self.after_job_removed(entry.resource).await?;
         }
         Ok(())
+    }
+
+    /// The resource of job `id` if its record says it is the last job of its workflow.
+    async fn last_job_resource(&self, id: &str) -> anyhow::Result<Option<ResourceKey>> {
+        let key = self.store.keys().job(Queue::All, id);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        Ok(JobRecord::parse(&key, &kv.value)
+            .ok()
+            .filter(|r| r.job.is_last)
+            .map(|r| (r.job.resource_type, r.job.resource_id)))
     }
 
     /// A claim disappeared. If the job did not complete, fail or go back to a queue in the

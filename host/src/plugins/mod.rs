@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod engine;
+pub mod fleet;
 pub mod host_api;
 pub mod manifest;
 pub mod registry;
