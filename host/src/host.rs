@@ -45,6 +45,8 @@ pub struct HostConfig {
     pub limits: Limits,
     /// Watch the plugin directory and swap in new or changed plugins while running.
     pub hot_reload: bool,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (`None`: nowhere).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl HostConfig {
@@ -66,6 +68,7 @@ impl HostConfig {
             worker: WorkerConfig::default(),
             limits: Limits::default(),
             hot_reload: true,
+            metrics_addr: None,
         }
     }
 }
@@ -107,6 +110,7 @@ pub struct Host {
     store: Store,
     lease: Arc<HostLease>,
     plugins: Arc<PluginRegistry>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Host {
@@ -201,6 +205,17 @@ impl Host {
         if config.hot_reload {
             tasks.spawn(plugins.clone().watch(shutdown.clone()));
         }
+        let metrics_addr = match config.metrics_addr {
+            Some(addr) => {
+                let readiness = crate::metrics::Readiness {
+                    store: store.clone(),
+                    lease: lease.clone(),
+                    plugins: plugins.clone(),
+                };
+                Some(crate::metrics::serve(addr, readiness, shutdown.clone()).await?)
+            }
+            None => None,
+        };
         Ok(Host {
             shutdown,
             tasks,
@@ -210,7 +225,13 @@ impl Host {
             store,
             lease,
             plugins,
+            metrics_addr,
         })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn plugins(&self) -> &PluginRegistry {

@@ -136,9 +136,13 @@ pub async fn keep(store: Store, lease: Arc<HostLease>, ttl: Duration, shutdown: 
                     lease.mark_lost();
                 }
                 Ok(Err(e)) => {
+                    crate::metrics::global().lease_keepalive_failures.inc();
                     tracing::warn!(lease = term.id, error = %e, "lease keep-alive failed")
                 }
-                Err(_) => tracing::warn!(lease = term.id, "lease keep-alive timed out"),
+                Err(_) => {
+                    crate::metrics::global().lease_keepalive_failures.inc();
+                    tracing::warn!(lease = term.id, "lease keep-alive timed out")
+                }
             }
             if !term.lost.is_cancelled() && confirmed.elapsed() >= ttl {
                 tracing::error!(lease = term.id, unconfirmed_for = ?confirmed.elapsed(),

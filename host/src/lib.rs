@@ -8,6 +8,7 @@
 //!
 //! [`host::Host`] runs both roles in one process; `esi-host run` is a thin CLI over it.
 
+pub mod bench;
 pub mod demo;
 pub mod host;
 pub mod inspect;
@@ -15,11 +16,13 @@ pub mod keys;
 pub mod lease;
 pub mod local_etcd;
 pub mod manager;
+pub mod metrics;
 pub mod plugins;
 pub mod protocol;
 pub mod retry;
 pub mod schema;
 pub mod seed;
+pub mod settings;
 pub mod store;
 pub mod templates;
 pub mod vlan;

@@ -97,6 +97,11 @@ impl LocalEtcd {
     }
 
     /// Stops etcd and waits for it to exit.
+    /// The etcd process id (to freeze it with SIGSTOP in tests), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }

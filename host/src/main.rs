@@ -5,12 +5,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use esi_host::bench::{self, BenchConfig};
 use esi_host::demo::{self, DemoConfig};
 use esi_host::inspect::{self, JobQueue};
 use esi_host::keys::Keys;
 use esi_host::schema::SchemaRegistry;
+use esi_host::settings::{self, RunSettings, SettingsError};
 use esi_host::store::Store;
-use esi_host::{templates, vlan, Host, HostConfig};
+use esi_host::{templates, vlan, Host};
 
 /// Worker daemon of an ESI-style orchestrator on etcd.
 #[derive(Parser)]
@@ -32,7 +34,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the job manager and the worker until SIGINT or SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Manage heat templates.
     #[command(subcommand)]
     Templates(TemplatesCommand),
@@ -41,12 +43,23 @@ enum Command {
     /// Inspect VLAN pools.
     #[command(subcommand)]
     Vlan(VlanCommand),
+    /// The fleet's plugins, and offline validation of a component.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+    /// Print a shell completion script, e.g. `esi-host completions bash > /etc/bash_completion.d/esi-host`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Inspect jobs (the queues under /jobs/ and the dead jobs) and retry a dead one.
     #[command(subcommand)]
     Jobs(JobsCommand),
     /// Inspect one resource: its config, /state, job state, monitoring and jobs.
     #[command(subcommand)]
     Resource(ResourceCommand),
+    /// Measure this machine: etcd ceiling, end-to-end jobs/s and latency, etcd round trips
+    /// per job, plugin cost, hot reload and memory, against the goals of issue #6.
+    Bench(BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -157,6 +170,28 @@ enum ResourceCommand {
 }
 
 #[derive(Subcommand)]
+enum PluginsCommand {
+    /// Every plugin on every running host (/esi-worker/plugins/<host>/<plugin>): version,
+    /// sha256, handlers, failures by kind and state (active, or rejected: <why>).
+    List {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a component and its manifest (<name>.toml beside it) as a host would load
+    /// them, without etcd. Exits non-zero with the reason if a host would reject it.
+    Check {
+        /// The component file.
+        component: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum VlanCommand {
     /// Show an ha_interface's pool: available count, restricted and allocated ranges, owners.
     Show {
@@ -187,29 +222,39 @@ struct EtcdArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    #[command(flatten)]
-    etcd: EtcdArgs,
-    /// Directory of plugin components (*.wasm).
+    /// A TOML file with any of the settings below (same names, `_` for `-`). Flags and their
+    /// environment variables override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// etcd endpoints, comma-separated.
+    #[arg(long = "etcd", env = "ESI_ETCD", value_delimiter = ',')]
+    endpoints: Option<Vec<String>>,
+    /// Root namespace for every key (empty: the layout gohan reads).
+    #[arg(long, env = "ESI_KEY_ROOT")]
+    key_root: Option<String>,
+    /// Directory of plugin components (*.wasm, with *.toml manifests).
     #[arg(long = "plugins", env = "ESI_PLUGINS")]
-    plugin_dir: PathBuf,
-    /// TTL of the host's etcd lease, in seconds; claims vanish this long after the host dies.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=3600))]
-    lease_ttl: u64,
+    plugin_dir: Option<PathBuf>,
+    /// TTL of the host's etcd lease, in seconds (2-3600, default 60); claims vanish this long
+    /// after the host dies.
+    #[arg(long)]
+    lease_ttl: Option<u64>,
     /// Name of this host in logs and fleet records (default: <hostname>-<pid>).
     #[arg(long)]
     host_id: Option<String>,
     /// A gohan schema file to use instead of the built-in ESI schemas.
     #[arg(long)]
     schemas: Option<PathBuf>,
-    /// Jobs this host runs at once.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    concurrency: u64,
+    /// Jobs this host runs at once (1-4096, default 64).
+    #[arg(long)]
+    concurrency: Option<u64>,
     /// Handlers served by workers outside this host (their jobs are planned, not run here).
     #[arg(long = "external-handler", value_delimiter = ',')]
-    external_handlers: Vec<String>,
-    /// On SIGTERM/SIGINT, seconds in-flight jobs may run before they are handed back to ready.
-    #[arg(long, default_value_t = 25)]
-    drain_timeout: u64,
+    external_handlers: Option<Vec<String>>,
+    /// On SIGTERM/SIGINT, seconds in-flight jobs may run before they are handed back to ready
+    /// (default 25).
+    #[arg(long)]
+    drain_timeout: Option<u64>,
     /// Directory of compiled plugins kept across restarts (default: ~/.cache/esi-host).
     #[arg(long, env = "ESI_COMPILE_CACHE")]
     compile_cache: Option<PathBuf>,
@@ -219,22 +264,57 @@ struct RunArgs {
     /// Run only the worker role (no job manager).
     #[arg(long)]
     worker_only: bool,
-    /// Attempts after which a retryable failure (or a job whose workers kept dying) fails.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    max_attempts: u32,
-    /// First delay before a failed job runs again, in milliseconds; doubles per attempt.
-    #[arg(long, default_value_t = 500)]
-    retry_backoff_ms: u64,
-    /// Longest delay between retries of a failed job, in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
-    retry_backoff_max_ms: u64,
+    /// Do not watch the plugin directory for new or changed plugins.
+    #[arg(long)]
+    no_hot_reload: bool,
+    /// Attempts after which a retryable failure (or a job whose workers kept dying) fails
+    /// (default 5).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// First delay before a failed job runs again, in milliseconds; doubles per attempt
+    /// (default 500).
+    #[arg(long)]
+    retry_backoff_ms: Option<u64>,
+    /// Longest delay between retries of a failed job, in milliseconds (default 30000).
+    #[arg(long)]
+    retry_backoff_max_ms: Option<u64>,
     /// First delay before the job manager re-queues a job whose worker died, in milliseconds;
-    /// doubles per attempt, with jitter.
-    #[arg(long, default_value_t = 500)]
-    requeue_backoff_ms: u64,
-    /// Longest re-queue delay, in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
-    requeue_backoff_max_ms: u64,
+    /// doubles per attempt, with jitter (default 500).
+    #[arg(long)]
+    requeue_backoff_ms: Option<u64>,
+    /// Longest re-queue delay, in milliseconds (default 30000).
+    #[arg(long)]
+    requeue_backoff_max_ms: Option<u64>,
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+}
+
+impl RunArgs {
+    /// The settings given on the command line (or through their environment variables).
+    fn settings(&self) -> RunSettings {
+        RunSettings {
+            etcd: self.endpoints.clone(),
+            plugins: self.plugin_dir.clone(),
+            key_root: self.key_root.clone(),
+            lease_ttl: self.lease_ttl,
+            host_id: self.host_id.clone(),
+            schemas: self.schemas.clone(),
+            concurrency: self.concurrency,
+            external_handlers: self.external_handlers.clone(),
+            drain_timeout: self.drain_timeout,
+            compile_cache: self.compile_cache.clone(),
+            no_compile_cache: self.no_compile_cache.then_some(true),
+            worker_only: self.worker_only.then_some(true),
+            hot_reload: self.no_hot_reload.then_some(false),
+            max_attempts: self.max_attempts,
+            retry_backoff_ms: self.retry_backoff_ms,
+            retry_backoff_max_ms: self.retry_backoff_max_ms,
+            requeue_backoff_ms: self.requeue_backoff_ms,
+            requeue_backoff_max_ms: self.requeue_backoff_max_ms,
+            metrics_addr: self.metrics_addr.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -247,6 +327,22 @@ enum TemplatesCommand {
         #[arg(default_value = "templates")]
         dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Small sizes: finishes in well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Directory of plugin components.
+    #[arg(long = "plugins", default_value = "target/plugins")]
+    plugin_dir: PathBuf,
+    /// Directory of heat templates.
+    #[arg(long = "templates", default_value = "templates")]
+    template_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -264,7 +360,7 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Demo(_)) {
+    let default_level = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
         "warn"
     } else {
         "info"
@@ -284,19 +380,52 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("esi-host: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<SettingsError>().is_some() {
+                ExitCode::from(EXIT_BAD_SETTINGS)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Templates(TemplatesCommand::Load { etcd, dir }) => {
             let store = Store::connect(&etcd.endpoints, Keys::new(&etcd.key_root)).await?;
             let files = templates::read_dir(&dir)?;
             templates::load(&store, &SchemaRegistry::built_in(), &files).await?;
             println!("loaded {} templates from {}", files.len(), dir.display());
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "esi-host",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Plugins(PluginsCommand::List { etcd, json }) => {
+            let store = Store::connect(&etcd.endpoints, Keys::new(&etcd.key_root)).await?;
+            let entries = esi_host::plugins::fleet::list(&store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                print!("{}", esi_host::plugins::fleet::render(&entries));
+            }
+            Ok(())
+        }
+        Command::Plugins(PluginsCommand::Check { component, json }) => {
+            let report = esi_host::plugins::fleet::check(&component).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
             Ok(())
         }
         Command::Vlan(VlanCommand::Show {
@@ -328,6 +457,20 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 print!("{}", view.render());
+            }
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let report = bench::run(&BenchConfig {
+                plugin_dir: args.plugin_dir,
+                template_dir: args.template_dir,
+                quick: args.quick,
+            })
+            .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
             }
             Ok(())
         }
@@ -377,28 +520,16 @@ async fn jobs(command: JobsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Exit status for a start-up refused because of a setting (as clap uses for bad flags).
+const EXIT_BAD_SETTINGS: u8 = 2;
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut config = HostConfig::new(args.etcd.endpoints, args.plugin_dir);
-    config.key_root = args.etcd.key_root;
-    config.lease_ttl = Duration::from_secs(args.lease_ttl);
-    config.schemas = args.schemas;
-    config.external_handlers = args.external_handlers;
-    config.run_manager = !args.worker_only;
-    config.drain_timeout = Duration::from_secs(args.drain_timeout);
-    if args.no_compile_cache {
-        config.compile_cache = None;
-    } else if let Some(dir) = args.compile_cache {
-        config.compile_cache = Some(dir);
-    }
-    config.worker.concurrency = usize::try_from(args.concurrency).unwrap_or(64);
-    config.worker.max_attempts = args.max_attempts;
-    config.worker.retry_backoff = Duration::from_millis(args.retry_backoff_ms);
-    config.worker.retry_backoff_max = Duration::from_millis(args.retry_backoff_max_ms);
-    config.requeue_backoff = Duration::from_millis(args.requeue_backoff_ms);
-    config.requeue_backoff_max = Duration::from_millis(args.requeue_backoff_max_ms);
-    if let Some(id) = args.host_id {
-        config.host_id = id;
-    }
+    let file = match &args.config {
+        Some(path) => RunSettings::from_file(path)?,
+        None => RunSettings::default(),
+    };
+    let config = file.overlay(args.settings()).into_host_config()?;
+    settings::check_etcd_reachable(&config.etcd_endpoints, Duration::from_secs(5)).await?;
     Host::start(config).await?.run_until_signalled().await
 }
 

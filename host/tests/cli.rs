@@ -89,3 +89,102 @@ async fn vlan_show_prints_a_pool_as_a_table_and_as_json() {
     assert!(stderr.contains("no-such-interface"), "{stderr}");
     etcd.stop().await;
 }
+
+/// Runs `esi-host run --config <file with text>` and returns its exit code and stderr.
+fn run_with_config(text: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("esi-host.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_esi-host"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env_remove("ESI_ETCD")
+        .env_remove("ESI_PLUGINS")
+        .output()
+        .expect("esi-host runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_bad_config_file_fails_start_up_with_the_setting_named_and_status_2() {
+    let plugins = std::env::temp_dir();
+    let plugins = plugins.to_str().unwrap();
+    let cases = [
+        (
+            format!("etcd = [\"http://127.0.0.1:2379\"]\nplugins = \"{plugins}\"\nconcurency = 4\n"),
+            "concurency",
+        ),
+        (
+            format!("etcd = [\"http://127.0.0.1:2379\"]\nplugins = \"{plugins}\"\nlease_ttl = \"60s\"\n"),
+            "lease_ttl",
+        ),
+        (
+            format!("etcd = [\"http://127.0.0.1:2379\"]\nplugins = \"{plugins}\"\nlease_ttl = 1\n"),
+            "`lease_ttl`: 1 is not between 2 and 3600",
+        ),
+        // Nothing listens on port 1.
+        (
+            format!("etcd = [\"http://127.0.0.1:1\"]\nplugins = \"{plugins}\"\n"),
+            "`etcd`: cannot reach etcd at http://127.0.0.1:1",
+        ),
+    ];
+    for (text, named) in cases {
+        let (code, stderr) = run_with_config(&text);
+        assert_eq!(code, Some(2), "{text}\n{stderr}");
+        assert!(stderr.contains(named), "{text}\n{stderr}");
+    }
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_the_example_config_is_valid() {
+    let unit = std::fs::read_to_string(repo().join("packaging/esi-host.service")).unwrap();
+    for key in [
+        "ExecStart=/usr/bin/esi-host run --config /etc/esi-host/esi-host.toml",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=2",
+        "KillSignal=SIGTERM",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "WantedBy=multi-user.target",
+    ] {
+        assert!(unit.contains(key), "the unit lacks {key}");
+    }
+    if let Ok(status) = Command::new("systemd-analyze").arg("--version").output() {
+        if status.status.success() {
+            // Verify a copy that runs the binary just built (the installed path does not
+            // exist here).
+            let dir = tempfile::tempdir().unwrap();
+            let copy = dir.path().join("esi-host.service");
+            std::fs::write(
+                &copy,
+                unit.replace("/usr/bin/esi-host", env!("CARGO_BIN_EXE_esi-host")),
+            )
+            .unwrap();
+            let out = Command::new("systemd-analyze")
+                .args(["verify", copy.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && !stderr.contains("esi-host.service:"),
+                "systemd-analyze verify: {stderr}"
+            );
+        }
+    }
+    let text = std::fs::read_to_string(repo().join("packaging/esi-host.toml")).unwrap();
+    let settings =
+        esi_host::settings::RunSettings::parse("packaging/esi-host.toml", &text).unwrap();
+    assert_eq!(settings.metrics_addr.as_deref(), Some("127.0.0.1:9464"));
+}
+
+#[test]
+fn completions_are_generated_for_bash() {
+    let (ok, stdout, stderr) = esi_host(&["completions", "bash"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("esi-host") && stdout.contains("plugins"),
+        "{stdout}"
+    );
+}

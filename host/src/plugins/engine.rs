@@ -24,6 +24,8 @@ use super::bindings::{Handler, HandlerPre};
 use super::cache::CompileCache;
 use super::host_api::{HostState, RecordAccess};
 use super::manifest::Manifest;
+use crate::metrics;
+use tracing::Instrument as _;
 
 /// How often the epoch advances; deadlines are whole ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -320,6 +322,21 @@ impl PluginEngine {
         context: &RunContext,
         interrupt: &CancellationToken,
     ) -> Result<Result<Outcome, JobError>, CallError> {
+        let span =
+            tracing::info_span!("plugin_call", plugin = %plugin.name, version = %plugin.version);
+        self.handle_in_span(plugin, access, job, context, interrupt)
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_in_span(
+        &self,
+        plugin: &LoadedPlugin,
+        access: RecordAccess,
+        job: &Job,
+        context: &RunContext,
+        interrupt: &CancellationToken,
+    ) -> Result<Result<Outcome, JobError>, CallError> {
         let name = plugin.name.clone();
         let call = CallSetup {
             plugin: &name,
@@ -328,8 +345,19 @@ impl PluginEngine {
             limits: &plugin.limits,
             interrupt: interrupt.clone(),
         };
+        let labels = metrics::labels([("plugin", &name), ("version", &plugin.version)]);
+        let started = Instant::now();
         let (mut store, instance) = self.instantiate(&plugin.pre, call).await?;
+        let instantiated = Instant::now();
+        metrics::global()
+            .plugin_instantiate
+            .get_or_create(&labels)
+            .observe((instantiated - started).as_secs_f64());
         let answer = instance.call_handle(&mut store, job, context).await;
+        metrics::global()
+            .plugin_call
+            .get_or_create(&labels)
+            .observe(instantiated.elapsed().as_secs_f64());
         answer.map_err(|e| {
             let error = classify(&name, &plugin.limits, e, interrupt);
             match error {

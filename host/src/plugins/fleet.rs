@@ -80,51 +80,37 @@ fn unreadable(plugin: &str, key: &str) -> PluginStatus {
 
 /// A human table of [`list`]'s entries.
 pub fn render(entries: &[FleetEntry]) -> String {
-    let mut rows = vec![[
-        "HOST".to_string(),
-        "PLUGIN".into(),
-        "VERSION".into(),
-        "SHA256".into(),
-        "HANDLERS".into(),
-        "FAILURES".into(),
-        "STATE".into(),
-    ]];
-    for e in entries {
-        let s = &e.status;
-        let failures = s
-            .failures
-            .iter()
-            .map(|(k, n)| format!("{k}={n}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        rows.push([
-            e.host.clone(),
-            s.plugin.clone(),
-            s.version.clone(),
-            s.sha256.chars().take(12).collect(),
-            s.handlers.join(","),
-            if failures.is_empty() {
-                "-".into()
-            } else {
-                failures
-            },
-            s.state.clone(),
-        ]);
-    }
-    let widths: Vec<usize> = (0..7)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let s = &e.status;
+            let failures = s
+                .failures
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                e.host.clone(),
+                s.plugin.clone(),
+                s.version.clone(),
+                s.sha256.chars().take(12).collect(),
+                s.handlers.join(","),
+                if failures.is_empty() {
+                    "-".into()
+                } else {
+                    failures
+                },
+                s.state.clone(),
+            ]
+        })
         .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::inspect::table(
+        &[
+            "HOST", "PLUGIN", "VERSION", "SHA256", "HANDLERS", "FAILURES", "STATE",
+        ],
+        &rows,
+    )
 }
 
 /// What `plugins check` found.

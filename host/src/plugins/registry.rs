@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{LoadedPlugin, PluginEngine};
 use crate::lease::HostLease;
+use crate::metrics;
 use crate::store::Store;
 
 /// How long the directory must be quiet before a burst of events is acted on.
@@ -150,6 +151,10 @@ impl PluginRegistry {
         if let Some(s) = lock(&self.status).get_mut(plugin) {
             *s.failures.entry(kind.to_string()).or_default() += 1;
         }
+        metrics::global()
+            .plugin_traps
+            .get_or_create(&metrics::labels([("plugin", plugin), ("kind", kind)]))
+            .inc();
         self.counts_changed.notify_one();
     }
 
@@ -211,11 +216,19 @@ impl PluginRegistry {
             Ok(Some(plugin)) => {
                 tracing::info!(plugin = %name, version = %plugin.version, sha256 = %plugin.sha256,
                     handlers = ?plugin.handlers, path = %path.display(), "plugin active");
+                metrics::global()
+                    .plugin_reloads
+                    .get_or_create(&metrics::labels([("plugin", name)]))
+                    .inc();
                 status_of(name, Some(&plugin), "active".into(), self.failures(name))
             }
             Err(reason) => {
                 tracing::error!(plugin = %name, path = %path.display(), %reason,
                     "plugin rejected; the previous version (if any) keeps serving");
+                metrics::global()
+                    .plugin_rejections
+                    .get_or_create(&metrics::labels([("plugin", name)]))
+                    .inc();
                 let serving = current.by_name.get(name);
                 status_of(
                     name,

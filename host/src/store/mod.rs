@@ -4,6 +4,7 @@
 //! (get, list, watch, leases) is here; the protocol's transactions, each of which is a safety
 //! boundary, live in [`jobs`] with a comment saying what its compares guarantee.
 
+pub mod counters;
 pub mod inspect;
 pub mod jobs;
 
@@ -17,6 +18,7 @@ use etcd_client::{
 };
 
 use crate::keys::Keys;
+use counters::{Op, StoreCounters};
 
 /// An etcd failure, with the operation and key it happened on.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,7 @@ impl Watch {
                 });
             }
             let changes: Vec<Change> = resp.events().iter().filter_map(change_of).collect();
+            self.store.counters.count_watch_events(changes.len());
             if let Some(last) = changes.iter().map(Change::revision).max() {
                 self.next_revision = self.next_revision.max(last + 1);
             }
@@ -211,6 +214,8 @@ pub struct Store {
     current: Arc<AtomicUsize>,
     keys: Keys,
     fence: Option<Arc<(String, String)>>,
+    /// Round trips made, shared by every clone and fenced view (see [`counters`]).
+    counters: Arc<StoreCounters>,
 }
 
 impl Store {
@@ -240,6 +245,7 @@ impl Store {
             current: Arc::new(AtomicUsize::new(0)),
             keys,
             fence: None,
+            counters: Arc::new(StoreCounters::new()),
         })
     }
 
@@ -255,6 +261,11 @@ impl Store {
         &self.keys
     }
 
+    /// The round trips this store (and its clones) made so far.
+    pub fn counters(&self) -> &Arc<StoreCounters> {
+        &self.counters
+    }
+
     /// A handle on the endpoint in use; cloning is cheap and shares the connection.
     fn client(&self) -> Client {
         let i = self.current.load(Ordering::Relaxed) % self.clients.len();
@@ -268,10 +279,22 @@ impl Store {
             let to = (from + 1) % self.clients.len();
             tracing::debug!(from = %self.clients[from].0, to = %self.clients[to].0, error = %source, "etcd: switching endpoint");
         }
+        crate::metrics::global()
+            .etcd_errors
+            .get_or_create(&crate::metrics::labels([("op", op)]))
+            .inc();
         err(op, key, source)
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Kv>> {
+        let started = std::time::Instant::now();
+        let found = self.get_untimed(key).await;
+        observe("get", started);
+        found
+    }
+
+    async fn get_untimed(&self, key: &str) -> Result<Option<Kv>> {
+        self.counters.count(Op::Get);
         let resp = self
             .client()
             .get(key, None)
@@ -282,6 +305,7 @@ impl Store {
 
     /// Every key under `prefix`, and the revision the listing was taken at.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64)> {
+        self.counters.count(Op::List);
         let resp = self
             .client()
             .get(prefix, Some(GetOptions::new().with_prefix()))
@@ -291,11 +315,26 @@ impl Store {
         Ok((resp.kvs().iter().map(Kv::from_etcd).collect(), revision))
     }
 
+    /// How many keys are under `prefix` (etcd counts; no values travel).
+    pub async fn count(&self, prefix: &str) -> Result<i64> {
+        self.counters.count(Op::List);
+        let resp = self
+            .client()
+            .get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map_err(|source| self.fail("count", prefix, source))?;
+        Ok(resp.count())
+    }
+
     pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<()> {
         if self.fence.is_some() {
             let put = TxnOp::put(key, value, None);
             return self.txn(key, Txn::new().and_then([put])).await.map(drop);
         }
+        self.counters.count(Op::Put);
         self.client()
             .put(key, value, None)
             .await
@@ -310,6 +349,7 @@ impl Store {
         value: impl Into<Vec<u8>>,
         lease: i64,
     ) -> Result<()> {
+        self.counters.count(Op::Put);
         self.client()
             .put(key, value, Some(PutOptions::new().with_lease(lease)))
             .await
@@ -322,6 +362,7 @@ impl Store {
             let delete = TxnOp::delete(key, None);
             return self.txn(key, Txn::new().and_then([delete])).await.map(drop);
         }
+        self.counters.count(Op::Delete);
         self.client()
             .delete(key, None)
             .await
@@ -338,6 +379,7 @@ impl Store {
                 .await
                 .map(drop);
         }
+        self.counters.count(Op::Delete);
         self.client()
             .delete(prefix, Some(DeleteOptions::new().with_prefix()))
             .await
@@ -348,6 +390,14 @@ impl Store {
     /// Runs a transaction; `what` names it in errors. A fenced store nests it in one that
     /// first compares the fence, and answers with the nested transaction's response.
     pub async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse> {
+        let started = std::time::Instant::now();
+        let response = self.txn_untimed(what, txn).await;
+        observe("txn", started);
+        response
+    }
+
+    async fn txn_untimed(&self, what: &str, txn: Txn) -> Result<TxnResponse> {
+        self.counters.count(Op::Txn);
         let Some(fence) = &self.fence else {
             return self
                 .client()
@@ -397,6 +447,7 @@ impl Store {
     }
 
     async fn open_watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream> {
+        self.counters.count(Op::WatchOpen);
         let options = WatchOptions::new()
             .with_prefix()
             .with_prev_key()
@@ -438,6 +489,7 @@ impl Store {
 
     /// Returns once `key` does not exist (at once if it is absent now).
     pub async fn wait_for_delete(&self, key: &str) -> Result<()> {
+        self.counters.count(Op::Get);
         let resp = self
             .client()
             .get(key, None)
@@ -466,6 +518,7 @@ impl Store {
 
     /// Grants a lease of `ttl` seconds.
     pub async fn grant_lease(&self, ttl: i64) -> Result<i64> {
+        self.counters.count(Op::Lease);
         let resp = self
             .client()
             .lease_grant(ttl, None)
@@ -476,6 +529,7 @@ impl Store {
 
     /// Revokes a lease: every key bound to it is deleted.
     pub async fn revoke_lease(&self, lease: i64) -> Result<()> {
+        self.counters.count(Op::Lease);
         self.client()
             .lease_revoke(lease)
             .await
@@ -485,6 +539,7 @@ impl Store {
 
     /// Remaining TTL of a lease in seconds; `<= 0` when etcd no longer knows it.
     pub async fn lease_ttl(&self, lease: i64) -> Result<i64> {
+        self.counters.count(Op::Lease);
         let resp = self
             .client()
             .lease_time_to_live(lease, None)
@@ -495,6 +550,7 @@ impl Store {
 
     /// Renews `lease` once. `Ok(false)` when etcd says the lease is gone (expired or revoked).
     pub async fn renew_lease(&self, lease: i64) -> Result<bool> {
+        self.counters.count(Op::Lease);
         // Opening the keep-alive stream sends the first renewal and checks its answer.
         match self.client().lease_keep_alive(lease).await {
             Ok(_) => Ok(true),
@@ -502,6 +558,14 @@ impl Store {
             Err(source) => Err(self.fail("lease keep-alive", &lease.to_string(), source)),
         }
     }
+}
+
+/// Records how long an etcd request took.
+fn observe(op: &'static str, started: std::time::Instant) {
+    crate::metrics::global()
+        .etcd_op
+        .get_or_create(&crate::metrics::labels([("op", op)]))
+        .observe(started.elapsed().as_secs_f64());
 }
 
 fn err(op: &'static str, key: &str, source: etcd_client::Error) -> StoreError {

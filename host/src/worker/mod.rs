@@ -175,7 +175,12 @@ impl Worker {
             return;
         };
         let (job_id, handler) = (job_id.to_string(), handler.to_string());
-        let span = tracing::info_span!("job", job_id = %job_id, handler = %handler);
+        let span = tracing::info_span!(
+            "job",
+            job_id = %job_id,
+            handler = %handler,
+            resource = tracing::field::Empty
+        );
         let worker = self.clone();
         self.in_flight.spawn(
             async move {

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use super::Worker;
 use crate::keys::{Queue, Record};
+use crate::metrics;
 use crate::plugins::bindings::esi::worker::types as wit;
 use crate::plugins::engine::CallError;
 use crate::plugins::host_api::{key_of, relative_key, writable, RecordAccess};
@@ -45,6 +46,7 @@ impl Worker {
             job_id,
             reservation: &reservation,
             lease_lost: term.lost().clone(),
+            claimed_at: Instant::now(),
         };
         let all_key = self.store.keys().job(Queue::All, job_id);
         let Some(found) = self.persist(|| self.store.get(&all_key)).await else {
@@ -71,7 +73,15 @@ impl Worker {
 
     async fn run_record(&self, claim: &Claim<'_>, record: JobRecord) {
         let job = &record.job;
-        tracing::info!(resource = %job.resource_id, action = %job.action, attempt = record.attempts, "running job");
+        tracing::Span::current().record(
+            "resource",
+            tracing::field::display(format_args!("{}/{}", job.resource_type, job.resource_id)),
+        );
+        tracing::info!(action = %job.action, attempt = record.attempts, "running job");
+        metrics::global()
+            .jobs_claimed
+            .get_or_create(&metrics::labels([("handler", &record.handler)]))
+            .inc();
         let Some(plugin) = self.plugins.get(&record.handler) else {
             let message = format!(
                 "no plugin serves handler {:?} (job {})",
@@ -296,6 +306,12 @@ impl Worker {
         match self.persist(|| self.store.complete(&completion)).await {
             Some(CompletionOutcome::Completed) => {
                 tracing::info!("job completed");
+                // A failed job whose workflow goes on (`ignore`) carries its dead-job record
+                // and was counted as failed already.
+                let dead = self.store.keys().dead_job(claim.job_id);
+                if writes.iter().all(|w| w.key != dead) {
+                    count_end(claim, job, true);
+                }
                 false
             }
             Some(CompletionOutcome::Conflict) => true,
@@ -324,7 +340,12 @@ impl Worker {
             attempts,
             ..record.clone()
         };
-        if !self.requeue(claim, &next).await {
+        if self.requeue(claim, &next).await {
+            metrics::global()
+                .jobs_retried
+                .get_or_create(&metrics::labels([("handler", &record.handler)]))
+                .inc();
+        } else {
             tracing::warn!("lost the claim before re-queueing");
         }
     }
@@ -381,6 +402,7 @@ impl Worker {
     async fn finish_failed(&self, claim: &Claim<'_>, record: &JobRecord, message: &str) {
         let job = &record.job;
         tracing::error!(error = %message, on_failure = job.on_failure.as_str(), "job failed");
+        count_end(claim, job, false);
         let dead = dead_job_write(self.store.keys().dead_job(claim.job_id), record, message);
         if job.on_failure == OnFailure::Ignore {
             let state = self.job_state_so_far(job).await;
@@ -516,6 +538,26 @@ struct Claim<'a> {
     reservation: &'a str,
     /// Cancelled when the lease the claim is bound to is lost.
     lease_lost: tokio_util::sync::CancellationToken,
+    claimed_at: Instant,
+}
+
+/// Counts a job that ended (`outcome`: completed or failed) and how long it held its claim.
+fn count_end(claim: &Claim<'_>, job: &Job, completed: bool) {
+    let m = metrics::global();
+    let family = if completed {
+        &m.jobs_completed
+    } else {
+        &m.jobs_failed
+    };
+    family
+        .get_or_create(&metrics::labels([
+            ("handler", &job.handler),
+            ("action", job.action.as_str()),
+        ]))
+        .inc();
+    m.job_duration
+        .get_or_create(&metrics::labels([("handler", &job.handler)]))
+        .observe(claim.claimed_at.elapsed().as_secs_f64());
 }
 
 /// Why a job stopped before it finished.

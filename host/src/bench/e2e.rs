@@ -1,0 +1,537 @@
+//! End to end: ha_interface configs written as gohan writes them, until their `/state` says
+//! `CREATE_COMPLETED`, through real hosts ([`Host::start`]) on the bench's etcd.
+//!
+//! Latency is taken where gohan would see it: a client-side timestamp just before each config
+//! PUT, and one when a watch on the `/state` prefix (opened at the revision before the burst,
+//! so nothing is missed) delivers that resource's completed state. Throughput is the number of
+//! resources divided by the time from the first PUT to the last state.
+//!
+//! What a job costs in etcd is counted two ways, both over the same window (from the revision
+//! before the burst until the job manager has cleaned every finished job):
+//! - **commits**: the etcd revision delta, since every committed write transaction (or plain
+//!   put/delete) bumps the revision by exactly one, minus the config PUTs the bench made;
+//! - **round trips by kind**: the process-wide store counters minus the bench's own store,
+//!   i.e. what the hosts did (gets, transactions including refused ones, watch events...).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::stats::{cpu_time, for_each_concurrent, median, RssSampler, Summary};
+use crate::host::{Host, HostConfig};
+use crate::keys::{Keys, Queue, Record};
+use crate::schema::{Schema, SchemaRegistry};
+use crate::seed;
+use crate::store::counters::{CounterSnapshot, StoreCounters};
+use crate::store::{Change, Store, Watch};
+use crate::templates::{self, TemplateFile};
+
+/// Config PUTs in flight at once in a burst: gohan serves many API clients at once.
+const WRITERS: usize = 64;
+
+/// How long after the last job is cleaned the window stays open. The job manager checks a
+/// vanished claim after a backoff of up to `requeue_backoff` (500 ms) in a task of its own,
+/// usually for a job that completed but whose finished key it had not seen yet; those checks
+/// belong to the run that caused them.
+const SETTLE: Duration = Duration::from_millis(700);
+
+/// Resources run through a fresh fleet before anything is measured, so that plugin instances,
+/// connections and the job manager's caches are warm.
+const WARMUP: usize = 16;
+
+/// One run: a burst (as fast as etcd takes the PUTs) or a paced stream of configs.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub label: String,
+    pub hosts: usize,
+    pub jobs: usize,
+    /// Configs written per second, for a paced run.
+    pub offered_per_s: Option<f64>,
+    pub jobs_per_s: f64,
+    /// Config PUT to `/state` PUT delivered by the watch.
+    pub latency: Summary,
+    pub cost: JobCost,
+    /// Highest VmRSS of the process during the run.
+    pub rss_peak_bytes: u64,
+    /// The slowest resources: when their config was written (seconds into the run) and how
+    /// long their state took, to tell a steady tail from a stall.
+    pub slowest: Vec<Slow>,
+    /// Median latency of each tenth of the resources in the order their configs were sent:
+    /// rising means first come, first served; falling means the oldest work waits longest.
+    pub p50_ms_by_send_decile: Vec<f64>,
+    /// CPU time per job of this process (the hosts, plus the bench's own small share) and of
+    /// etcd, over the run: with both summed against the cores, a saturated machine shows.
+    pub host_cpu_ms_per_job: f64,
+    pub etcd_cpu_ms_per_job: Option<f64>,
+    /// How many jobs sat in `/jobs/ready/` and `/jobs/working/` while the run went on: a
+    /// ready queue near zero with few jobs working means the job manager could not feed the
+    /// worker; a long ready queue means the worker could not keep up.
+    pub queues: QueueDepth,
+}
+
+/// Sampled queue lengths of a run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueueDepth {
+    pub samples: usize,
+    pub ready_mean: f64,
+    pub ready_max: usize,
+    pub working_mean: f64,
+    pub working_max: usize,
+}
+
+/// Samples the ready and working queues every 50 ms until stopped.
+struct QueueSampler {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<QueueDepth>,
+}
+
+impl QueueSampler {
+    fn start(store: Store) -> QueueSampler {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let keys = store.keys().clone();
+            let (ready, working) = (
+                keys.queue_prefix(Queue::Ready),
+                keys.queue_prefix(Queue::Working),
+            );
+            let (mut depth, mut ready_sum, mut working_sum) = (QueueDepth::default(), 0, 0);
+            while !token.is_cancelled() {
+                if let (Ok((r, _)), Ok((w, _))) =
+                    (store.list(&ready).await, store.list(&working).await)
+                {
+                    depth.samples += 1;
+                    (ready_sum, working_sum) = (ready_sum + r.len(), working_sum + w.len());
+                    depth.ready_max = depth.ready_max.max(r.len());
+                    depth.working_max = depth.working_max.max(w.len());
+                }
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+            let n = depth.samples.max(1) as f64;
+            depth.ready_mean = ready_sum as f64 / n;
+            depth.working_mean = working_sum as f64 / n;
+            depth
+        });
+        QueueSampler { stop, task }
+    }
+
+    async fn stop(self) -> QueueDepth {
+        self.stop.cancel();
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// One slow resource of a run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Slow {
+    pub sent_at_s: f64,
+    pub latency_ms: f64,
+}
+
+/// What the jobs of one run cost in etcd (see the module docs).
+#[derive(Debug, Clone, Serialize)]
+pub struct JobCost {
+    /// etcd revisions (commits) per job, the bench's own PUTs excluded.
+    pub commits_per_job: f64,
+    /// Write requests the hosts sent that etcd did not commit (a compare failed), per job.
+    pub refused_per_job: f64,
+    /// The hosts' round trips over the run.
+    pub host_ops: CounterSnapshot,
+    pub per_job: OpsPerJob,
+}
+
+/// [`CounterSnapshot`] divided by the number of jobs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OpsPerJob {
+    pub get: f64,
+    pub list: f64,
+    pub put: f64,
+    pub delete: f64,
+    pub txn: f64,
+    pub watch_events: f64,
+}
+
+impl OpsPerJob {
+    fn of(ops: &CounterSnapshot, jobs: usize) -> OpsPerJob {
+        let per = |n: u64| n as f64 / jobs.max(1) as f64;
+        OpsPerJob {
+            get: per(ops.get),
+            list: per(ops.list),
+            put: per(ops.put),
+            delete: per(ops.delete),
+            txn: per(ops.txn),
+            watch_events: per(ops.watch_events),
+        }
+    }
+}
+
+/// One resource of a run: its config and the two interface states its monitoring job reads.
+struct Resource {
+    config_key: String,
+    envelope: String,
+    state_key: String,
+    interface_states: [(String, String); 2],
+}
+
+/// Hosts sharing the bench's etcd under one key root, and the bench's own client.
+pub struct Fleet {
+    store: Store,
+    schemas: SchemaRegistry,
+    hosts: Vec<Host>,
+    /// etcd's process, for its CPU time.
+    etcd_pid: Option<u32>,
+    /// Numbers the runs, so that every run's resource ids are new.
+    runs: u32,
+}
+
+impl Fleet {
+    /// Loads the templates under `root` and starts `hosts` hosts there, then warms them up.
+    pub async fn start(
+        endpoint: &str,
+        root: &str,
+        plugin_dir: &Path,
+        templates: &[TemplateFile],
+        hosts: usize,
+        etcd_pid: Option<u32>,
+    ) -> anyhow::Result<Fleet> {
+        let schemas = SchemaRegistry::built_in();
+        let store = Store::connect(&[endpoint.to_string()], Keys::new(root))
+            .await
+            .context("connecting the bench's etcd client")?;
+        templates::load(&store, &schemas, templates)
+            .await
+            .context("loading the heat templates")?;
+        let mut fleet = Fleet {
+            store,
+            schemas,
+            hosts: Vec::with_capacity(hosts),
+            etcd_pid,
+            runs: 0,
+        };
+        for i in 1..=hosts {
+            let mut config = HostConfig::new(vec![endpoint.to_string()], plugin_dir.to_path_buf());
+            config.key_root = root.to_string();
+            config.host_id = format!("bench-host-{i}-of-{hosts}");
+            match Host::start(config).await {
+                Ok(host) => fleet.hosts.push(host),
+                Err(e) => {
+                    fleet.shutdown().await;
+                    return Err(e.context(format!("starting bench host {i} of {hosts}")));
+                }
+            }
+        }
+        Ok(fleet)
+    }
+
+    /// Runs a few resources through, unmeasured.
+    pub async fn warm_up(&mut self) -> anyhow::Result<()> {
+        self.run("warm-up", WARMUP, None)
+            .await
+            .context("warming up the hosts")
+            .map(drop)
+    }
+
+    /// Stops every host (draining it).
+    pub async fn shutdown(self) {
+        for host in self.hosts {
+            host.shutdown().await;
+        }
+    }
+
+    fn ha_interface(&self) -> anyhow::Result<&Schema> {
+        self.schemas
+            .get("ha_interface")
+            .map(|schema| &**schema)
+            .context("the built-in schemas have no ha_interface")
+    }
+
+    /// Writes `jobs` new ha_interfaces (all at once, or `pace` per second) and waits for
+    /// every one's `/state`, then for the job manager to clean up.
+    pub async fn run(
+        &mut self,
+        label: &str,
+        jobs: usize,
+        pace: Option<f64>,
+    ) -> anyhow::Result<RunResult> {
+        self.runs += 1;
+        let resources = self.resources(self.runs, jobs)?;
+        self.prepare(&resources).await?;
+        let keys = self.store.keys().clone();
+        let state_prefix = keys.record(Record::State, self.ha_interface()?, "");
+        let jobs_prefix = keys.jobs_prefix();
+        let (_, before) = self.store.list(&jobs_prefix).await?;
+        let host_ops_before = self.host_ops();
+        let cpu_before = (
+            cpu_time(None)?,
+            self.etcd_pid.map(|p| cpu_time(Some(p))).transpose()?,
+        );
+        let watch = self.store.watch(&state_prefix, before + 1).await?;
+        let expected: HashSet<String> = resources.iter().map(|r| r.state_key.clone()).collect();
+        // Generous: a stuck workflow must end the bench with a message, not hang it.
+        let timeout = Duration::from_secs(60) + Duration::from_millis(50) * jobs as u32;
+        let deadline = Instant::now() + timeout;
+        let watcher = tokio::spawn(collect_states(watch, expected, deadline));
+        let sampler = RssSampler::start(Duration::from_millis(25));
+        let queue_sampler = QueueSampler::start(self.store.clone());
+        let sent = match pace {
+            None => self.write_burst(resources).await,
+            Some(rate) => self.write_paced(resources, rate).await,
+        };
+        let delivered = watcher.await.context("the state watcher panicked")?;
+        let rss_peak_bytes = sampler.stop().await;
+        let queues = queue_sampler.stop().await;
+        let (sent, delivered) = (sent?, delivered?);
+        wait_jobs_drained(&self.store, &jobs_prefix, deadline).await?;
+        tokio::time::sleep(SETTLE).await;
+        let after = wait_jobs_drained(&self.store, &jobs_prefix, deadline).await?;
+        let host_ops = self.host_ops().since(&host_ops_before);
+        let cpu_after = (
+            cpu_time(None)?,
+            self.etcd_pid.map(|p| cpu_time(Some(p))).transpose()?,
+        );
+        let per_job_ms = |d: Duration| super::stats::ms(d) / jobs.max(1) as f64;
+        let host_cpu_ms_per_job = per_job_ms(cpu_after.0.saturating_sub(cpu_before.0));
+        let etcd_cpu_ms_per_job = match (cpu_before.1, cpu_after.1) {
+            (Some(before), Some(after)) => Some(per_job_ms(after.saturating_sub(before))),
+            _ => None,
+        };
+
+        let first_sent = sent.values().min().copied().unwrap_or_else(Instant::now);
+        let mut timed: Vec<(Instant, Duration)> = delivered
+            .iter()
+            .filter_map(|(key, at)| {
+                sent.get(key)
+                    .map(|s| (*s, at.saturating_duration_since(*s)))
+            })
+            .collect();
+        timed.sort_by_key(|(_, latency)| std::cmp::Reverse(*latency));
+        let slowest = timed
+            .iter()
+            .take(5)
+            .map(|(s, latency)| Slow {
+                sent_at_s: s.saturating_duration_since(first_sent).as_secs_f64(),
+                latency_ms: super::stats::ms(*latency),
+            })
+            .collect();
+        timed.sort_by_key(|(sent_at, _)| *sent_at);
+        let decile = timed.len().div_ceil(10).max(1);
+        let p50_ms_by_send_decile = timed
+            .chunks(decile)
+            .map(|chunk| super::stats::ms(median(chunk.iter().map(|(_, l)| *l).collect())))
+            .collect();
+        let latencies: Vec<Duration> = timed.into_iter().map(|(_, latency)| latency).collect();
+        let last_state = delivered.values().max().copied().unwrap_or(first_sent);
+        let span = last_state.saturating_duration_since(first_sent);
+        let bench_writes = i64::try_from(jobs).unwrap_or(i64::MAX);
+        let commits = (after - before - bench_writes).max(0);
+        let requests = host_ops.txn + host_ops.put + host_ops.delete;
+        Ok(RunResult {
+            label: label.to_string(),
+            hosts: self.hosts.len(),
+            jobs,
+            offered_per_s: pace,
+            jobs_per_s: jobs as f64 / span.as_secs_f64().max(1e-9),
+            latency: Summary::of(latencies),
+            cost: JobCost {
+                commits_per_job: commits as f64 / jobs.max(1) as f64,
+                refused_per_job: requests.saturating_sub(commits.unsigned_abs()) as f64
+                    / jobs.max(1) as f64,
+                host_ops,
+                per_job: OpsPerJob::of(&host_ops, jobs),
+            },
+            rss_peak_bytes,
+            slowest,
+            p50_ms_by_send_decile,
+            host_cpu_ms_per_job,
+            etcd_cpu_ms_per_job,
+            queues,
+        })
+    }
+
+    /// What every store of the process did, minus the bench's own.
+    fn host_ops(&self) -> CounterSnapshot {
+        let everyone = StoreCounters::process_totals().snapshot();
+        everyone.since(&self.store.counters().snapshot())
+    }
+
+    /// `jobs` distinct ha_interfaces, each with its own two er_physical_interfaces.
+    fn resources(&self, run: u32, jobs: usize) -> anyhow::Result<Vec<Resource>> {
+        let keys = self.store.keys();
+        let ha = self.ha_interface()?;
+        let interface = self
+            .schemas
+            .get("er_physical_interface")
+            .context("the built-in schemas have no er_physical_interface")?;
+        let template = seed::records()?[0]
+            .value
+            .get("body")
+            .cloned()
+            .context("seed record (1) has no body")?;
+        let interface_state = json!({
+            "state": {"state_monitoring": json!({"interface": "ACTIVE"}).to_string(),
+                      "worker_state": "CREATE_COMPLETED"},
+            "version": 1, "error": ""})
+        .to_string();
+        Ok((0..jobs)
+            .map(|i| {
+                // uuid-shaped ids: run number, role (0 = ha_interface, 1/2 = its interfaces), index.
+                let id = |role: u32| format!("be{run:06x}-000{role}-4000-8000-{i:012}");
+                let (ha_id, primary, secondary) = (id(0), id(1), id(2));
+                let mut body = template.clone();
+                body["id"] = Value::String(ha_id.clone());
+                body["primary_interface_id"] = Value::String(primary.clone());
+                body["secondary_interface_id"] = Value::String(secondary.clone());
+                Resource {
+                    config_key: keys.record(Record::Config, ha, &ha_id),
+                    envelope: seed::gohan_envelope(&body, 1),
+                    state_key: keys.record(Record::State, ha, &ha_id),
+                    interface_states: [
+                        (
+                            keys.record(Record::State, interface, &primary),
+                            interface_state.clone(),
+                        ),
+                        (
+                            keys.record(Record::State, interface, &secondary),
+                            interface_state.clone(),
+                        ),
+                    ],
+                }
+            })
+            .collect())
+    }
+
+    /// Writes the interface states the jobs will read (before the clock starts).
+    async fn prepare(&self, resources: &[Resource]) -> anyhow::Result<()> {
+        let puts: Vec<(String, String)> = resources
+            .iter()
+            .flat_map(|r| r.interface_states.iter().cloned())
+            .collect();
+        let store = self.store.clone();
+        for_each_concurrent(puts, WRITERS, move |(key, value)| {
+            let store = store.clone();
+            async move { Ok(store.put(&key, value).await?) }
+        })
+        .await
+        .context("writing the interface states")
+    }
+
+    /// PUTs every config, `WRITERS` at once. Returns when each was sent, by state key.
+    async fn write_burst(
+        &self,
+        resources: Vec<Resource>,
+    ) -> anyhow::Result<HashMap<String, Instant>> {
+        let sent = Arc::new(Mutex::new(HashMap::with_capacity(resources.len())));
+        let (store, record) = (self.store.clone(), sent.clone());
+        for_each_concurrent(resources, WRITERS, move |r| {
+            let (store, record) = (store.clone(), record.clone());
+            async move { put_config(&store, &record, r).await }
+        })
+        .await?;
+        Ok(take(&sent))
+    }
+
+    /// PUTs the configs at `rate` per second, each on its own task so that a slow PUT does
+    /// not hold back the next.
+    async fn write_paced(
+        &self,
+        resources: Vec<Resource>,
+        rate: f64,
+    ) -> anyhow::Result<HashMap<String, Instant>> {
+        let sent = Arc::new(Mutex::new(HashMap::with_capacity(resources.len())));
+        let start = Instant::now();
+        let mut tasks = JoinSet::new();
+        for (i, r) in resources.into_iter().enumerate() {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+            let (store, record) = (self.store.clone(), sent.clone());
+            tasks.spawn(async move { put_config(&store, &record, r).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.context("a config writer panicked")??;
+        }
+        Ok(take(&sent))
+    }
+}
+
+async fn put_config(
+    store: &Store,
+    sent: &Mutex<HashMap<String, Instant>>,
+    r: Resource,
+) -> anyhow::Result<()> {
+    let now = Instant::now();
+    sent.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(r.state_key, now);
+    store
+        .put(&r.config_key, r.envelope)
+        .await
+        .with_context(|| format!("writing config {}", r.config_key))
+}
+
+fn take(sent: &Mutex<HashMap<String, Instant>>) -> HashMap<String, Instant> {
+    std::mem::take(&mut *sent.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Follows the `/state` watch until every expected key says `*_COMPLETED`; when each arrived.
+async fn collect_states(
+    mut watch: Watch,
+    mut expected: HashSet<String>,
+    deadline: Instant,
+) -> anyhow::Result<HashMap<String, Instant>> {
+    let total = expected.len();
+    let mut delivered = HashMap::with_capacity(total);
+    while !expected.is_empty() {
+        let Ok(changes) = tokio::time::timeout_at(deadline, watch.next()).await else {
+            bail!(
+                "only {} of {total} resources reached CREATE_COMPLETED in time; one still \
+                 waiting is {:?}",
+                delivered.len(),
+                expected.iter().next()
+            );
+        };
+        let now = Instant::now();
+        for change in changes.context("watching the resources' /state")? {
+            let Change::Put(kv) = change else { continue };
+            if !expected.contains(&kv.key) {
+                continue;
+            }
+            let state: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+            let worker_state = state["state"]["worker_state"].as_str().unwrap_or("");
+            if worker_state.ends_with("_FAILED") {
+                bail!("{} failed: {}", kv.key, state["error"]);
+            }
+            if worker_state.ends_with("_COMPLETED") {
+                expected.remove(&kv.key);
+                delivered.insert(kv.key, now);
+            }
+        }
+    }
+    Ok(delivered)
+}
+
+/// Waits until nothing is left under `/jobs/`; the revision at which that was seen.
+async fn wait_jobs_drained(store: &Store, prefix: &str, deadline: Instant) -> anyhow::Result<i64> {
+    loop {
+        let (left, revision) = store.list(prefix).await?;
+        if left.is_empty() {
+            return Ok(revision);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} job keys were still under {prefix} at the deadline, e.g. {}",
+                left.len(),
+                left[0].key
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,474 @@
+//! `esi-host bench`: where the time of a job goes, on this machine, against goals that are
+//! relative to this machine.
+//!
+//! An absolute jobs-per-second number says little: it moves with the disk under etcd and the
+//! CPU count. So the bench starts its own etcd ([`LocalEtcd`]) and measures, side by side in
+//! one run:
+//!
+//! 1. the **etcd ceiling** ([`ceiling`]): completion-shaped transactions per second at the
+//!    worker's concurrency, the most any host could get out of this etcd;
+//! 2. **end to end** ([`e2e`]): ha_interfaces written as gohan writes them, through one and
+//!    three in-process hosts, as a burst and paced at half the one-host peak (the latency
+//!    goal is for a loaded, not a saturated, host);
+//! 3. the **cost of a job** in etcd commits and round trips, from the revision delta and the
+//!    store counters ([`crate::store::counters`]);
+//! 4. the **plugin cost** ([`plugin_cost`]): a component call without its etcd reads, and the
+//!    VLAN core as a component against the same core compiled natively;
+//! 5. **hot reload** ([`reload`]) and the host's **memory** (VmRSS).
+//!
+//! Every phase runs under its own key root, so no phase's keys are seen by another's hosts.
+//! Progress goes to stderr; the report ([`Report`]) to the caller.
+
+pub mod ceiling;
+pub mod e2e;
+pub mod plugin_cost;
+pub mod reload;
+pub mod report;
+pub mod stats;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use serde_json::json;
+
+use crate::local_etcd::LocalEtcd;
+use crate::templates::{self, TemplateFile};
+pub use report::{Figure, Report, Verdict};
+
+/// Bench settings.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub plugin_dir: PathBuf,
+    pub template_dir: PathBuf,
+    /// Small sizes: the whole run in well under a minute.
+    pub quick: bool,
+}
+
+/// How much of everything a run does.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    ceiling_txns: usize,
+    burst_jobs: usize,
+    /// A paced run lasts about this long...
+    paced_seconds: f64,
+    /// ...within these bounds on its number of jobs.
+    paced_jobs: (usize, usize),
+    plugin_calls: usize,
+}
+
+impl Sizes {
+    fn for_mode(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                ceiling_txns: 2_000,
+                burst_jobs: 300,
+                paced_seconds: 2.0,
+                paced_jobs: (50, 600),
+                plugin_calls: 200,
+            }
+        } else {
+            Sizes {
+                ceiling_txns: 20_000,
+                burst_jobs: 3_000,
+                paced_seconds: 15.0,
+                paced_jobs: (300, 10_000),
+                plugin_calls: 3_000,
+            }
+        }
+    }
+}
+
+/// The worker's default concurrency, which the ceiling uses too.
+const WORKER_CONCURRENCY: usize = 64;
+
+/// Key roots of the phases.
+const CEILING_ROOT: &str = "/esi-bench/ceiling";
+const ONE_HOST_ROOT: &str = "/esi-bench/one-host";
+const THREE_HOSTS_ROOT: &str = "/esi-bench/three-hosts";
+const PLUGIN_ROOT: &str = "/esi-bench/plugins";
+const RELOAD_ROOT: &str = "/esi-bench/reload";
+
+/// Runs the bench against a private etcd, which is stopped before this returns.
+pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let rss_idle = stats::rss_bytes()?;
+    for plugin in ["monitoring_worker", "vlan_pool_worker"] {
+        let path = config.plugin_dir.join(format!("{plugin}.wasm"));
+        if !path.exists() {
+            bail!(
+                "{} is missing: build the plugins with `cargo xtask build-plugins` or pass \
+                 --plugins DIR",
+                path.display()
+            );
+        }
+    }
+    let shipped = templates::read_dir(&config.template_dir).with_context(|| {
+        format!(
+            "reading the heat templates in {} (pass --templates DIR)",
+            config.template_dir.display()
+        )
+    })?;
+    let etcd = LocalEtcd::start().await?;
+    progress(&format!("private etcd at {}", etcd.endpoint()));
+    let result = run_against(config, etcd.endpoint(), etcd.pid(), &shipped, rss_idle).await;
+    etcd.stop().await;
+    let (figures, details) = result?;
+    Ok(Report {
+        mode: if config.quick { "quick" } else { "full" }.to_string(),
+        machine: report::Machine::describe(),
+        duration_s: started.elapsed().as_secs_f64(),
+        figures,
+        details,
+    })
+}
+
+async fn run_against(
+    config: &BenchConfig,
+    endpoint: &str,
+    etcd_pid: Option<u32>,
+    shipped: &[TemplateFile],
+    rss_idle: u64,
+) -> anyhow::Result<(Vec<Figure>, serde_json::Value)> {
+    let sizes = Sizes::for_mode(config.quick);
+    // The host phases go first, so that the memory figures carry no allocations of the
+    // bench's other phases.
+    progress("end to end, one host");
+    let mut one = e2e::Fleet::start(
+        endpoint,
+        ONE_HOST_ROOT,
+        &config.plugin_dir,
+        shipped,
+        1,
+        etcd_pid,
+    )
+    .await?;
+    let rss_loaded = stats::rss_bytes()?;
+    let one_host = one_host_runs(&mut one, &sizes).await;
+    one.shutdown().await;
+    let (burst_one, paced) = one_host?;
+
+    progress("end to end, three hosts");
+    let mut three = e2e::Fleet::start(
+        endpoint,
+        THREE_HOSTS_ROOT,
+        &config.plugin_dir,
+        shipped,
+        3,
+        etcd_pid,
+    )
+    .await?;
+    let three_hosts = match three.warm_up().await {
+        Ok(()) => three.run("burst, 3 hosts", sizes.burst_jobs, None).await,
+        Err(e) => Err(e),
+    };
+    three.shutdown().await;
+    let burst_three = three_hosts?;
+
+    progress(&format!(
+        "etcd ceiling: {} completion-shaped transactions, {WORKER_CONCURRENCY} at once",
+        sizes.ceiling_txns
+    ));
+    let ceiling = ceiling::measure(
+        endpoint,
+        CEILING_ROOT,
+        sizes.ceiling_txns,
+        WORKER_CONCURRENCY,
+    )
+    .await
+    .context("measuring the etcd ceiling")?;
+
+    progress("plugin cost");
+    let plugins = plugin_cost::measure(
+        endpoint,
+        PLUGIN_ROOT,
+        &config.plugin_dir,
+        shipped,
+        sizes.plugin_calls,
+    )
+    .await
+    .context("measuring the plugin cost")?;
+
+    progress("hot reload");
+    let reload = reload::measure(endpoint, RELOAD_ROOT, &config.plugin_dir)
+        .await
+        .context("measuring hot reload")?;
+
+    let memory = Memory {
+        idle: rss_idle,
+        loaded: rss_loaded,
+        under_load: burst_one.rss_peak_bytes,
+    };
+    let figures = figures(
+        &ceiling,
+        &burst_one,
+        &burst_three,
+        &paced,
+        &plugins,
+        &reload,
+        &memory,
+    );
+    let details = json!({
+        "ceiling": ceiling,
+        "runs": [burst_one, paced, burst_three],
+        "plugins": plugins,
+        "reload": reload,
+        "memory_bytes": {"idle": memory.idle, "plugins_loaded": memory.loaded,
+                         "under_load": memory.under_load},
+    });
+    Ok((figures, details))
+}
+
+/// The one-host burst, then a run paced at half the rate the burst reached.
+async fn one_host_runs(
+    fleet: &mut e2e::Fleet,
+    sizes: &Sizes,
+) -> anyhow::Result<(e2e::RunResult, e2e::RunResult)> {
+    fleet.warm_up().await?;
+    let burst = fleet.run("burst, 1 host", sizes.burst_jobs, None).await?;
+    let rate = burst.jobs_per_s / 2.0;
+    let (least, most) = sizes.paced_jobs;
+    let jobs = ((rate * sizes.paced_seconds) as usize).clamp(least, most);
+    progress(&format!(
+        "paced at {rate:.0} configs/s (half the one-host peak), {jobs} jobs"
+    ));
+    let paced = fleet
+        .run("paced at 50% of peak, 1 host", jobs, Some(rate))
+        .await?;
+    Ok((burst, paced))
+}
+
+/// Resident memory of this process at three moments, in bytes.
+struct Memory {
+    idle: u64,
+    loaded: u64,
+    under_load: u64,
+}
+
+fn figures(
+    ceiling: &ceiling::Ceiling,
+    one: &e2e::RunResult,
+    three: &e2e::RunResult,
+    paced: &e2e::RunResult,
+    plugins: &plugin_cost::PluginCost,
+    reload: &reload::Reload,
+    memory: &Memory,
+) -> Vec<Figure> {
+    let commits = one.cost.commits_per_job;
+    let one_host_goal = 0.7 * ceiling.txn_per_s / commits.max(1e-9);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let per_job = &one.cost.per_job;
+    vec![
+        Figure::info(
+            "etcd_ceiling_txn_per_s",
+            "etcd ceiling: completion-shaped txns, 64 at once",
+            ceiling.txn_per_s,
+            "txn/s",
+        ),
+        Figure::info(
+            "etcd_commit_latency_ms",
+            "etcd: one completion-shaped txn alone (p50)",
+            ceiling.sequential_txn.p50_ms,
+            "ms",
+        ),
+        Figure::info(
+            "etcd_get_latency_ms",
+            "etcd: one get alone (p50)",
+            ceiling.sequential_get.p50_ms,
+            "ms",
+        ),
+        Figure::below(
+            "commits_per_job",
+            "etcd commits per job (revision delta)",
+            commits,
+            "txn",
+            4.0,
+            true,
+        ),
+        Figure::at_least(
+            "e2e_1host_jobs_per_s",
+            "end to end, 1 host (goal: 70% of ceiling / commits per job)",
+            one.jobs_per_s,
+            "jobs/s",
+            one_host_goal,
+        ),
+        Figure::info(
+            "e2e_3hosts_jobs_per_s",
+            "end to end, 3 hosts",
+            three.jobs_per_s,
+            "jobs/s",
+        ),
+        Figure::info(
+            "burst_1host_latency_p50_ms",
+            "burst, 1 host: config -> state p50",
+            one.latency.p50_ms,
+            "ms",
+        ),
+        Figure::info(
+            "burst_1host_latency_p99_ms",
+            "burst, 1 host: config -> state p99",
+            one.latency.p99_ms,
+            "ms",
+        ),
+        Figure::info(
+            "burst_3hosts_latency_p50_ms",
+            "burst, 3 hosts: config -> state p50",
+            three.latency.p50_ms,
+            "ms",
+        ),
+        Figure::info(
+            "burst_3hosts_latency_p99_ms",
+            "burst, 3 hosts: config -> state p99",
+            three.latency.p99_ms,
+            "ms",
+        ),
+        Figure::info(
+            "paced_rate_jobs_per_s",
+            "paced run: configs written per second",
+            paced.offered_per_s.unwrap_or(0.0),
+            "jobs/s",
+        ),
+        Figure::below(
+            "paced_latency_p50_ms",
+            "paced at 50% of peak: config -> state p50",
+            paced.latency.p50_ms,
+            "ms",
+            10.0,
+            false,
+        ),
+        Figure::below(
+            "paced_latency_p99_ms",
+            "paced at 50% of peak: config -> state p99",
+            paced.latency.p99_ms,
+            "ms",
+            50.0,
+            false,
+        ),
+        Figure::info(
+            "paced_latency_max_ms",
+            "paced at 50% of peak: config -> state max",
+            paced.latency.max_ms,
+            "ms",
+        ),
+        Figure::info(
+            "host_cpu_ms_per_job",
+            "CPU per job, bench process (host + bench), burst 1 host",
+            one.host_cpu_ms_per_job,
+            "ms",
+        ),
+        Figure::info(
+            "etcd_cpu_ms_per_job",
+            "CPU per job, etcd, burst 1 host",
+            one.etcd_cpu_ms_per_job.unwrap_or(0.0),
+            "ms",
+        ),
+        Figure::info(
+            "host_refused_writes_per_job",
+            "host write requests etcd refused (compare failed), per job",
+            one.cost.refused_per_job,
+            "txn",
+        ),
+        Figure::info(
+            "host_txns_per_job",
+            "host round trips per job: txn (incl. refused)",
+            per_job.txn,
+            "ops",
+        ),
+        Figure::info(
+            "host_gets_per_job",
+            "host round trips per job: get",
+            per_job.get,
+            "ops",
+        ),
+        Figure::info(
+            "host_lists_per_job",
+            "host round trips per job: list",
+            per_job.list,
+            "ops",
+        ),
+        Figure::info(
+            "host_puts_deletes_per_job",
+            "host round trips per job: plain put + delete",
+            per_job.put + per_job.delete,
+            "ops",
+        ),
+        Figure::info(
+            "host_watch_events_per_job",
+            "watch events delivered to the host per job",
+            per_job.watch_events,
+            "events",
+        ),
+        Figure::below(
+            "plugin_monitoring_us",
+            "monitoring job: instantiate + handle, without etcd reads",
+            plugins.monitoring.plugin_us,
+            "us",
+            100.0,
+            false,
+        ),
+        Figure::info(
+            "plugin_monitoring_with_reads_us",
+            "monitoring job: instantiate + handle, with its etcd reads (p50)",
+            plugins.monitoring.call.p50_ms * 1e3,
+            "us",
+        ),
+        Figure::info(
+            "plugin_vlan_us",
+            "VLAN job as a component, without etcd reads",
+            plugins.vlan.plugin_us,
+            "us",
+        ),
+        Figure::info(
+            "native_vlan_us",
+            "VLAN job natively (same core, records in memory)",
+            plugins.vlan_native_us,
+            "us",
+        ),
+        Figure::below(
+            "vlan_component_native_ratio",
+            "VLAN allocate + encode: component / native",
+            plugins.vlan_component_native_ratio,
+            "x",
+            3.0,
+            false,
+        ),
+        Figure::below(
+            "reload_new_build_ms",
+            "hot reload, rename -> serving (new build: compiles)",
+            reload.new_build_ms,
+            "ms",
+            1000.0,
+            false,
+        ),
+        Figure::info(
+            "reload_known_build_ms",
+            "hot reload, rename -> serving (build in compile cache)",
+            reload.known_build_ms,
+            "ms",
+        ),
+        Figure::info(
+            "rss_idle_mib",
+            "host RSS idle (no host started)",
+            mib(memory.idle),
+            "MiB",
+        ),
+        Figure::info(
+            "rss_loaded_mib",
+            "host RSS, both plugins loaded",
+            mib(memory.loaded),
+            "MiB",
+        ),
+        Figure::below(
+            "rss_under_load_mib",
+            "host RSS, both plugins, under load (peak)",
+            mib(memory.under_load),
+            "MiB",
+            100.0,
+            false,
+        ),
+    ]
+}
+
+fn progress(message: &str) {
+    eprintln!("# {message}");
+}

@@ -1,0 +1,420 @@
+//! What running a job in a component costs, measured on [`PluginEngine`] directly.
+//!
+//! A job's `handle` call is a fresh instance plus the call, and the call reads records from
+//! etcd through the host import. Those reads are etcd round trips, not plugin cost, and on a
+//! loopback etcd they are as slow as everything else together, so they are measured apart:
+//! every call is followed by the same reads done by the bench itself on the same store, and the
+//! plugin's own cost is the median of (call - reads). How many reads a call makes is counted
+//! with the store's counters, not assumed.
+//!
+//! The VLAN plugin's core is also a plain Rust crate, so the same job can run natively
+//! (`vlan_pool_worker::core::handle` with the records served from memory): the ratio of the
+//! component's cost to the native one is what the sandbox costs for allocate + encode.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use tokio_util::sync::CancellationToken;
+use vlan_pool_worker::core as vlan;
+
+use super::stats::{median, us, Summary};
+use crate::keys::{Keys, Record};
+use crate::plugins::bindings::esi::worker::types as wit;
+use crate::plugins::host_api::RecordAccess;
+use crate::plugins::{cache, Limits, LoadedPlugin, PluginEngine};
+use crate::protocol::{Action, Job, JobId, JobRecord};
+use crate::schema::{SchemaRegistry, HEAT_TEMPLATE};
+use crate::seed;
+use crate::store::Store;
+use crate::templates::{self, TemplateFile};
+
+/// What the plugin phase measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginCost {
+    /// `PluginEngine::load` of each component (compile cache warm after the first run).
+    pub load_ms: HashMap<String, f64>,
+    pub monitoring: CallCost,
+    pub vlan: CallCost,
+    /// The VLAN job natively: `vlan_pool_worker::core::handle`, records from memory.
+    pub vlan_native_us: f64,
+    /// Just the pool work natively: parse the bitmap, allocate one VLAN, encode the record.
+    pub vlan_native_allocate_encode_us: f64,
+    /// `vlan.plugin_us / vlan_native_us`.
+    pub vlan_component_native_ratio: f64,
+}
+
+/// One component's `handle` cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallCost {
+    pub iterations: usize,
+    /// etcd reads one call makes (counted).
+    pub reads_per_call: f64,
+    /// Instantiate + handle, reads included.
+    pub call: Summary,
+    /// The same reads done by the bench.
+    pub reads_us: f64,
+    /// Median of (call - reads): instantiate + handle without its etcd round trips.
+    pub plugin_us: f64,
+}
+
+/// A job and the records it reads, ready to run both ways.
+struct Case {
+    job: Job,
+    /// Keys the plugin reads, in order, and whether each exists.
+    reads: Vec<String>,
+}
+
+/// Runs the plugin phase under `root` with `iterations` calls per component.
+pub async fn measure(
+    endpoint: &str,
+    root: &str,
+    plugin_dir: &Path,
+    templates: &[TemplateFile],
+    iterations: usize,
+) -> anyhow::Result<PluginCost> {
+    let schemas = Arc::new(SchemaRegistry::built_in());
+    let store = Store::connect(&[endpoint.to_string()], Keys::new(root))
+        .await
+        .context("connecting the plugin phase's etcd client")?;
+    templates::load(&store, &schemas, templates)
+        .await
+        .context("loading the heat templates")?;
+    let cases = write_records(&store, &schemas).await?;
+    let engine = PluginEngine::new(Limits::default(), Some(&cache::default_dir()))?;
+    let mut load_ms = HashMap::new();
+    let load = |name: &str| {
+        let path = plugin_dir.join(format!("{name}.wasm"));
+        let engine = &engine;
+        async move {
+            let started = Instant::now();
+            let plugin = engine
+                .load(&path)
+                .await
+                .with_context(|| format!("loading {}", path.display()))?;
+            anyhow::Ok((plugin, started.elapsed()))
+        }
+    };
+    let (monitoring_plugin, t) = load("monitoring_worker").await?;
+    load_ms.insert("monitoring_worker".to_string(), super::stats::ms(t));
+    let (vlan_plugin, t) = load("vlan_pool_worker").await?;
+    load_ms.insert("vlan_pool_worker".to_string(), super::stats::ms(t));
+    let access = RecordAccess {
+        store: store.clone(),
+        schemas,
+    };
+    let monitoring = time_calls(&engine, &monitoring_plugin, &access, &cases.0, iterations).await?;
+    let vlan_call = time_calls(&engine, &vlan_plugin, &access, &cases.1, iterations).await?;
+    let native = time_native_vlan(&store, &cases.1, iterations * 10).await?;
+    let allocate_encode = time_allocate_encode(iterations * 10)?;
+    Ok(PluginCost {
+        load_ms,
+        vlan_component_native_ratio: vlan_call.plugin_us / native.max(1e-3),
+        monitoring,
+        vlan: vlan_call,
+        vlan_native_us: native,
+        vlan_native_allocate_encode_us: allocate_encode,
+    })
+}
+
+/// Writes what the two jobs read: the seed's interface states and its ha_interface (the VLAN
+/// pool's owner). Returns the monitoring case and the VLAN case.
+async fn write_records(store: &Store, schemas: &SchemaRegistry) -> anyhow::Result<(Case, Case)> {
+    let keys = store.keys();
+    let schema = |name: &str| {
+        schemas
+            .get(name)
+            .with_context(|| format!("the built-in schemas have no {name}"))
+    };
+    let (ha, interface, template) = (
+        schema("ha_interface")?,
+        schema("er_physical_interface")?,
+        schema(HEAT_TEMPLATE)?,
+    );
+    let state = json!({
+        "state": {"state_monitoring": json!({"interface": "ACTIVE"}).to_string(),
+                  "worker_state": "CREATE_COMPLETED"},
+        "version": 1, "error": ""});
+    let interfaces = [seed::PRIMARY_INTERFACE_ID, seed::SECONDARY_INTERFACE_ID];
+    for id in interfaces {
+        store
+            .put(
+                &keys.record(Record::State, interface, id),
+                state.to_string(),
+            )
+            .await?;
+    }
+    let records = seed::records()?;
+    let ha_config = keys.record(Record::Config, ha, seed::HA_INTERFACE_ID);
+    store.put(&ha_config, records[0].value.to_string()).await?;
+
+    // The seed's own job record (2) is the monitoring job.
+    let monitoring = JobRecord::parse(&records[1].key, records[1].value.to_string().as_bytes())
+        .context("seed record (2) is not a job record")?;
+    let mut monitoring_reads =
+        vec![keys.record(Record::Config, template, "ha_interface_monitoring")];
+    monitoring_reads.extend(interfaces.map(|id| keys.record(Record::State, interface, id)));
+
+    let gateway = "6a7e0000-0000-4000-8000-00000000be01";
+    let id = JobId {
+        action: Action::Create,
+        handler: vlan::HANDLER.to_string(),
+        resource_type: "internet_gateway".into(),
+        resource_id: gateway.into(),
+        version: 1,
+        suffix: JobId::random_suffix(),
+    };
+    let job = json!({
+        "id": id.to_string(), "job_name": id.job_name(), "handler": vlan::HANDLER,
+        "action": "create", "resource_type": "internet_gateway", "resource_id": gateway,
+        "version": 1, "is_first": true, "is_last": true, "dependency": [], "on_failure": "fail",
+        "params": [{"param": "downlink_interface_id", "type": "value", "value": seed::HA_INTERFACE_ID,
+                    "resources": [{"resource_type": "ha_interface", "resource_id": seed::HA_INTERFACE_ID}]}],
+        "resource_input": {"id": gateway, "name": "gw-bench", "tenant_id": seed::TENANT_ID,
+                           "downlink_interface_id": seed::HA_INTERFACE_ID, "vrf_name": "vrf1",
+                           "status": "PENDING_CREATE"},
+    });
+    let vlan_job = JobRecord::parse(
+        &id.to_string(),
+        json!([vlan::HANDLER, job, 0]).to_string().as_bytes(),
+    )
+    .context("the bench's VLAN job record")?;
+    // The template, the pool record (absent: every call allocates from the config's bitmap,
+    // since the bench applies no write), and the pool's ha_interface config.
+    let vlan_reads = vec![
+        keys.record(Record::Config, template, "internet_gateway_vlan_pool"),
+        keys.record(Record::VlanPool, ha, seed::HA_INTERFACE_ID),
+        ha_config,
+    ];
+    Ok((
+        Case {
+            job: monitoring.job,
+            reads: monitoring_reads,
+        },
+        Case {
+            job: vlan_job.job,
+            reads: vlan_reads,
+        },
+    ))
+}
+
+/// Times `iterations` calls of `plugin`, each followed by the same reads done directly.
+async fn time_calls(
+    engine: &PluginEngine,
+    plugin: &LoadedPlugin,
+    access: &RecordAccess,
+    case: &Case,
+    iterations: usize,
+) -> anyhow::Result<CallCost> {
+    let job = wit_job(&case.job);
+    let context = wit::RunContext {
+        attempts: 0,
+        reruns: 0,
+        elapsed_ms: 0,
+        config: plugin.config_json().to_string(),
+    };
+    let never = CancellationToken::new();
+    let call = || async {
+        let answer = engine
+            .handle(plugin, access.clone(), &job, &context, &never)
+            .await
+            .with_context(|| format!("calling {}", plugin.name))?;
+        match answer {
+            Ok(wit::Outcome::Completed(_)) => Ok(()),
+            Ok(wit::Outcome::Wait(ms)) => bail!("{} asked to wait {ms} ms", plugin.name),
+            Err(e) => bail!("{} failed the bench's job: {e:?}", plugin.name),
+        }
+    };
+    // Warm up, and count the reads one call makes.
+    const COUNTED: usize = 20;
+    let gets_before = access.store.counters().snapshot().get;
+    for _ in 0..COUNTED {
+        call().await?;
+    }
+    let reads_per_call =
+        (access.store.counters().snapshot().get - gets_before) as f64 / COUNTED as f64;
+    // The bench's reads stand for the plugin's; scale if the plugin read more or fewer.
+    let scale = reads_per_call / case.reads.len().max(1) as f64;
+
+    let (mut calls, mut reads, mut own) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..iterations {
+        let started = Instant::now();
+        call().await?;
+        let c = started.elapsed();
+        let started = Instant::now();
+        for key in &case.reads {
+            access.store.get(key).await?;
+        }
+        let r = started.elapsed().mul_f64(scale);
+        calls.push(c);
+        reads.push(r);
+        own.push(c.saturating_sub(r));
+    }
+    Ok(CallCost {
+        iterations,
+        reads_per_call,
+        call: Summary::of(calls),
+        reads_us: us(median(reads)),
+        plugin_us: us(median(own)),
+    })
+}
+
+/// The VLAN job run natively with its records served from memory; median µs per job.
+async fn time_native_vlan(store: &Store, case: &Case, iterations: usize) -> anyhow::Result<f64> {
+    let mut records = HashMap::new();
+    let template = store
+        .get(&case.reads[0])
+        .await?
+        .context("the VLAN template")?;
+    let config = store
+        .get(&case.reads[2])
+        .await?
+        .context("the pool's ha_interface")?;
+    let versioned = |kv: crate::store::Kv| vlan::Versioned {
+        value: kv.value_str().into_owned(),
+        mod_revision: kv.mod_revision,
+    };
+    records.insert(
+        (
+            vlan::RecordKind::Config,
+            HEAT_TEMPLATE.to_string(),
+            "internet_gateway_vlan_pool".to_string(),
+        ),
+        versioned(template),
+    );
+    records.insert(
+        (
+            vlan::RecordKind::Config,
+            "ha_interface".to_string(),
+            seed::HA_INTERFACE_ID.to_string(),
+        ),
+        versioned(config),
+    );
+    let mut reader = MemoryReader(records);
+    let job = core_job(&case.job);
+    let context = vlan::RunContext {
+        config: Value::Object(Map::new()),
+        ..vlan::RunContext::default()
+    };
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations + iterations / 10 {
+        let mut logs: Vec<(vlan::LogLevel, String)> = Vec::new();
+        let started = Instant::now();
+        let outcome = vlan::handle(&job, &context, &mut reader, &mut logs);
+        samples.push(started.elapsed());
+        if !matches!(outcome, Ok(vlan::Outcome::Completed { .. })) {
+            bail!("the VLAN core failed the bench's job natively: {outcome:?}");
+        }
+    }
+    // The first tenth warmed caches up.
+    Ok(us(median(samples.split_off(iterations / 10))))
+}
+
+/// Parse the seed's pool bitmap, allocate one VLAN, encode the record: median µs.
+fn time_allocate_encode(iterations: usize) -> anyhow::Result<f64> {
+    let body = &seed::records()?[0].value["body"];
+    let restricted = body["restricted_vlans"].as_str().unwrap_or("");
+    let state = body["vlan_pool_state"]
+        .as_str()
+        .context("seed record (1) has no vlan_pool_state")?;
+    let mut samples: Vec<Duration> = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let started = Instant::now();
+        let bitmap = vlan::Pool::from_base64(state)?;
+        let mut pool = vlan::VlanPool::new(seed::HA_INTERFACE_ID, restricted, Some(bitmap))?;
+        pool.allocate(&format!("internet_gateway:{i}"), None, &BTreeSet::new())?;
+        let record = pool.to_record().to_json();
+        samples.push(started.elapsed());
+        std::hint::black_box(record);
+    }
+    Ok(us(median(samples)))
+}
+
+/// Records served from memory, for the native run.
+struct MemoryReader(HashMap<(vlan::RecordKind, String, String), vlan::Versioned>);
+
+impl vlan::RecordReader for MemoryReader {
+    fn read(
+        &mut self,
+        kind: vlan::RecordKind,
+        resource_type: &str,
+        resource_id: &str,
+    ) -> Result<Option<vlan::Versioned>, vlan::HostError> {
+        let key = (kind, resource_type.to_string(), resource_id.to_string());
+        Ok(self.0.get(&key).cloned())
+    }
+}
+
+/// The job as the worker hands it to a component (a first job: empty job state).
+fn wit_job(job: &Job) -> wit::Job {
+    wit::Job {
+        id: job.id.clone(),
+        job_name: job.job_name.clone(),
+        handler: job.handler.clone(),
+        action: job.action.as_str().to_string(),
+        resource_type: job.resource_type.clone(),
+        resource_id: job.resource_id.clone(),
+        version: job.version,
+        is_first: job.is_first,
+        is_last: job.is_last,
+        dependency: job.dependency.clone(),
+        on_failure: job.on_failure.as_str().to_string(),
+        params: job
+            .params
+            .iter()
+            .map(|p| wit::Param {
+                param: p.param.clone(),
+                kind: p.kind.clone(),
+                value: p.value.to_string(),
+                resources: p
+                    .resources
+                    .iter()
+                    .map(|r| wit::ResourceRef {
+                        resource_type: r.resource_type.clone(),
+                        resource_id: r.resource_id.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        resource_input: Value::Object(job.resource_input.clone()).to_string(),
+        job_state: "{}".to_string(),
+    }
+}
+
+/// The same job as a plugin core sees it natively.
+fn core_job(job: &Job) -> vlan::Job {
+    vlan::Job {
+        id: job.id.clone(),
+        job_name: job.job_name.clone(),
+        handler: job.handler.clone(),
+        action: job.action.as_str().to_string(),
+        resource_type: job.resource_type.clone(),
+        resource_id: job.resource_id.clone(),
+        version: job.version,
+        is_first: job.is_first,
+        is_last: job.is_last,
+        params: job
+            .params
+            .iter()
+            .map(|p| vlan::Param {
+                param: p.param.clone(),
+                kind: p.kind.clone(),
+                value: p.value.clone(),
+                resources: p
+                    .resources
+                    .iter()
+                    .map(|r| vlan::ResourceRef {
+                        resource_type: r.resource_type.clone(),
+                        resource_id: r.resource_id.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        resource_input: Value::Object(job.resource_input.clone()),
+        job_state: Value::Object(Map::new()),
+    }
+}

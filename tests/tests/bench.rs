@@ -1,0 +1,92 @@
+//! `esi-host bench --quick --json` runs end to end (its own etcd, hosts, plugins, reload) and
+//! reports every figure issue #6 asks for. Values depend on the machine, so only their
+//! presence and form are checked.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use esi_tests::{plugin_dir, repo_dir};
+use serde_json::Value;
+
+/// `target/<profile>/esi-host`, built by `cargo test --workspace` for the host's own tests.
+fn host_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("esi-host");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p esi-host` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+const FIGURES: &[&str] = &[
+    "etcd_ceiling_txn_per_s",
+    "commits_per_job",
+    "e2e_1host_jobs_per_s",
+    "e2e_3hosts_jobs_per_s",
+    "burst_1host_latency_p50_ms",
+    "burst_1host_latency_p99_ms",
+    "paced_latency_p50_ms",
+    "paced_latency_p99_ms",
+    "paced_latency_max_ms",
+    "host_txns_per_job",
+    "host_gets_per_job",
+    "host_watch_events_per_job",
+    "plugin_monitoring_us",
+    "plugin_vlan_us",
+    "native_vlan_us",
+    "vlan_component_native_ratio",
+    "reload_new_build_ms",
+    "reload_known_build_ms",
+    "rss_idle_mib",
+    "rss_loaded_mib",
+    "rss_under_load_mib",
+];
+
+#[test]
+fn quick_bench_reports_every_figure_as_json() {
+    let output = Command::new(host_binary())
+        .args(["bench", "--quick", "--json"])
+        .arg("--plugins")
+        .arg(plugin_dir())
+        .arg("--templates")
+        .arg(repo_dir().join("templates"))
+        .output()
+        .expect("esi-host bench starts");
+    assert!(
+        output.status.success(),
+        "esi-host bench --quick --json failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bench --json printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    assert_eq!(report["mode"], "quick");
+    let figures = report["figures"].as_array().expect("a figures array");
+    for name in FIGURES {
+        let figure = figures
+            .iter()
+            .find(|f| f["name"] == *name)
+            .unwrap_or_else(|| panic!("figure {name} is missing from {report:#}"));
+        assert!(figure["value"].is_number(), "{name}: {figure}");
+        assert!(
+            ["pass", "fail", "info"].contains(&figure["verdict"].as_str().unwrap_or("")),
+            "{name}: {figure}"
+        );
+    }
+    for phase in ["ceiling", "runs", "plugins", "reload", "memory_bytes"] {
+        assert!(
+            !report["details"][phase].is_null(),
+            "details.{phase} missing"
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! `/metrics`, `/healthz` and `/readyz` (issue 7). Metrics are process-wide, so this file runs
+//! one host at a time and each test its own counts: the tests run one after another.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use esi_host::local_etcd::LocalEtcd;
+use esi_tests::scripted::{completed_output, put_scripted_job, TIMEOUT};
+use esi_tests::{plugin_dir_with_test_guests, TestEnv};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+/// One test at a time: both read the process-wide metrics.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// `GET path` over plain HTTP/1.0; returns the status code and the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_50_job_flow() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let env = TestEnv::new().await.unwrap();
+    let mut config = env.host_config();
+    config.plugin_dir = plugin_dir_with_test_guests();
+    config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    let host = esi_host::Host::start(config).await.unwrap();
+    let addr = host.metrics_addr().unwrap();
+    let before = get(addr, "/metrics").await.1;
+    let count = |page: &str, series: &str| sample(page, series).unwrap_or(0.0);
+
+    let mut resources = Vec::new();
+    for _ in 0..50 {
+        resources.push(put_scripted_job(&env, None).await);
+    }
+    for resource in &resources {
+        assert_eq!(
+            completed_output(&env, resource).await,
+            json!({"attempts": 0})
+        );
+    }
+    env.wait_jobs_drained().await.unwrap();
+
+    let (status, page) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let delta = |series: &str| count(&page, series) - count(&before, series);
+    assert_eq!(
+        delta("esi_jobs_claimed_total{handler=\"scripted_worker\"}"),
+        50.0,
+        "{page}"
+    );
+    assert_eq!(
+        delta("esi_jobs_completed_total{handler=\"scripted_worker\",action=\"create\"}"),
+        50.0,
+        "{page}"
+    );
+    assert_eq!(
+        delta("esi_job_duration_seconds_count{handler=\"scripted_worker\"}"),
+        50.0,
+        "{page}"
+    );
+    assert_eq!(
+        delta(
+            "esi_plugin_call_duration_seconds_count{plugin=\"scripted_worker\",version=\"0.1.0\"}"
+        ),
+        50.0,
+        "{page}"
+    );
+    assert_eq!(
+        delta("esi_plugin_instantiate_duration_seconds_count{plugin=\"scripted_worker\",version=\"0.1.0\"}"),
+        50.0,
+        "{page}"
+    );
+    assert_eq!(
+        delta("esi_jobs_failed_total{handler=\"scripted_worker\",action=\"create\"}"),
+        0.0
+    );
+    assert!(
+        delta("esi_etcd_operation_duration_seconds_count{op=\"txn\"}") >= 100.0,
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "esi_queue_depth{queue=\"ready\"}"),
+        Some(0.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "esi_queue_depth{queue=\"working\"}"),
+        Some(0.0),
+        "{page}"
+    );
+    assert!(page.contains("# TYPE esi_jobs_claimed counter"), "{page}");
+
+    assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_string()));
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_unready_while_etcd_is_down_and_ready_when_it_is_back() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let etcd = LocalEtcd::start().await.unwrap();
+    let mut config =
+        esi_host::HostConfig::new(vec![etcd.endpoint().to_string()], esi_tests::plugin_dir());
+    config.lease_ttl = Duration::from_secs(5);
+    config.compile_cache = None;
+    config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    let host = esi_host::Host::start(config).await.unwrap();
+    let addr = host.metrics_addr().unwrap();
+    let wait_for = |want: u16| async move {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let (status, body) = get(addr, "/readyz").await;
+            if status == want {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "/readyz still {status}: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(wait_for(200).await, "ready\n");
+
+    // Frozen etcd answers nothing: unready, saying why; the process itself stays healthy.
+    let pid = etcd.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    let body = wait_for(503).await;
+    assert!(body.contains("etcd"), "{body}");
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+
+    signal("-CONT");
+    wait_for(200).await;
+    host.shutdown().await;
+    etcd.stop().await;
+}
