@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use serde::Serialize;
 
-use super::stats::{for_each_concurrent, Summary};
+use super::stats::{cpu_time, for_each_concurrent, ms, Summary};
 use crate::keys::{Keys, Queue, Record};
 use crate::schema::SchemaRegistry;
 use crate::seed;
@@ -32,6 +32,8 @@ pub struct Ceiling {
     pub sequential_txn: Summary,
     /// A single-key read one at a time (linearizable, as the host reads).
     pub sequential_get: Summary,
+    /// etcd's CPU time per transaction of the concurrent run (user + system).
+    pub etcd_cpu_ms_per_txn: Option<f64>,
 }
 
 /// One prepared job: its keys and the reservation its working key holds.
@@ -50,6 +52,7 @@ const SEQUENTIAL: usize = 200;
 /// then a few one at a time.
 pub async fn measure(
     endpoint: &str,
+    etcd_pid: Option<u32>,
     root: &str,
     transactions: usize,
     concurrency: usize,
@@ -64,6 +67,8 @@ pub async fn measure(
         Arc::new((records[2].value.to_string(), records[3].value.to_string()));
 
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(transactions)));
+    let etcd_cpu = || etcd_pid.map(|pid| cpu_time(Some(pid))).transpose();
+    let cpu_before = etcd_cpu()?;
     let started = Instant::now();
     let (s, v, l) = (store.clone(), values.clone(), latencies.clone());
     for_each_concurrent(prepared, concurrency, move |job| {
@@ -81,6 +86,12 @@ pub async fn measure(
     })
     .await?;
     let elapsed = started.elapsed();
+    let etcd_cpu_ms_per_txn = match (cpu_before, etcd_cpu()?) {
+        (Some(before), Some(after)) => {
+            Some(ms(after.saturating_sub(before)) / transactions.max(1) as f64)
+        }
+        _ => None,
+    };
     let latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(PoisonError::into_inner));
 
     let (mut txns, mut gets) = (Vec::new(), Vec::new());
@@ -99,6 +110,7 @@ pub async fn measure(
         latency: Summary::of(latencies),
         sequential_txn: Summary::of(txns),
         sequential_get: Summary::of(gets),
+        etcd_cpu_ms_per_txn,
     })
 }
 

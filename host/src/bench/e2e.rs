@@ -195,7 +195,7 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Loads the templates under `root` and starts `hosts` hosts there, then warms them up.
+    /// Loads the templates under `root` and starts `hosts` hosts there (see [`Fleet::warm_up`]).
     pub async fn start(
         endpoint: &str,
         root: &str,

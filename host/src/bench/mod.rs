@@ -171,6 +171,7 @@ async fn run_against(
     ));
     let ceiling = ceiling::measure(
         endpoint,
+        etcd_pid,
         CEILING_ROOT,
         sizes.ceiling_txns,
         WORKER_CONCURRENCY,
@@ -269,6 +270,12 @@ fn figures(
             "etcd_commit_latency_ms",
             "etcd: one completion-shaped txn alone (p50)",
             ceiling.sequential_txn.p50_ms,
+            "ms",
+        ),
+        Figure::info(
+            "etcd_cpu_ms_per_txn",
+            "etcd CPU per completion-shaped txn, at the ceiling",
+            ceiling.etcd_cpu_ms_per_txn.unwrap_or(0.0),
             "ms",
         ),
         Figure::info(

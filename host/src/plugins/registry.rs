@@ -207,6 +207,9 @@ impl PluginRegistry {
             return;
         }
         let current = self.live.load_full();
+        if self.unchanged(&current, name, &path).await {
+            return; // the same bytes and manifest already serve: nothing to compile
+        }
         let outcome = match self.engine.load(&path).await {
             Ok(plugin) => self.swap_in(&current, name, plugin),
             Err(e) => Err(format!("{e:#}")),
@@ -239,6 +242,19 @@ impl PluginRegistry {
             }
         };
         self.set_status(status).await;
+    }
+
+    /// Whether `name` serves exactly the component and manifest at `path` already.
+    async fn unchanged(&self, current: &PluginSet, name: &str, path: &Path) -> bool {
+        let Some(serving) = current.by_name.get(name) else {
+            return false;
+        };
+        let Ok(bytes) = tokio::fs::read(path).await else {
+            return false;
+        };
+        let manifest = super::manifest::Manifest::load_for(path).ok().flatten();
+        super::cache::CompileCache::digest(&bytes) == serving.sha256
+            && manifest.unwrap_or_default() == *serving.manifest
     }
 
     /// Swaps `plugin` in for `name`. `Ok(None)`: identical to what serves already.
@@ -337,6 +353,17 @@ impl PluginRegistry {
             return;
         }
         tracing::info!(dir = %self.dir.display(), "watching the plugin directory");
+        // Catch up with anything replaced between the initial load and the watch: unchanged
+        // plugins cost a read and a digest.
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            let mut names: std::collections::BTreeSet<String> = entries
+                .filter_map(|e| e.ok().and_then(|e| plugin_file_name(&e.path())))
+                .collect();
+            names.extend(self.live.load().by_name.keys().cloned());
+            for name in names {
+                self.reload(&name).await;
+            }
+        }
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return,

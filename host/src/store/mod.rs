@@ -306,8 +306,12 @@ impl Store {
     /// Every key under `prefix`, and the revision the listing was taken at.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64)> {
         self.counters.count(Op::List);
+        // A listing of every config or job can pass gRPC's default 4 MiB answer limit (about
+        // 2,800 seed-sized resources); the limit protects against nothing here.
         let resp = self
             .client()
+            .kv_client()
+            .max_decoding_message_size(LIST_ANSWER_LIMIT)
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|source| self.fail("list", prefix, source))?;
@@ -559,6 +563,10 @@ impl Store {
         }
     }
 }
+
+/// The largest listing answer accepted: etcd's own default request limit is far below, but a
+/// listing is an answer, bounded only by what the prefix holds.
+const LIST_ANSWER_LIMIT: usize = 1 << 30;
 
 /// Records how long an etcd request took.
 fn observe(op: &'static str, started: std::time::Instant) {
