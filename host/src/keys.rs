@@ -156,20 +156,29 @@ impl Keys {
     /// `/esi-worker/hosts/<host_id>`: a running host (bound to its lease), so that tools can
     /// tell which host owns a claim: a claim's lease is the lease of this key.
     pub fn host(&self, host_id: &str) -> String {
-        format!("{}/{}", self.hosts_prefix(), host_id)
+        format!("{}{}", self.hosts_prefix(), host_id)
     }
 
+    /// `/esi-worker/hosts/`, every host record.
     pub fn hosts_prefix(&self) -> String {
-        format!("{}/esi-worker/hosts", self.root)
+        format!("{}/esi-worker/hosts/", self.root)
     }
 
     /// `/esi-worker/plugins/<host_id>/<plugin>`: a plugin as one host loaded it.
     pub fn plugin_status(&self, host_id: &str, plugin: &str) -> String {
-        format!("{}/{}/{}", self.plugin_status_prefix(), host_id, plugin)
+        format!("{}{}/{}", self.plugin_status_prefix(), host_id, plugin)
     }
 
+    /// `/esi-worker/plugins/`, every host's plugin status records.
     pub fn plugin_status_prefix(&self) -> String {
-        format!("{}/esi-worker/plugins", self.root)
+        format!("{}/esi-worker/plugins/", self.root)
+    }
+
+    /// The host and plugin of a plugin status key.
+    pub fn parse_plugin_status_key<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
+        let rest = key.strip_prefix(self.plugin_status_prefix().as_str())?;
+        let (host, plugin) = rest.split_once('/')?;
+        (!host.is_empty() && !plugin.is_empty() && !plugin.contains('/')).then_some((host, plugin))
     }
 
     /// `/job_manager_id`: the job manager election key (PROTOCOL 4.7).

@@ -209,7 +209,7 @@ impl Readiness {
             (Queue::Working, "working"),
         ] {
             let prefix = self.store.keys().queue_prefix(queue);
-            if let Ok(n) = self.store.count(&format!("{prefix}/")).await {
+            if let Ok(n) = self.store.count(&prefix).await {
                 global()
                     .queue_depth
                     .get_or_create(&labels([("queue", name)]))

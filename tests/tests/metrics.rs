@@ -113,6 +113,27 @@ async fn metrics_count_a_50_job_flow() {
         Some(0.0),
         "{page}"
     );
+
+    // A job for a handler no plugin serves stays in ready, and the gauge counts it.
+    let (id, record) = esi_tests::job_record(
+        "nobody_serves_this",
+        "create",
+        "ha_router",
+        "unserved",
+        1,
+        true,
+        true,
+        &[],
+        "fail",
+        json!({"id": "unserved"}),
+    );
+    env.put_job(&id, &record, true).await.unwrap();
+    let page = get(addr, "/metrics").await.1;
+    assert_eq!(
+        sample(&page, "esi_queue_depth{queue=\"ready\"}"),
+        Some(1.0),
+        "{page}"
+    );
     assert!(page.contains("# TYPE esi_jobs_claimed counter"), "{page}");
 
     assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_string()));

@@ -368,38 +368,7 @@ impl vlan::RecordReader for MemoryReader {
 
 /// The job as the worker hands it to a component (a first job: empty job state).
 fn wit_job(job: &Job) -> wit::Job {
-    wit::Job {
-        id: job.id.clone(),
-        job_name: job.job_name.clone(),
-        handler: job.handler.clone(),
-        action: job.action.as_str().to_string(),
-        resource_type: job.resource_type.clone(),
-        resource_id: job.resource_id.clone(),
-        version: job.version,
-        is_first: job.is_first,
-        is_last: job.is_last,
-        dependency: job.dependency.clone(),
-        on_failure: job.on_failure.as_str().to_string(),
-        params: job
-            .params
-            .iter()
-            .map(|p| wit::Param {
-                param: p.param.clone(),
-                kind: p.kind.clone(),
-                value: p.value.to_string(),
-                resources: p
-                    .resources
-                    .iter()
-                    .map(|r| wit::ResourceRef {
-                        resource_type: r.resource_type.clone(),
-                        resource_id: r.resource_id.clone(),
-                    })
-                    .collect(),
-            })
-            .collect(),
-        resource_input: Value::Object(job.resource_input.clone()).to_string(),
-        job_state: "{}".to_string(),
-    }
+    crate::worker::to_wit_job(job, &serde_json::Map::new())
 }
 
 /// The same job as a plugin core sees it natively.

@@ -25,13 +25,12 @@ pub struct FleetEntry {
 pub async fn list(store: &Store) -> anyhow::Result<Vec<FleetEntry>> {
     let prefix = store.keys().plugin_status_prefix();
     let (kvs, _) = store
-        .list(&format!("{prefix}/"))
+        .list(&prefix)
         .await
         .context("listing plugin status records")?;
     let mut entries = Vec::with_capacity(kvs.len());
     for kv in kvs {
-        let rest = kv.key[prefix.len()..].trim_start_matches('/');
-        let Some((host, plugin)) = rest.split_once('/') else {
+        let Some((host, plugin)) = store.keys().parse_plugin_status_key(&kv.key) else {
             continue;
         };
         let status = serde_json::from_slice::<serde_json::Value>(&kv.value)

@@ -8,6 +8,8 @@
 
 mod run;
 
+pub(crate) use run::to_wit_job;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -569,7 +569,8 @@ enum Stopped {
     LeaseLost,
 }
 
-fn to_wit_job(job: &Job, job_state: &Map<String, Value>) -> wit::Job {
+/// The job as a component receives it, with the workflow's job state so far.
+pub(crate) fn to_wit_job(job: &Job, job_state: &Map<String, Value>) -> wit::Job {
     wit::Job {
         id: job.id.clone(),
         job_name: job.job_name.clone(),
