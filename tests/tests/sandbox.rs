@@ -246,3 +246,43 @@ async fn plugins_list_shows_the_fleet_and_plugins_check_validates_offline() {
     host.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_plugin_directory_is_not_read_again_and_only_a_change_is_looked_at() {
+    let env = TestEnv::new().await.unwrap();
+    let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
+    let component = dir.join(format!("{HANDLER}.wasm"));
+    let (host, host_id) = start_host(&env, dir.clone()).await;
+    env.wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] == "active")
+        .await
+        .unwrap();
+    // The catch-up when the watch starts is the last look while nothing changes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let settled = host.plugins().checks();
+    // Reading the files (as the registry itself does for every check) is not a change.
+    for _ in 0..3 {
+        std::fs::read(&component).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        host.plugins().checks(),
+        settled,
+        "the registry kept looking at an unchanged directory"
+    );
+    // A rename over the component is looked at (once per burst of its events).
+    replace_file(&component, &std::fs::read(&component).unwrap());
+    let deadline = Instant::now() + TIMEOUT;
+    while host.plugins().checks() == settled {
+        assert!(Instant::now() < deadline, "the rename was never looked at");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = host.plugins().checks();
+    assert!(
+        after - settled <= 2,
+        "{} checks for one rename",
+        after - settled
+    );
+    host.shutdown().await;
+}

@@ -31,8 +31,10 @@ use crate::lease::HostLease;
 use crate::metrics;
 use crate::store::Store;
 
-/// How long the directory must be quiet before a burst of events is acted on.
-const DEBOUNCE: Duration = Duration::from_millis(150);
+/// How long the directory must be quiet before a burst of events is acted on. A deploy by
+/// rename is one burst; a file copied in place that is caught half-written fails validation
+/// and the old version keeps serving until the copy's last write, which is acted on too.
+const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// The plugins serving at one moment.
 #[derive(Debug, Default, Clone)]
@@ -78,6 +80,8 @@ pub struct PluginRegistry {
     reloading: tokio::sync::Mutex<()>,
     /// Wakes the task that republishes failure counts.
     counts_changed: tokio::sync::Notify,
+    /// Times a plugin's file was looked at for a change (each costs a read and a digest).
+    checks: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for PluginRegistry {
@@ -108,6 +112,7 @@ impl PluginRegistry {
             changed: tokio::sync::watch::channel(0).0,
             reloading: tokio::sync::Mutex::new(()),
             counts_changed: tokio::sync::Notify::new(),
+            checks: std::sync::atomic::AtomicU64::new(0),
         };
         for name in names {
             registry.reload(&name).await;
@@ -201,6 +206,8 @@ impl PluginRegistry {
     /// Loads (or removes) the plugin `name` from the directory and swaps it in.
     pub async fn reload(&self, name: &str) {
         let _one_at_a_time = self.reloading.lock().await;
+        self.checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.dir.join(format!("{name}.wasm"));
         if !path.exists() {
             self.remove(name).await;
@@ -242,6 +249,12 @@ impl PluginRegistry {
             }
         };
         self.set_status(status).await;
+    }
+
+    /// How many times a plugin's file was looked at for a change since start: the initial
+    /// load, the catch-up when the watch starts, then once per burst of directory events.
+    pub fn checks(&self) -> u64 {
+        self.checks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether `name` serves exactly the component and manifest at `path` already.
@@ -336,6 +349,9 @@ impl PluginRegistry {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             if let Ok(event) = event {
+                if !changes_contents(&event.kind) {
+                    return;
+                }
                 for path in event.paths {
                     let _ = tx.send(path);
                 }
@@ -386,6 +402,18 @@ impl PluginRegistry {
                 self.reload(&name).await;
             }
         }
+    }
+}
+
+/// Whether a directory event can mean new contents. Opening, reading and closing a file
+/// without writing are not: the registry reads the files itself, and acting on those events
+/// would re-read every plugin after each check, forever.
+fn changes_contents(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
