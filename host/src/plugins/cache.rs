@@ -71,21 +71,34 @@ impl CompileCache {
         let compiled = engine
             .precompile_component(bytes)
             .map_err(anyhow::Error::from)?;
-        if let Err(e) = self.store(&entry, &compiled) {
-            tracing::warn!(entry = %entry.display(), error = %e, "could not write the compile cache");
-        }
         // SAFETY: `compiled` was produced just now by this engine.
-        unsafe { Component::deserialize(engine, &compiled) }.map_err(anyhow::Error::from)
+        let component =
+            unsafe { Component::deserialize(engine, &compiled) }.map_err(anyhow::Error::from)?;
+        // The entry is written (and synced) off the reload's path: the new version serves
+        // without waiting for the disk, and a host stopped before the write only compiles
+        // again at its next start.
+        let dir = self.dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name("esi-cache-write".into())
+            .spawn(move || {
+                if let Err(e) = store(&dir, &entry, &compiled) {
+                    tracing::warn!(entry = %entry.display(), error = %e, "could not write the compile cache");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start writing the compile cache");
+        }
+        Ok(component)
     }
+}
 
-    /// Writes through a temporary file and a rename, so a reader never sees half an entry.
-    fn store(&self, entry: &Path, compiled: &[u8]) -> std::io::Result<()> {
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        tmp.write_all(compiled)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(entry).map_err(|e| e.error)?;
-        Ok(())
-    }
+/// Writes through a temporary file and a rename, so a reader never sees half an entry.
+fn store(dir: &Path, entry: &Path, compiled: &[u8]) -> std::io::Result<()> {
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(compiled)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(entry).map_err(|e| e.error)?;
+    Ok(())
 }
 
 fn restrict_to_owner(dir: &Path) -> std::io::Result<()> {
