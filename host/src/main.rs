@@ -343,6 +343,9 @@ struct BenchArgs {
     /// Directory of heat templates.
     #[arg(long = "templates", default_value = "templates")]
     template_dir: PathBuf,
+    /// Run only these phases (comma-separated); all by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<bench::Phase>,
 }
 
 #[derive(Args)]
@@ -465,6 +468,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 plugin_dir: args.plugin_dir,
                 template_dir: args.template_dir,
                 quick: args.quick,
+                only: args.only,
             })
             .await?;
             if args.json {

@@ -1,11 +1,11 @@
 //! What running a job in a component costs, measured on [`PluginEngine`] directly.
 //!
-//! A job's `handle` call is a fresh instance plus the call, and the call reads records from
-//! etcd through the host import. Those reads are etcd round trips, not plugin cost, and on a
-//! loopback etcd they are as slow as everything else together, so they are measured apart:
-//! every call is followed by the same reads done by the bench itself on the same store, and the
-//! plugin's own cost is the median of (call - reads). How many reads a call makes is counted
-//! with the store's counters, not assumed.
+//! A job's `handle` call is a fresh instance plus the call, and the call reads records through
+//! the host import. Those reads are etcd round trips, not plugin cost, so every component is
+//! timed twice: with its reads going to etcd (what a job sees), and with the same records
+//! served from memory ([`RecordAccess::preloaded`]), which is the plugin's own cost. How many
+//! reads a call makes is counted with the store's counters, not assumed, and a call served
+//! from memory must make none.
 //!
 //! The VLAN plugin's core is also a plain Rust crate, so the same job can run natively
 //! (`vlan_pool_worker::core::handle` with the records served from memory): the ratio of the
@@ -54,15 +54,13 @@ pub struct CallCost {
     pub iterations: usize,
     /// etcd reads one call makes (counted).
     pub reads_per_call: f64,
-    /// Instantiate + handle, reads included.
+    /// Instantiate + handle, its reads going to etcd.
     pub call: Summary,
-    /// The same reads done by the bench.
-    pub reads_us: f64,
-    /// Median of (call - reads): instantiate + handle without its etcd round trips.
+    /// Median of instantiate + handle with the same records served from memory: the plugin's
+    /// own cost, without etcd round trips.
     pub plugin_us: f64,
-    /// CPU time of this process per call, its reads' client-side CPU taken out (mean over
-    /// the run; 10 ms resolution in total). Below `plugin_us`: the rest of the call is spent
-    /// waiting (thread wake-ups, scheduling), not computing.
+    /// CPU time of this process per call served from memory (mean over the run; 10 ms
+    /// resolution in total).
     pub plugin_cpu_us: f64,
 }
 
@@ -107,10 +105,7 @@ pub async fn measure(
     load_ms.insert("monitoring_worker".to_string(), super::stats::ms(t));
     let (vlan_plugin, t) = load("vlan_pool_worker").await?;
     load_ms.insert("vlan_pool_worker".to_string(), super::stats::ms(t));
-    let access = RecordAccess {
-        store: store.clone(),
-        schemas,
-    };
+    let access = RecordAccess::new(store.clone(), schemas);
     let monitoring = time_calls(&engine, &monitoring_plugin, &access, &cases.0, iterations).await?;
     let vlan_call = time_calls(&engine, &vlan_plugin, &access, &cases.1, iterations).await?;
     let native = time_native_vlan(&store, &cases.1, iterations * 10).await?;
@@ -222,61 +217,75 @@ async fn time_calls(
         config: plugin.config_json().to_string(),
     };
     let never = CancellationToken::new();
-    let call = || async {
-        let answer = engine
-            .handle(plugin, access.clone(), &job, &context, &never)
-            .await
-            .with_context(|| format!("calling {}", plugin.name))?;
-        match answer {
-            Ok(wit::Outcome::Completed(_)) => Ok(()),
-            Ok(wit::Outcome::Wait(ms)) => bail!("{} asked to wait {ms} ms", plugin.name),
-            Err(e) => bail!("{} failed the bench's job: {e:?}", plugin.name),
+    let call = |access: &RecordAccess| {
+        let access = access.clone();
+        let (job, context, never) = (&job, &context, &never);
+        async move {
+            let answer = engine
+                .handle(plugin, access, job, context, never)
+                .await
+                .with_context(|| format!("calling {}", plugin.name))?;
+            match answer {
+                Ok(wit::Outcome::Completed(_)) => Ok(()),
+                Ok(wit::Outcome::Wait(ms)) => bail!("{} asked to wait {ms} ms", plugin.name),
+                Err(e) => bail!("{} failed the bench's job: {e:?}", plugin.name),
+            }
         }
     };
     // Warm up, and count the reads one call makes.
     const COUNTED: usize = 20;
     let gets_before = access.store.counters().snapshot().get;
     for _ in 0..COUNTED {
-        call().await?;
+        call(access).await?;
     }
     let reads_per_call =
         (access.store.counters().snapshot().get - gets_before) as f64 / COUNTED as f64;
-    // The bench's reads stand for the plugin's; scale if the plugin read more or fewer.
-    let scale = reads_per_call / case.reads.len().max(1) as f64;
 
-    let (mut calls, mut reads, mut own) = (Vec::new(), Vec::new(), Vec::new());
+    let mut calls = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = Instant::now();
+        call(access).await?;
+        calls.push(started.elapsed());
+    }
+
+    // The same calls with the records they read served from memory: the plugin's own cost.
+    let mut preloaded = HashMap::new();
+    for key in &case.reads {
+        let found = access.store.get(key).await?;
+        preloaded.insert(
+            key.clone(),
+            found.map(|kv| wit::Versioned {
+                value: kv.value_str().into_owned(),
+                mod_revision: kv.mod_revision,
+            }),
+        );
+    }
+    let in_memory = RecordAccess {
+        preloaded: Arc::new(preloaded),
+        ..access.clone()
+    };
+    let gets_before = access.store.counters().snapshot().get;
+    let mut own = Vec::with_capacity(iterations);
     let cpu_before = cpu_time(None)?;
     for _ in 0..iterations {
         let started = Instant::now();
-        call().await?;
-        let c = started.elapsed();
-        let started = Instant::now();
-        for key in &case.reads {
-            access.store.get(key).await?;
-        }
-        let r = started.elapsed().mul_f64(scale);
-        calls.push(c);
-        reads.push(r);
-        own.push(c.saturating_sub(r));
+        call(&in_memory).await?;
+        own.push(started.elapsed());
     }
-    let cpu_with_calls = cpu_time(None)?.saturating_sub(cpu_before);
-    // The same reads alone, for the CPU they cost this process.
-    let cpu_before = cpu_time(None)?;
-    for _ in 0..iterations {
-        for key in &case.reads {
-            access.store.get(key).await?;
-        }
+    let cpu = cpu_time(None)?.saturating_sub(cpu_before);
+    let unserved = access.store.counters().snapshot().get - gets_before;
+    if unserved > 0 {
+        bail!(
+            "{} read {unserved} records the bench did not preload: add them to its case",
+            plugin.name
+        );
     }
-    let cpu_reads = cpu_time(None)?.saturating_sub(cpu_before);
-    // The loop above made the plugin's reads (`scale` times ours) and ours once more.
-    let cpu_all_reads = cpu_reads.mul_f64(1.0 + scale);
     Ok(CallCost {
         iterations,
         reads_per_call,
         call: Summary::of(calls),
-        reads_us: us(median(reads)),
         plugin_us: us(median(own)),
-        plugin_cpu_us: us(cpu_with_calls.saturating_sub(cpu_all_reads)) / iterations.max(1) as f64,
+        plugin_cpu_us: us(cpu) / iterations.max(1) as f64,
     })
 }
 

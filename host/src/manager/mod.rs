@@ -13,9 +13,11 @@ mod index;
 pub mod mappings;
 pub mod workflow;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -28,10 +30,19 @@ use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobId, JobRecord, St
 use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
 use crate::store::jobs::NewJob;
 use crate::store::jobs::PlannedTxn;
-use crate::store::{Change, Kv, Store, StoreError};
+use crate::store::{Change, Events, Kv, Store, StoreError, Watch, WatchError};
 
 /// Queued transactions that make the manager send a batch before reading further.
 const MAX_PENDING: usize = 64;
+
+/// Watch changes gathered into one burst at most (from responses etcd already delivered).
+const MAX_BURST: usize = 512;
+
+/// How long a vanished claim waits before the manager checks whether its job is accounted
+/// for. A completion deletes the claim and writes the finished key in one transaction, but
+/// the two arrive on different watches; without the grace, most completions would cost a
+/// read and a refused re-queue.
+const CLAIM_GRACE: Duration = Duration::from_millis(250);
 
 /// The handlers some worker serves: this host's plugins (live, so a plugin added by hot
 /// reload counts at once) and handlers served outside this host.
@@ -86,9 +97,20 @@ pub struct JobManager {
     deferred: HashMap<ResourceKey, HashSet<String>>,
     /// Resources whose config changed while a workflow of theirs was running.
     dirty: HashSet<ResourceKey>,
-    /// Workflow writes, clean-ups and releases not sent yet: one batch per watch response,
-    /// so a burst of configs or finished jobs costs one etcd commit, not one each.
+    /// Workflow writes, clean-ups and releases not sent yet: one batch per burst of watch
+    /// responses, so a burst of configs or finished jobs costs one etcd commit, not one each.
     pending: Vec<PlannedTxn>,
+    /// The batch being committed while the manager plans the next one. Batches commit one
+    /// after the other, and any other write waits for it ([`JobManager::settle`]), so etcd
+    /// still sees the manager's writes in the order it made them.
+    in_flight: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// `/state` records read for a burst of configs in one round trip, by key; consumed by
+    /// the first evaluation of each, dropped when the manager writes that key or the burst
+    /// is done.
+    prefetched: HashMap<String, Option<Kv>>,
+    /// Claims that disappeared, and when: looked at after [`CLAIM_GRACE`], by which time the
+    /// finished key written in the same transaction as the delete has usually been seen.
+    vanished: VecDeque<(Instant, String)>,
 }
 
 impl JobManager {
@@ -102,6 +124,9 @@ impl JobManager {
             deferred: HashMap::new(),
             dirty: HashSet::new(),
             pending: Vec::new(),
+            in_flight: None,
+            prefetched: HashMap::new(),
+            vanished: VecDeque::new(),
         }
     }
 
@@ -129,16 +154,26 @@ impl JobManager {
     }
 
     async fn sync_and_follow(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        // Writes queued before a failure are dropped: the rebuild below plans from etcd.
+        // Writes queued before a failure are dropped: the rebuild below plans from etcd. A
+        // batch still committing lands before the listings are taken.
         self.pending.clear();
+        self.prefetched.clear();
+        self.vanished.clear();
+        if let Some(batch) = self.in_flight.take() {
+            let _ = batch.await;
+        }
         let jobs_revision = self.rebuild_jobs().await?;
-        self.flush().await?;
+        self.settle().await?;
         let config_revision = self.rebuild_configs().await?;
-        self.flush().await?;
+        self.settle().await?;
         let keys = self.store.keys().clone();
         let mut finished = self
             .store
-            .watch(&keys.queue_prefix(Queue::Finished), jobs_revision + 1)
+            .watch_events(
+                &keys.queue_prefix(Queue::Finished),
+                jobs_revision + 1,
+                Events::Puts,
+            )
             .await?;
         let mut configs = self
             .store
@@ -146,14 +181,39 @@ impl JobManager {
             .await?;
         let mut working = self
             .store
-            .watch(&keys.queue_prefix(Queue::Working), jobs_revision + 1)
+            .watch_events(
+                &keys.queue_prefix(Queue::Working),
+                jobs_revision + 1,
+                Events::Deletes,
+            )
             .await?;
         tracing::info!("job manager: following configs and finished jobs");
+        let result = self
+            .follow(shutdown, &mut finished, &mut configs, &mut working)
+            .await;
+        // Stopping or failing: let the batch being committed land (a rebuild re-reads it).
+        let settled = self.settle().await;
+        result.and(if shutdown.is_cancelled() {
+            Ok(())
+        } else {
+            settled
+        })
+    }
+
+    async fn follow(
+        &mut self,
+        shutdown: &CancellationToken,
+        finished: &mut Watch,
+        configs: &mut Watch,
+        working: &mut Watch,
+    ) -> anyhow::Result<()> {
+        let keys = self.store.keys().clone();
         loop {
+            let grace_over = self.vanished.front().map(|(at, _)| *at + CLAIM_GRACE);
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 changes = finished.next() => {
-                    for change in changes? {
+                    for change in burst(finished, changes?)? {
                         if let Change::Put(kv) = change {
                             self.on_finished(&kv).await?;
                         }
@@ -161,22 +221,66 @@ impl JobManager {
                     self.flush().await?;
                 }
                 changes = configs.next() => {
-                    for change in changes? {
+                    let changes = burst(configs, changes?)?;
+                    self.prefetch_states(&changes).await?;
+                    for change in changes {
                         self.on_config_change(change).await?;
                     }
+                    self.prefetched.clear();
                     self.flush().await?;
                 }
                 changes = working.next() => {
-                    for change in changes? {
+                    let now = Instant::now();
+                    for change in burst(working, changes?)? {
                         if let Change::Delete { key, .. } = change {
                             if let Some(id) = keys.parse_job_key(Queue::Working, &key) {
-                                self.on_claim_vanished(id).await?;
+                                self.vanished.push_back((now, id.to_string()));
                             }
                         }
                     }
                 }
+                _ = tokio::time::sleep_until(grace_over.unwrap_or_else(Instant::now)),
+                    if grace_over.is_some() => {
+                    while let Some((at, _)) = self.vanished.front() {
+                        if at.elapsed() < CLAIM_GRACE {
+                            break;
+                        }
+                        if let Some((_, id)) = self.vanished.pop_front() {
+                            self.on_claim_vanished(&id).await?;
+                        }
+                    }
+                    self.flush().await?;
+                }
+                committed = wait_for(&mut self.in_flight), if self.in_flight.is_some() => {
+                    self.in_flight = None;
+                    committed?;
+                }
             }
         }
+    }
+
+    /// Reads the `/state` of every resource a burst of config changes may plan for, in one
+    /// round trip instead of one each.
+    async fn prefetch_states(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+        let mut keys = Vec::new();
+        for change in changes {
+            let Change::Put(kv) = change else { continue };
+            let Some((schema, id)) = self.schema_of(&kv.key) else {
+                continue;
+            };
+            if schema.id == HEAT_TEMPLATE || self.index.has_jobs(&(schema.id.clone(), id.clone())) {
+                continue;
+            }
+            keys.push(self.store.keys().record(Record::State, &schema, &id));
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.len() < 2 {
+            return Ok(()); // one read either way
+        }
+        let found = self.store.get_many(&keys).await?;
+        self.prefetched = keys.into_iter().zip(found).collect();
+        Ok(())
     }
 
     /// Rebuilds the job index from `/jobs/`, cleans finished jobs and releases waiting jobs
@@ -296,11 +400,11 @@ impl JobManager {
             return Ok(());
         }
         // gohan deleted the resource after its logical delete: drop what we kept for it.
-        self.flush().await?;
+        self.settle().await?;
         let keys = self.store.keys();
-        self.store
-            .delete(&keys.record(Record::State, &schema, &id))
-            .await?;
+        let state_key = keys.record(Record::State, &schema, &id);
+        self.prefetched.remove(&state_key);
+        self.store.delete(&state_key).await?;
         self.store
             .delete(&keys.record(Record::JobState, &schema, &id))
             .await?;
@@ -334,7 +438,10 @@ impl JobManager {
     async fn evaluate(&mut self, schema: &Schema, id: &str, kv: &Kv) -> anyhow::Result<()> {
         let keys = self.store.keys().clone();
         let state_key = keys.record(Record::State, schema, id);
-        let state = self.store.get(&state_key).await?;
+        let state = match self.prefetched.remove(&state_key) {
+            Some(state) => state,
+            None => self.store.get(&state_key).await?,
+        };
         let state_version = state
             .as_ref()
             .and_then(|s| StateRecord::parse(&state_key, &s.value).ok())
@@ -372,7 +479,8 @@ impl JobManager {
         };
         if steps.is_empty() {
             let state = StateRecord::bare("READ_COMPLETE", config.version, String::new());
-            self.flush().await?;
+            self.settle().await?;
+            self.prefetched.remove(&state_key);
             self.store.put(&state_key, state.to_json()).await?;
             tracing::debug!(key = %kv.key, "no template for any handler: READ_COMPLETE");
             return Ok(());
@@ -492,14 +600,31 @@ impl JobManager {
         Ok(())
     }
 
-    /// Sends the queued transactions. Every write that is not queued flushes first, so that
-    /// etcd sees the manager's writes in the order it made them.
+    /// Starts committing the queued transactions, once the batch before them committed; the
+    /// manager goes on planning meanwhile.
     async fn flush(&mut self) -> anyhow::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        if let Some(batch) = self.in_flight.take() {
+            batch.await??;
+        }
         let batch = std::mem::take(&mut self.pending);
-        self.store.batch(batch).await?;
+        let store = self.store.clone();
+        self.in_flight = Some(tokio::spawn(async move {
+            store.batch(batch).await?;
+            Ok(())
+        }));
+        Ok(())
+    }
+
+    /// Commits everything queued and waits for it. Every write that is not queued settles
+    /// first, so that etcd sees the manager's writes in the order it made them.
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        self.flush().await?;
+        if let Some(batch) = self.in_flight.take() {
+            batch.await??;
+        }
         Ok(())
     }
 
@@ -554,7 +679,8 @@ impl JobManager {
     ) -> anyhow::Result<()> {
         tracing::error!(key = %state_key, error = %message, "resource failed");
         let state = StateRecord::bare(&action.failed_state(), version, message.to_string());
-        self.flush().await?;
+        self.settle().await?;
+        self.prefetched.remove(state_key);
         self.store.put(state_key, state.to_json()).await?;
         Ok(())
     }
@@ -668,7 +794,7 @@ impl JobManager {
         while let Some(id) = queue.pop() {
             for dependant in self.index.dependants(&id) {
                 tracing::info!(job_id = %dependant, cause = %id, %error, "job cancelled: a dependency failed");
-                self.flush().await?;
+                self.settle().await?;
                 self.store.cancel(&dependant).await?;
                 if let Some(entry) = self.index.remove(&dependant) {
                     if failed_resource.as_ref() != Some(&entry.resource) {
@@ -727,6 +853,29 @@ impl JobManager {
             Some(kv) => self.on_resource(&kv).await,
             None => self.on_config_deleted(&key).await,
         }
+    }
+}
+
+/// `first` and every response the watch already delivered after it, up to [`MAX_BURST`]
+/// changes: a burst etcd sent as many responses is handled, and committed, as one.
+fn burst(watch: &mut Watch, first: Vec<Change>) -> Result<Vec<Change>, WatchError> {
+    let mut changes = first;
+    while changes.len() < MAX_BURST {
+        match watch.try_next() {
+            Some(more) => changes.extend(more?),
+            None => break,
+        }
+    }
+    Ok(changes)
+}
+
+/// Waits for the batch being committed.
+async fn wait_for(
+    batch: &mut Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) -> anyhow::Result<()> {
+    match batch {
+        Some(handle) => handle.await?,
+        None => Ok(()),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 
-use super::{Result, Store};
+use super::{Kv, Result, Store};
 use crate::keys::Queue;
 
 /// A job to write as part of a workflow.
@@ -143,7 +143,7 @@ impl Store {
     /// deletes the other. The working key is bound to `lease`, so it vanishes with its owner.
     /// Retrying with the same `reservation` is safe: it answers `true` if our earlier attempt
     /// is the one that won.
-    pub async fn claim(&self, job_id: &str, reservation: &str, lease: i64) -> Result<bool> {
+    pub async fn claim(&self, job_id: &str, reservation: &str, lease: i64) -> Result<Claimed> {
         let k = self.keys();
         let working = k.job(Queue::Working, job_id);
         let ready = k.job(Queue::Ready, job_id);
@@ -159,12 +159,26 @@ impl Store {
                     Some(PutOptions::new().with_lease(lease)),
                 ),
                 TxnOp::delete(ready, None),
+                // The job's record comes back with the claim: no second round trip.
+                TxnOp::get(k.job(Queue::All, job_id), None),
             ])
             .or_else([TxnOp::get(working, None)]);
         let resp = self.txn(job_id, txn).await?;
+        let responses = resp.op_responses();
+        if resp.succeeded() {
+            let record = match responses.get(2) {
+                Some(TxnOpResponse::Get(get)) => get.kvs().first().map(Kv::from_etcd),
+                _ => return Ok(Claimed::OursUnread),
+            };
+            return Ok(Claimed::Ours { record });
+        }
         // A retry of a claim that committed but whose answer was lost finds its own
         // reservation in the working key: the job is ours.
-        Ok(resp.succeeded() || still_ours(&resp.op_responses(), reservation))
+        Ok(if still_ours(&responses, reservation) {
+            Claimed::OursUnread
+        } else {
+            Claimed::Taken
+        })
     }
 
     /// Completes a job in one transaction fenced by our reservation: if another worker took
@@ -394,6 +408,18 @@ impl Store {
         self.txn(job_id, Txn::new().and_then(ops)).await?;
         Ok(())
     }
+}
+
+/// What [`Store::claim`] got.
+#[derive(Debug)]
+pub enum Claimed {
+    /// Another worker holds the job, or it left the ready queue.
+    Taken,
+    /// Ours, with the job's record as it was at the claim (`None`: the record is gone, the
+    /// job was cancelled).
+    Ours { record: Option<Kv> },
+    /// Ours (an earlier attempt whose answer was lost committed), record not read.
+    OursUnread,
 }
 
 fn still_ours(responses: &[TxnOpResponse], reservation: &str) -> bool {

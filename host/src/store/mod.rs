@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchStream,
+    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchFilterType, WatchOptions, WatchStream,
 };
 
 use crate::keys::Keys;
@@ -39,6 +39,9 @@ pub enum Failure {
     /// the fence stands for, and nothing was written.
     #[error("{key} no longer holds {expected:?}; nothing was written")]
     Fenced { key: String, expected: String },
+    /// etcd answered, but not with what the request asks for.
+    #[error("unexpected answer from etcd: {0}")]
+    Answer(String),
 }
 
 impl StoreError {
@@ -98,9 +101,19 @@ pub enum Change {
 pub struct Watch {
     store: Store,
     prefix: String,
+    events: Events,
     stream: WatchStream,
     /// The revision to resume from.
     next_revision: i64,
+}
+
+/// Which changes a watch delivers. etcd leaves the others out, so they cost neither side
+/// anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Events {
+    All,
+    Puts,
+    Deletes,
 }
 
 /// Why a watch ended.
@@ -149,6 +162,19 @@ impl Watch {
             }
         }
     }
+
+    /// The next batch of changes if etcd already delivered it, without waiting; `None`
+    /// otherwise. Lets a caller gather a burst that arrived as many responses into one batch.
+    pub fn try_next(&mut self) -> Option<Result<Vec<Change>, WatchError>> {
+        // `next` is cancel-safe: a response is either consumed and returned, or left in the
+        // stream (a resume that did not finish is started again by the next call).
+        let mut next = std::pin::pin!(self.next());
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::future::Future::poll(next.as_mut(), &mut context) {
+            std::task::Poll::Ready(changes) => Some(changes),
+            std::task::Poll::Pending => None,
+        }
+    }
 }
 
 impl Watch {
@@ -159,7 +185,7 @@ impl Watch {
             tracing::warn!(prefix = %self.prefix, from = self.next_revision, %why, "watch broken; resuming");
             match self
                 .store
-                .open_watch(&self.prefix, self.next_revision)
+                .open_watch(&self.prefix, self.next_revision, self.events)
                 .await
             {
                 Ok(stream) => {
@@ -303,6 +329,46 @@ impl Store {
         Ok(resp.kvs().first().map(Kv::from_etcd))
     }
 
+    /// Several keys read in one round trip (a transaction of reads, at one revision), in the
+    /// order of `keys`.
+    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Kv>>> {
+        let started = std::time::Instant::now();
+        let mut found = Vec::with_capacity(keys.len());
+        // etcd's default limit of operations in one transaction (--max-txn-ops).
+        for chunk in keys.chunks(128) {
+            self.counters.count(Op::Get);
+            let txn = Txn::new().and_then(
+                chunk
+                    .iter()
+                    .map(|k| TxnOp::get(k.as_str(), None))
+                    .collect::<Vec<_>>(),
+            );
+            let resp = self
+                .client()
+                .txn(txn)
+                .await
+                .map_err(|source| self.fail("get", &chunk[0], source))?;
+            for op in resp.op_responses() {
+                if let TxnOpResponse::Get(get) = op {
+                    found.push(get.kvs().first().map(Kv::from_etcd));
+                }
+            }
+        }
+        observe("get", started);
+        if found.len() != keys.len() {
+            return Err(StoreError {
+                op: "get",
+                key: keys.first().cloned().unwrap_or_default(),
+                source: Failure::Answer(format!(
+                    "{} of {} reads answered in one transaction",
+                    found.len(),
+                    keys.len()
+                )),
+            });
+        }
+        Ok(found)
+    }
+
     /// Every key under `prefix`, and the revision the listing was taken at.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64)> {
         self.counters.count(Op::List);
@@ -441,21 +507,43 @@ impl Store {
 
     /// Watches `prefix` from `start_revision` (inclusive), with previous values on deletes.
     pub async fn watch(&self, prefix: &str, start_revision: i64) -> Result<Watch> {
-        let stream = self.open_watch(prefix, start_revision).await?;
+        self.watch_events(prefix, start_revision, Events::All).await
+    }
+
+    /// As [`Store::watch`], delivering only `events`.
+    pub async fn watch_events(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+        events: Events,
+    ) -> Result<Watch> {
+        let stream = self.open_watch(prefix, start_revision, events).await?;
         Ok(Watch {
             store: self.clone(),
             prefix: prefix.to_string(),
+            events,
             stream,
             next_revision: start_revision,
         })
     }
 
-    async fn open_watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream> {
+    async fn open_watch(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+        events: Events,
+    ) -> Result<WatchStream> {
         self.counters.count(Op::WatchOpen);
-        let options = WatchOptions::new()
+        let mut options = WatchOptions::new()
             .with_prefix()
-            .with_prev_key()
             .with_start_revision(start_revision);
+        options = match events {
+            Events::All => options.with_prev_key(),
+            Events::Puts => options.with_filters([WatchFilterType::NoDelete]),
+            Events::Deletes => options
+                .with_prev_key()
+                .with_filters([WatchFilterType::NoPut]),
+        };
         self.client()
             .watch(prefix, Some(options))
             .await

@@ -10,10 +10,11 @@ mod run;
 
 pub(crate) use run::to_wit_job;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -22,7 +23,7 @@ use crate::keys::Queue;
 use crate::lease::HostLease;
 use crate::plugins::{PluginEngine, PluginRegistry};
 use crate::schema::SchemaRegistry;
-use crate::store::{Change, Store};
+use crate::store::{Change, Events, Kv, Store};
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -114,29 +115,53 @@ impl Worker {
     ) -> anyhow::Result<()> {
         let prefix = self.store.keys().queue_prefix(Queue::Ready);
         let (ready, revision) = self.store.list(&prefix).await?;
+        // Ready jobs this host may run, waiting for a slot. A job's task starts only once it
+        // has a slot, so a backlog of thousands costs a key and a handler name each.
+        let mut backlog = VecDeque::new();
         for kv in ready {
-            self.offer(&kv.key, &kv.value_str());
+            self.offer(&mut backlog, kv);
         }
-        let mut watch = self.store.watch(&prefix, revision + 1).await?;
+        // Only new ready keys matter; a claim's delete of one would be an event for nothing.
+        let mut watch = self
+            .store
+            .watch_events(&prefix, revision + 1, Events::Puts)
+            .await?;
         let mut plugins_changed = self.plugins.subscribe();
         loop {
             let changes = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 changes = watch.next() => changes?,
+                slot = self.slots.clone().acquire_owned(), if !backlog.is_empty() => {
+                    if let (Ok(slot), Some((key, handler))) = (slot, backlog.pop_front()) {
+                        self.start(&key, &handler, slot);
+                    }
+                    continue;
+                }
                 Ok(()) = plugins_changed.changed() => {
                     // A plugin came or went: jobs already waiting may be ours to run now.
                     let (ready, _) = self.store.list(&prefix).await?;
+                    backlog.clear();
                     for kv in ready {
-                        self.offer(&kv.key, &kv.value_str());
+                        self.offer(&mut backlog, kv);
                     }
                     continue;
                 }
             };
             for change in changes {
                 if let Change::Put(kv) = change {
-                    self.offer(&kv.key, &kv.value_str());
+                    self.offer(&mut backlog, kv);
                 }
             }
+        }
+    }
+
+    /// Adds a ready job to the backlog if one of our plugins serves its handler.
+    fn offer(&self, backlog: &mut VecDeque<(String, String)>, kv: Kv) {
+        let handler = kv.value_str().into_owned();
+        if self.plugins.serves(&handler) {
+            backlog.push_back((kv.key, handler));
+        } else {
+            tracing::debug!(key = %kv.key, %handler, "no plugin here serves this handler; leaving it");
         }
     }
 
@@ -163,8 +188,9 @@ impl Worker {
         }
     }
 
-    /// Starts a task for a ready job if one of our plugins serves its handler.
-    fn offer(self: &Arc<Self>, key: &str, handler: &str) {
+    /// Starts a task for a ready job, holding one of the worker's slots, if one of our plugins
+    /// serves its handler.
+    fn start(self: &Arc<Self>, key: &str, handler: &str, slot: OwnedSemaphorePermit) {
         let Some(job_id) = self.store.keys().parse_job_key(Queue::Ready, key) else {
             return;
         };
@@ -186,11 +212,7 @@ impl Worker {
         let worker = self.clone();
         self.in_flight.spawn(
             async move {
-                let slot = tokio::select! {
-                    slot = worker.slots.clone().acquire_owned() => slot,
-                    _ = worker.stop_claiming.cancelled() => return,
-                };
-                let Ok(_slot) = slot else { return };
+                let _slot = slot;
                 // The plugin's own bound (limits.max_instances), taken before the claim so a
                 // job never holds a claim while it waits for an instance.
                 let plugin_slot = tokio::select! {

@@ -14,7 +14,7 @@ use crate::plugins::host_api::{key_of, relative_key, writable, RecordAccess};
 use crate::plugins::LoadedPlugin;
 use crate::protocol::{Job, JobId, JobRecord, OnFailure, StateRecord};
 use crate::retry::backoff;
-use crate::store::jobs::{Completion, CompletionOutcome, GuardedWrite};
+use crate::store::jobs::{Claimed, Completion, CompletionOutcome, GuardedWrite};
 use crate::store::StoreError;
 
 /// How a run of the plugin ended, from the workflow's point of view.
@@ -38,10 +38,14 @@ impl Worker {
         }
         let reservation = reservation.to_string();
         let term = self.lease.term();
-        if !self.store.claim(job_id, &reservation, term.id).await? {
-            tracing::debug!("claimed by another worker");
-            return Ok(());
-        }
+        let found = match self.store.claim(job_id, &reservation, term.id).await? {
+            Claimed::Taken => {
+                tracing::debug!("claimed by another worker");
+                return Ok(());
+            }
+            Claimed::Ours { record } => Some(record),
+            Claimed::OursUnread => None,
+        };
         let claim = Claim {
             job_id,
             reservation: &reservation,
@@ -49,10 +53,14 @@ impl Worker {
             claimed_at: Instant::now(),
         };
         let all_key = self.store.keys().job(Queue::All, job_id);
-        let Some(found) = self.persist(|| self.store.get(&all_key)).await else {
-            anyhow::bail!(
-                "etcd unavailable while reading {all_key}; the claim expires with the lease"
-            );
+        let found = match found {
+            Some(found) => found,
+            None => match self.persist(|| self.store.get(&all_key)).await {
+                Some(found) => found,
+                None => anyhow::bail!(
+                    "etcd unavailable while reading {all_key}; the claim expires with the lease"
+                ),
+            },
         };
         let Some(kv) = found else {
             tracing::info!("job record is gone (cancelled); dropping the claim");
@@ -98,10 +106,7 @@ impl Worker {
             return self.finish_failed(claim, &record, &message).await;
         }
         let job_state = self.job_state_so_far(job).await;
-        let access = RecordAccess {
-            store: self.store.clone(),
-            schemas: self.schemas.clone(),
-        };
+        let access = RecordAccess::new(self.store.clone(), self.schemas.clone());
         let wit_job = to_wit_job(job, &job_state);
         let started = Instant::now();
         let mut reruns = 0;

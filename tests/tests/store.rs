@@ -1,0 +1,155 @@
+//! The store's round-trip savers against a real etcd: reads in one transaction, watches that
+//! leave out the events nobody uses, gathering responses already delivered, and a claim that
+//! brings the job's record back.
+
+use std::time::Duration;
+
+use esi_host::keys::Queue;
+use esi_host::store::jobs::{Claimed, NewJob};
+use esi_host::store::{Change, Events};
+use esi_tests::TestEnv;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_answers_every_key_in_order_including_absent_ones_past_one_transaction() {
+    let env = TestEnv::new().await.unwrap();
+    let key = |i: usize| env.job_key(Queue::All, &format!("many-{i:03}"));
+    // 300 keys: three transactions of etcd's default 128 operations.
+    let keys: Vec<String> = (0..300).map(key).collect();
+    for (i, k) in keys.iter().enumerate() {
+        if i % 3 != 0 {
+            env.store.put(k, format!("v{i}")).await.unwrap();
+        }
+    }
+    let gets_before = env.store.counters().snapshot().get;
+    let found = env.store.get_many(&keys).await.unwrap();
+    assert_eq!(env.store.counters().snapshot().get - gets_before, 3);
+    assert_eq!(found.len(), keys.len());
+    for (i, kv) in found.iter().enumerate() {
+        match kv {
+            Some(kv) => {
+                assert_ne!(i % 3, 0, "{} should be absent", keys[i]);
+                assert_eq!(kv.key, keys[i]);
+                assert_eq!(kv.value, format!("v{i}").into_bytes());
+            }
+            None => assert_eq!(i % 3, 0, "{} should be there", keys[i]),
+        }
+    }
+    assert!(env.store.get_many(&[]).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_watches_deliver_only_puts_or_only_deletes_and_try_next_never_waits() {
+    let env = TestEnv::new().await.unwrap();
+    let prefix = env.keys().queue_prefix(Queue::Ready);
+    let (_, revision) = env.store.list(&prefix).await.unwrap();
+    let mut puts = env
+        .store
+        .watch_events(&prefix, revision + 1, Events::Puts)
+        .await
+        .unwrap();
+    let mut deletes = env
+        .store
+        .watch_events(&prefix, revision + 1, Events::Deletes)
+        .await
+        .unwrap();
+    assert!(puts.try_next().is_none(), "nothing happened yet");
+
+    let (a, b) = (
+        env.job_key(Queue::Ready, "watched-a"),
+        env.job_key(Queue::Ready, "watched-b"),
+    );
+    env.store.put(&a, "h").await.unwrap();
+    env.store.delete(&a).await.unwrap();
+    env.store.put(&b, "h").await.unwrap();
+    env.store.delete(&b).await.unwrap();
+
+    let mut seen_puts = Vec::new();
+    while seen_puts.len() < 2 {
+        let changes = tokio::time::timeout(Duration::from_secs(10), puts.next())
+            .await
+            .expect("the puts arrive")
+            .unwrap();
+        seen_puts.extend(changes);
+    }
+    assert!(
+        seen_puts.iter().all(|c| matches!(c, Change::Put(_))),
+        "{seen_puts:?}"
+    );
+    let mut seen_deletes = Vec::new();
+    while seen_deletes.len() < 2 {
+        let changes = tokio::time::timeout(Duration::from_secs(10), deletes.next())
+            .await
+            .expect("the deletes arrive")
+            .unwrap();
+        seen_deletes.extend(changes);
+    }
+    match seen_deletes.as_slice() {
+        [Change::Delete {
+            key: first, prev, ..
+        }, Change::Delete { key: second, .. }] => {
+            assert_eq!((first, second), (&a, &b));
+            assert_eq!(prev.as_ref().map(|kv| kv.value.as_slice()), Some(&b"h"[..]));
+        }
+        other => panic!("expected the two deletes, got {other:?}"),
+    }
+    // Nothing more was sent: the filtered events never arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(puts.try_next().is_none());
+    assert!(deletes.try_next().is_none());
+
+    // A response already delivered is taken without waiting.
+    env.store.put(&a, "again").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let changes = loop {
+        if let Some(changes) = puts.try_next() {
+            break changes.unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the put never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(matches!(changes.as_slice(), [Change::Put(kv)] if kv.key == a));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_brings_the_record_back_and_only_one_claimer_wins() {
+    let env = TestEnv::new().await.unwrap();
+    let job = NewJob {
+        id: "claim-with-record".into(),
+        handler: "monitoring_worker".into(),
+        record: r#"["monitoring_worker",{"id":"claim-with-record"},0]"#.into(),
+        ready: true,
+    };
+    assert!(env
+        .store
+        .write_workflow(std::slice::from_ref(&job))
+        .await
+        .unwrap());
+    let lease = env.store.grant_lease(30).await.unwrap();
+    let gets_before = env.store.counters().snapshot().get;
+    match env.store.claim(&job.id, "res-1", lease).await.unwrap() {
+        Claimed::Ours { record: Some(kv) } => {
+            assert_eq!(kv.key, env.job_key(Queue::All, &job.id));
+            assert_eq!(kv.value, job.record.as_bytes());
+        }
+        other => panic!("expected the claim with its record, got {other:?}"),
+    }
+    assert_eq!(
+        env.store.counters().snapshot().get,
+        gets_before,
+        "no extra read"
+    );
+    // A retry with the same reservation (its first answer lost) is still ours; another
+    // claimer is refused.
+    assert!(matches!(
+        env.store.claim(&job.id, "res-1", lease).await.unwrap(),
+        Claimed::OursUnread
+    ));
+    assert!(matches!(
+        env.store.claim(&job.id, "res-2", lease).await.unwrap(),
+        Claimed::Taken
+    ));
+    env.store.revoke_lease(lease).await.unwrap();
+}
