@@ -42,6 +42,7 @@ const FIGURES: &[&str] = &[
     "native_vlan_us",
     "vlan_component_native_ratio",
     "reload_new_build_ms",
+    "reload_new_build_optimized_ms",
     "reload_known_build_ms",
     "rss_idle_mib",
     "rss_loaded_mib",

@@ -286,3 +286,42 @@ async fn an_idle_plugin_directory_is_not_read_again_and_only_a_change_is_looked_
     );
     host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_build_serves_from_baseline_code_first_then_from_optimized_code() {
+    let env = TestEnv::new().await.unwrap();
+    let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
+    let component = dir.join(format!("{HANDLER}.wasm"));
+    let (host, host_id) = start_host(&env, dir.clone()).await;
+    env.wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] == "active")
+        .await
+        .unwrap();
+    // Loaded at start: optimised code, as every build the host compiles before serving.
+    let status_key = env.keys().plugin_status(&host_id, HANDLER);
+    let at_start = env.get_json(&status_key).await.unwrap().unwrap();
+    assert_eq!(at_start["tier"], "optimized", "{at_start}");
+
+    let mut recorder = env.record_changes().await.unwrap();
+    let new_build = esi_tests::component_variant(&std::fs::read(&component).unwrap(), 1);
+    replace_file(&component, &new_build);
+    let sha256 = esi_host::plugins::cache::CompileCache::digest(&new_build);
+    recorder
+        .until(TIMEOUT, |c| {
+            matches!(c, esi_host::store::Change::Put(kv) if kv.key == status_key
+                && serde_json::from_slice::<Value>(&kv.value).is_ok_and(|v|
+                    v["sha256"] == sha256.as_str() && v["tier"] == "optimized"))
+        })
+        .await
+        .unwrap();
+    let tiers: Vec<String> = recorder
+        .puts_under(&status_key)
+        .into_iter()
+        .filter(|(_, v)| v["sha256"] == sha256.as_str())
+        .map(|(_, v)| v["tier"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(tiers, ["baseline", "optimized"]);
+    // Jobs run on whichever code serves.
+    let resource = put_scripted_job(&env, None).await;
+    completed_output(&env, &resource).await;
+    host.shutdown().await;
+}

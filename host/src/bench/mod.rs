@@ -500,11 +500,17 @@ fn reload_figures(reload: &reload::Reload) -> Vec<Figure> {
     vec![
         Figure::below(
             "reload_new_build_ms",
-            "hot reload, rename -> serving (new build: compiles)",
+            "hot reload, rename -> serving (new build: baseline code)",
             reload.new_build_ms,
             "ms",
             1000.0,
             false,
+        ),
+        Figure::info(
+            "reload_new_build_optimized_ms",
+            "hot reload, rename -> optimised code of the new build serving",
+            reload.new_build_optimized_ms,
+            "ms",
         ),
         Figure::info(
             "reload_known_build_ms",

@@ -48,6 +48,11 @@ impl CompileCache {
             .join(format!("{sha256}-{}.cwasm", self.engine_hash))
     }
 
+    /// Whether the compiled code of the component `sha256` is here.
+    pub fn contains(&self, sha256: &str) -> bool {
+        self.entry(sha256).exists()
+    }
+
     /// The compiled component for `bytes` (whose digest is `sha256`): from the cache if this
     /// host compiled it before, else compiled now and stored.
     pub fn load_or_compile(

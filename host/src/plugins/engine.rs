@@ -5,6 +5,12 @@
 //! one per job means no job can see another's memory. Every call gets a wall-clock deadline
 //! through epoch interruption (a ticker thread advances the epoch) and a memory cap through
 //! `StoreLimits`.
+//!
+//! Code comes in two tiers. Cranelift's optimised code is what jobs normally run on, and it
+//! is kept in the compile cache. A build the cache has not seen takes Cranelift about a second
+//! to compile, so a hot reload first serves it compiled by Winch, wasmtime's baseline
+//! compiler (about 5x faster to compile, 2-3x slower to run, same sandbox), while Cranelift
+//! compiles it in the background; see [`crate::plugins::registry`].
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
-    StoreLimitsBuilder, UpdateDeadline,
+    StoreLimitsBuilder, Strategy, UpdateDeadline,
 };
 
 use super::bindings::esi::worker::types::{Job, JobError, Outcome, PluginInfo, RunContext};
@@ -55,6 +61,24 @@ impl Default for Limits {
     }
 }
 
+/// Which compiler produced a plugin's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Winch: compiled fast, runs slower; serves a new build until the optimised one is ready.
+    Baseline,
+    /// Cranelift.
+    Optimized,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Baseline => "baseline",
+            Tier::Optimized => "optimized",
+        }
+    }
+}
+
 /// A compiled, validated plugin, ready to instantiate.
 pub struct LoadedPlugin {
     /// The plugin's name: its file stem, as in status records and counters.
@@ -70,6 +94,7 @@ pub struct LoadedPlugin {
     /// The manifest's version, else the one it describes.
     pub version: String,
     pub loaded_at_unix: u64,
+    pub tier: Tier,
     /// Bounds the instances of this plugin that run at once (`limits.max_instances`).
     pub slots: Arc<tokio::sync::Semaphore>,
     /// The manifest's `config` as JSON, handed to every call.
@@ -157,10 +182,13 @@ const KEEP_RESIDENT_BYTES: usize = 2 << 20;
 /// Decommits the pool gathers before it makes the system calls for them.
 const DECOMMIT_BATCH: usize = 16;
 
-/// Owns the engine, the linker and the epoch ticker.
+/// Owns the engines, their linkers and the epoch ticker.
 pub struct PluginEngine {
     engine: Engine,
     linker: Linker<HostState>,
+    /// Winch, for a first serving of new builds; instances on demand (it serves briefly).
+    baseline: Engine,
+    baseline_linker: Linker<HostState>,
     limits: Limits,
     cache: Option<CompileCache>,
     ticker_stop: Arc<AtomicBool>,
@@ -193,12 +221,15 @@ impl PluginEngine {
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = wt(Engine::new(&config)).context("creating the wasmtime engine")?;
-        let mut linker = Linker::new(&engine);
-        wt(Handler::add_to_linker::<HostState, HasSelf<HostState>>(
-            &mut linker,
-            |s| s,
-        ))
-        .context("linking the esi:worker host interface")?;
+        let linker = linker_for(&engine)?;
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .strategy(Strategy::Winch);
+        let baseline =
+            wt(Engine::new(&config)).context("creating the baseline (Winch) wasmtime engine")?;
+        let baseline_linker = linker_for(&baseline)?;
         let cache = match cache_dir {
             Some(dir) => match CompileCache::open(dir, &engine) {
                 Ok(cache) => Some(cache),
@@ -210,10 +241,12 @@ impl PluginEngine {
             None => None,
         };
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(engine.clone(), ticker_stop.clone());
+        spawn_epoch_ticker(vec![engine.clone(), baseline.clone()], ticker_stop.clone());
         Ok(PluginEngine {
             engine,
             linker,
+            baseline,
+            baseline_linker,
             limits,
             cache,
             ticker_stop,
@@ -224,15 +257,30 @@ impl PluginEngine {
         &self.limits
     }
 
-    /// Compiles a component file, links it, asks it to `describe()` itself and checks it
-    /// against its manifest (`<name>.toml` beside it, if any).
+    /// Compiles a component file with Cranelift (or takes it from the compile cache), links
+    /// it, asks it to `describe()` itself and checks it against its manifest (`<name>.toml`
+    /// beside it, if any).
     pub async fn load(&self, path: &Path) -> anyhow::Result<LoadedPlugin> {
+        self.load_tier(path, Tier::Optimized).await
+    }
+
+    /// Whether the compile cache holds the optimised code of the component `sha256`.
+    pub fn has_optimized(&self, sha256: &str) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.contains(sha256))
+    }
+
+    /// As [`PluginEngine::load`], compiled by the compiler of `tier`.
+    pub async fn load_tier(&self, path: &Path, tier: Tier) -> anyhow::Result<LoadedPlugin> {
         let manifest = Manifest::load_for(path)?.unwrap_or_default();
         let bytes = tokio::fs::read(path)
             .await
             .with_context(|| format!("reading plugin {}", path.display()))?;
         let sha256 = CompileCache::digest(&bytes);
-        let (engine, cache, digest) = (self.engine.clone(), self.cache.clone(), sha256.clone());
+        let (engine, linker, cache) = match tier {
+            Tier::Optimized => (self.engine.clone(), &self.linker, self.cache.clone()),
+            Tier::Baseline => (self.baseline.clone(), &self.baseline_linker, None),
+        };
+        let digest = sha256.clone();
         let component = tokio::task::spawn_blocking(move || match &cache {
             Some(cache) => cache.load_or_compile(&engine, &bytes, &digest),
             None => wt(Component::new(&engine, &bytes)),
@@ -240,7 +288,7 @@ impl PluginEngine {
         .await
         .context("compiling plugin")?
         .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
-        let pre = wt(self.linker.instantiate_pre(&component)).with_context(|| {
+        let pre = wt(linker.instantiate_pre(&component)).with_context(|| {
             format!(
                 "{} does not fit the esi:worker host interface",
                 path.display()
@@ -293,6 +341,7 @@ impl PluginEngine {
                 .clone()
                 .unwrap_or_else(|| info.version.clone()),
             loaded_at_unix,
+            tier,
             slots: Arc::new(tokio::sync::Semaphore::new(limits.max_instances as usize)),
             config_json: serde_json::Value::Object(manifest.config.clone()).to_string(),
             max_output_bytes: manifest
@@ -407,7 +456,7 @@ impl PluginEngine {
             .instances(16)
             .build();
         let state = HostState::new(plugin, access, grants, store_limits);
-        let mut store = Store::new(&self.engine, state);
+        let mut store = Store::new(pre.engine(), state);
         store.limiter(|s| &mut s.limits);
         // Every tick: stop the call if its deadline passed or it was interrupted, otherwise
         // yield to the async runtime so a long call never holds a runtime thread.
@@ -437,13 +486,15 @@ impl Drop for PluginEngine {
     }
 }
 
-fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) {
+fn spawn_epoch_ticker(engines: Vec<Engine>, stop: Arc<AtomicBool>) {
     std::thread::Builder::new()
         .name("esi-epoch-ticker".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(EPOCH_TICK);
-                engine.increment_epoch();
+                for engine in &engines {
+                    engine.increment_epoch();
+                }
             }
         })
         .map(drop)
@@ -487,6 +538,17 @@ struct CallSetup<'a> {
     grants: Arc<Manifest>,
     limits: &'a Limits,
     interrupt: CancellationToken,
+}
+
+/// A linker of `engine` that provides the esi:worker host interface.
+fn linker_for(engine: &Engine) -> anyhow::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    wt(Handler::add_to_linker::<HostState, HasSelf<HostState>>(
+        &mut linker,
+        |s| s,
+    ))
+    .context("linking the esi:worker host interface")?;
+    Ok(linker)
 }
 
 /// wasmtime 48 has its own error type; this converts it for `anyhow` context chains.

@@ -58,6 +58,7 @@ fn status_from(plugin: &str, v: &serde_json::Value) -> Option<PluginStatus> {
             .unwrap_or(0),
         handlers: serde_json::from_value(v.get("handlers")?.clone()).ok()?,
         state: text("state")?,
+        tier: text("tier").unwrap_or_default(),
         failures: v
             .get("failures")
             .and_then(|f| serde_json::from_value(f.clone()).ok())
@@ -73,6 +74,7 @@ fn unreadable(plugin: &str, key: &str) -> PluginStatus {
         loaded_at_unix: 0,
         handlers: Vec::new(),
         state: format!("unreadable status record {key}"),
+        tier: String::new(),
         failures: Default::default(),
     }
 }
@@ -100,7 +102,11 @@ pub fn render(entries: &[FleetEntry]) -> String {
                 } else {
                     failures
                 },
-                s.state.clone(),
+                if s.tier.is_empty() || s.state != "active" {
+                    s.state.clone()
+                } else {
+                    format!("active ({})", s.tier)
+                },
             ]
         })
         .collect();
@@ -203,6 +209,7 @@ mod tests {
                 loaded_at_unix: 1,
                 handlers: vec!["monitoring_worker".into()],
                 state: state.into(),
+                tier: "baseline".into(),
                 failures: [("trap".to_string(), 2)].into_iter().collect(),
             },
         };
@@ -214,6 +221,7 @@ mod tests {
             lines[1].contains("0123456789ab ") && lines[1].contains("trap=2"),
             "{table}"
         );
+        assert!(lines[1].ends_with("active (baseline)"), "{table}");
         assert!(lines[2].ends_with("rejected: corrupt"), "{table}");
     }
 }

@@ -15,7 +15,7 @@ pub mod host_api;
 pub mod manifest;
 pub mod registry;
 
-pub use engine::{CallError, Limits, LoadedPlugin, PluginEngine};
+pub use engine::{CallError, Limits, LoadedPlugin, PluginEngine, Tier};
 pub use registry::PluginRegistry;
 
 /// Bindings generated from the WIT package. Imports and exports are async so that a plugin's

@@ -26,7 +26,8 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{LoadedPlugin, PluginEngine};
+use super::cache::CompileCache;
+use super::engine::{LoadedPlugin, PluginEngine, Tier};
 use crate::lease::HostLease;
 use crate::metrics;
 use crate::store::Store;
@@ -56,6 +57,9 @@ pub struct PluginStatus {
     /// `active`, or `rejected: <why>` for the newest file (the version above still serves, if
     /// any).
     pub state: String,
+    /// The serving code's compiler: `optimized` (Cranelift), or `baseline` (Winch) while a
+    /// new build's optimised code compiles; empty when none serves.
+    pub tier: String,
     /// Calls that failed without an answer, by kind (`trap`, `deadline`, `memory`, ...).
     pub failures: BTreeMap<String, u64>,
 }
@@ -203,33 +207,63 @@ impl PluginRegistry {
         });
     }
 
-    /// Loads (or removes) the plugin `name` from the directory and swaps it in.
+    /// Loads (or removes) the plugin `name` from the directory and swaps it in, compiled by
+    /// Cranelift (or taken from the compile cache).
     pub async fn reload(&self, name: &str) {
+        self.reload_as(name, false).await;
+    }
+
+    /// As [`PluginRegistry::reload`], but a build the compile cache does not know serves at
+    /// once compiled by Winch, and Cranelift's code replaces it when ready (unless the file
+    /// changed again meanwhile, or `shutdown`). Jobs that started on the baseline code finish
+    /// on it.
+    pub async fn reload_fast(self: &Arc<Self>, name: &str, shutdown: &CancellationToken) {
+        if let Some(sha256) = self.reload_as(name, true).await {
+            let (registry, name, shutdown) = (self.clone(), name.to_string(), shutdown.clone());
+            tokio::spawn(async move { registry.optimize(&name, &sha256, &shutdown).await });
+        }
+    }
+
+    /// Returns the digest of a baseline build it swapped in, which is to be optimised.
+    async fn reload_as(&self, name: &str, tiered: bool) -> Option<String> {
         let _one_at_a_time = self.reloading.lock().await;
         self.checks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.dir.join(format!("{name}.wasm"));
         if !path.exists() {
             self.remove(name).await;
-            return;
+            return None;
         }
         let current = self.live.load_full();
-        if self.unchanged(&current, name, &path).await {
-            return; // the same bytes and manifest already serve: nothing to compile
+        let digest = tokio::fs::read(&path)
+            .await
+            .ok()
+            .map(|bytes| CompileCache::digest(&bytes));
+        if self.unchanged(&current, name, &path, digest.as_deref()) {
+            return None; // the same bytes and manifest already serve: nothing to compile
         }
-        let outcome = match self.engine.load(&path).await {
+        let tier = match &digest {
+            Some(d) if tiered && !self.engine.has_optimized(d) => Tier::Baseline,
+            _ => Tier::Optimized,
+        };
+        let outcome = match self.engine.load_tier(&path, tier).await {
             Ok(plugin) => self.swap_in(&current, name, plugin),
             Err(e) => Err(format!("{e:#}")),
         };
+        let mut to_optimize = None;
         let status = match outcome {
-            Ok(None) => return, // same bytes and manifest: nothing to do
+            Ok(None) => return None, // same bytes and manifest: nothing to do
             Ok(Some(plugin)) => {
                 tracing::info!(plugin = %name, version = %plugin.version, sha256 = %plugin.sha256,
-                    handlers = ?plugin.handlers, path = %path.display(), "plugin active");
+                    handlers = ?plugin.handlers, path = %path.display(), tier = plugin.tier.as_str(),
+                    "plugin active");
                 metrics::global()
                     .plugin_reloads
                     .get_or_create(&metrics::labels([("plugin", name)]))
                     .inc();
+                if plugin.tier == Tier::Baseline {
+                    to_optimize = Some(plugin.sha256.clone());
+                }
                 status_of(name, Some(&plugin), "active".into(), self.failures(name))
             }
             Err(reason) => {
@@ -249,6 +283,45 @@ impl PluginRegistry {
             }
         };
         self.set_status(status).await;
+        to_optimize
+    }
+
+    /// Compiles the baseline build `sha256` of `name` with Cranelift and swaps it in if that
+    /// build still serves.
+    async fn optimize(&self, name: &str, sha256: &str, shutdown: &CancellationToken) {
+        let path = self.dir.join(format!("{name}.wasm"));
+        let loaded = self.engine.load_tier(&path, Tier::Optimized).await;
+        let _one_at_a_time = self.reloading.lock().await;
+        let current = self.live.load_full();
+        let serving = current.by_name.get(name);
+        let Some(serving) = serving.filter(|p| p.sha256 == sha256 && p.tier == Tier::Baseline)
+        else {
+            return; // replaced or removed meanwhile
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let plugin = match loaded {
+            Ok(plugin) if plugin.sha256 == sha256 && plugin.manifest == serving.manifest => plugin,
+            Ok(_) => return, // the files changed again: their own reload follows
+            Err(e) => {
+                tracing::warn!(plugin = %name, error = %format!("{e:#}"),
+                    "Cranelift could not compile the plugin; its baseline build keeps serving");
+                return;
+            }
+        };
+        match self.swap_in(&current, name, plugin) {
+            Ok(Some(plugin)) => {
+                tracing::info!(plugin = %name, version = %plugin.version, sha256 = %plugin.sha256,
+                    tier = plugin.tier.as_str(), "plugin's optimised code active");
+                let status = status_of(name, Some(&plugin), "active".into(), self.failures(name));
+                self.set_status(status).await;
+            }
+            Ok(None) => {}
+            Err(reason) => {
+                tracing::warn!(plugin = %name, %reason, "optimised code not swapped in");
+            }
+        }
     }
 
     /// How many times a plugin's file was looked at for a change since start: the initial
@@ -258,16 +331,19 @@ impl PluginRegistry {
     }
 
     /// Whether `name` serves exactly the component and manifest at `path` already.
-    async fn unchanged(&self, current: &PluginSet, name: &str, path: &Path) -> bool {
+    /// (`digest`: of the file's bytes, `None` if it could not be read.)
+    fn unchanged(
+        &self,
+        current: &PluginSet,
+        name: &str,
+        path: &Path,
+        digest: Option<&str>,
+    ) -> bool {
         let Some(serving) = current.by_name.get(name) else {
             return false;
         };
-        let Ok(bytes) = tokio::fs::read(path).await else {
-            return false;
-        };
         let manifest = super::manifest::Manifest::load_for(path).ok().flatten();
-        super::cache::CompileCache::digest(&bytes) == serving.sha256
-            && manifest.unwrap_or_default() == *serving.manifest
+        digest == Some(serving.sha256.as_str()) && manifest.unwrap_or_default() == *serving.manifest
     }
 
     /// Swaps `plugin` in for `name`. `Ok(None)`: identical to what serves already.
@@ -278,7 +354,10 @@ impl PluginRegistry {
         plugin: LoadedPlugin,
     ) -> Result<Option<Arc<LoadedPlugin>>, String> {
         if let Some(old) = current.by_name.get(name) {
-            if old.sha256 == plugin.sha256 && old.manifest == plugin.manifest {
+            if old.sha256 == plugin.sha256
+                && old.manifest == plugin.manifest
+                && old.tier == plugin.tier
+            {
                 return Ok(None);
             }
         }
@@ -377,7 +456,7 @@ impl PluginRegistry {
                 .collect();
             names.extend(self.live.load().by_name.keys().cloned());
             for name in names {
-                self.reload(&name).await;
+                self.reload_fast(&name, &shutdown).await;
             }
         }
         loop {
@@ -399,7 +478,7 @@ impl PluginRegistry {
                 }
             }
             for name in touched {
-                self.reload(&name).await;
+                self.reload_fast(&name, &shutdown).await;
             }
         }
     }
@@ -438,6 +517,9 @@ fn status_of(
         loaded_at_unix: serving.map(|p| p.loaded_at_unix).unwrap_or(0),
         handlers: serving.map(|p| p.handlers.clone()).unwrap_or_default(),
         state,
+        tier: serving
+            .map(|p| p.tier.as_str().to_string())
+            .unwrap_or_default(),
         failures,
     }
 }
