@@ -165,7 +165,7 @@ async fn run_against(
         let rss_loaded = stats::rss_bytes()?;
         let one_host = one_host_runs(&mut one, &sizes).await;
         one.shutdown().await;
-        let (burst_one, paced) = one_host?;
+        let (burst_one, paced, paced_quarter) = one_host?;
 
         progress("end to end, three hosts");
         let mut three = e2e::Fleet::start(
@@ -188,13 +188,16 @@ async fn run_against(
             loaded: rss_loaded,
             under_load: burst_one.rss_peak_bytes,
         };
-        details.insert("runs".into(), json!([burst_one, paced, burst_three]));
+        details.insert(
+            "runs".into(),
+            json!([burst_one, paced, paced_quarter, burst_three]),
+        );
         details.insert(
             "memory_bytes".into(),
             json!({"idle": memory.idle, "plugins_loaded": memory.loaded,
                    "under_load": memory.under_load}),
         );
-        e2e_runs = Some((burst_one, burst_three, paced, memory));
+        e2e_runs = Some((burst_one, burst_three, paced, paced_quarter, memory));
     }
 
     let mut ceiling = None;
@@ -246,8 +249,8 @@ async fn run_against(
     if let Some(ceiling) = &ceiling {
         figures.extend(ceiling_figures(ceiling));
     }
-    if let Some((one, three, paced, _)) = &e2e_runs {
-        figures.extend(e2e_figures(one, three, paced, ceiling.as_ref()));
+    if let Some((one, three, paced, quarter, _)) = &e2e_runs {
+        figures.extend(e2e_figures(one, three, paced, quarter, ceiling.as_ref()));
     }
     if let Some(plugins) = &plugins {
         figures.extend(plugin_figures(plugins));
@@ -255,29 +258,40 @@ async fn run_against(
     if let Some(reload) = &reload {
         figures.extend(reload_figures(reload));
     }
-    if let Some((_, _, _, memory)) = &e2e_runs {
+    if let Some((_, _, _, _, memory)) = &e2e_runs {
         figures.extend(memory_figures(memory));
     }
     Ok((figures, serde_json::Value::Object(details)))
 }
 
-/// The one-host burst, then a run paced at half the rate the burst reached.
+/// The one-host burst, then runs paced at half and at a quarter of the rate the burst
+/// reached (the goal is at half; a quarter shows the latency of a lightly loaded machine).
 async fn one_host_runs(
     fleet: &mut e2e::Fleet,
     sizes: &Sizes,
-) -> anyhow::Result<(e2e::RunResult, e2e::RunResult)> {
+) -> anyhow::Result<(e2e::RunResult, e2e::RunResult, e2e::RunResult)> {
     fleet.warm_up().await?;
     let burst = fleet.run("burst, 1 host", sizes.burst_jobs, None).await?;
-    let rate = burst.jobs_per_s / 2.0;
-    let (least, most) = sizes.paced_jobs;
-    let jobs = ((rate * sizes.paced_seconds) as usize).clamp(least, most);
-    progress(&format!(
-        "paced at {rate:.0} configs/s (half the one-host peak), {jobs} jobs"
-    ));
-    let paced = fleet
-        .run("paced at 50% of peak, 1 host", jobs, Some(rate))
-        .await?;
-    Ok((burst, paced))
+    let mut paced = Vec::new();
+    for (share, label) in [(0.5, "50%"), (0.25, "25%")] {
+        let rate = burst.jobs_per_s * share;
+        let (least, most) = sizes.paced_jobs;
+        let jobs = ((rate * sizes.paced_seconds) as usize).clamp(least, most);
+        progress(&format!(
+            "paced at {rate:.0} configs/s ({label} of the one-host peak), {jobs} jobs"
+        ));
+        let run = fleet
+            .run(
+                &format!("paced at {label} of peak, 1 host"),
+                jobs,
+                Some(rate),
+            )
+            .await?;
+        paced.push(run);
+    }
+    let quarter = paced.pop().context("the quarter-load run")?;
+    let half = paced.pop().context("the half-load run")?;
+    Ok((burst, half, quarter))
 }
 
 /// Resident memory of this process at three moments, in bytes.
@@ -320,6 +334,7 @@ fn e2e_figures(
     one: &e2e::RunResult,
     three: &e2e::RunResult,
     paced: &e2e::RunResult,
+    quarter: &e2e::RunResult,
     ceiling: Option<&ceiling::Ceiling>,
 ) -> Vec<Figure> {
     let commits = one.cost.commits_per_job;
@@ -404,6 +419,24 @@ fn e2e_figures(
             "paced_latency_max_ms",
             "paced at 50% of peak: config -> state max",
             paced.latency.max_ms,
+            "ms",
+        ),
+        Figure::info(
+            "paced_quarter_latency_p50_ms",
+            "paced at 25% of peak: config -> state p50",
+            quarter.latency.p50_ms,
+            "ms",
+        ),
+        Figure::info(
+            "paced_quarter_latency_p99_ms",
+            "paced at 25% of peak: config -> state p99",
+            quarter.latency.p99_ms,
+            "ms",
+        ),
+        Figure::info(
+            "paced_cpu_ms_per_job",
+            "CPU per job at 50% of peak, host + etcd",
+            paced.host_cpu_ms_per_job + paced.etcd_cpu_ms_per_job.unwrap_or(0.0),
             "ms",
         ),
         Figure::info(
