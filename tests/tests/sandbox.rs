@@ -6,6 +6,7 @@
 //! `/state/`, writes to `/esi-worker/monitoring_targets/`), `broken_describe_worker` (whose
 //! `describe()` traps), and the example third-party handler `example_echo_worker`.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use esi_host::keys::Record;
@@ -247,15 +248,21 @@ async fn plugins_list_shows_the_fleet_and_plugins_check_validates_offline() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_plugin_directory_is_not_read_again_and_only_a_change_is_looked_at() {
-    let env = TestEnv::new().await.unwrap();
+/// A host on a private copy of the scripted guest, once it serves; and the copy's directory.
+async fn start_on_a_scripted_copy(env: &TestEnv) -> (esi_host::host::Host, String, PathBuf) {
     let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
-    let component = dir.join(format!("{HANDLER}.wasm"));
-    let (host, host_id) = start_host(&env, dir.clone()).await;
+    let (host, host_id) = start_host(env, dir.clone()).await;
     env.wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] == "active")
         .await
         .unwrap();
+    (host, host_id, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_plugin_directory_is_not_read_again_and_only_a_change_is_looked_at() {
+    let env = TestEnv::new().await.unwrap();
+    let (host, _, dir) = start_on_a_scripted_copy(&env).await;
+    let component = dir.join(format!("{HANDLER}.wasm"));
     // The catch-up when the watch starts is the last look while nothing changes.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let settled = host.plugins().checks();
@@ -285,17 +292,14 @@ async fn an_idle_plugin_directory_is_not_read_again_and_only_a_change_is_looked_
         after - settled
     );
     host.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_build_serves_from_baseline_code_first_then_from_optimized_code() {
     let env = TestEnv::new().await.unwrap();
-    let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
+    let (host, host_id, dir) = start_on_a_scripted_copy(&env).await;
     let component = dir.join(format!("{HANDLER}.wasm"));
-    let (host, host_id) = start_host(&env, dir.clone()).await;
-    env.wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] == "active")
-        .await
-        .unwrap();
     // Loaded at start: optimised code, as every build the host compiles before serving.
     let status_key = env.keys().plugin_status(&host_id, HANDLER);
     let at_start = env.get_json(&status_key).await.unwrap().unwrap();
@@ -324,4 +328,37 @@ async fn a_new_build_serves_from_baseline_code_first_then_from_optimized_code() 
     let resource = put_scripted_job(&env, None).await;
     completed_output(&env, &resource).await;
     host.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_rejected_while_the_previous_one_compiles_leaves_that_one_optimized() {
+    let env = TestEnv::new().await.unwrap();
+    let (host, host_id, dir) = start_on_a_scripted_copy(&env).await;
+    let component = dir.join(format!("{HANDLER}.wasm"));
+    let good = esi_tests::component_variant(&std::fs::read(&component).unwrap(), 2);
+    let sha256 = esi_host::plugins::cache::CompileCache::digest(&good);
+    replace_file(&component, &good);
+    env.wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| {
+        s["sha256"] == sha256.as_str()
+    })
+    .await
+    .unwrap();
+    // Usually while the good build's optimised code still compiles: the file on disk is now
+    // broken, and the good build must still get its optimised code.
+    replace_file(&component, b"not a component");
+    let status = env
+        .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| {
+            s["tier"] == "optimized"
+                && s["state"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("rejected"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(status["sha256"], sha256.as_str(), "{status}");
+    let resource = put_scripted_job(&env, None).await;
+    completed_output(&env, &resource).await;
+    host.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

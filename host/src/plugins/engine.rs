@@ -275,6 +275,18 @@ impl PluginEngine {
         let bytes = tokio::fs::read(path)
             .await
             .with_context(|| format!("reading plugin {}", path.display()))?;
+        self.load_bytes(path, bytes.into(), manifest, tier).await
+    }
+
+    /// As [`PluginEngine::load_tier`], from the component's bytes and manifest as read
+    /// already (`path` names the plugin and its errors).
+    pub async fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: Arc<[u8]>,
+        manifest: Manifest,
+        tier: Tier,
+    ) -> anyhow::Result<LoadedPlugin> {
         let sha256 = CompileCache::digest(&bytes);
         let (engine, linker, cache) = match tier {
             Tier::Optimized => (self.engine.clone(), &self.linker, self.cache.clone()),

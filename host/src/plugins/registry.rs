@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::CompileCache;
 use super::engine::{LoadedPlugin, PluginEngine, Tier};
+use super::manifest::Manifest;
 use crate::lease::HostLease;
 use crate::metrics;
 use crate::store::Store;
@@ -218,14 +219,14 @@ impl PluginRegistry {
     /// changed again meanwhile, or `shutdown`). Jobs that started on the baseline code finish
     /// on it.
     pub async fn reload_fast(self: &Arc<Self>, name: &str, shutdown: &CancellationToken) {
-        if let Some(sha256) = self.reload_as(name, true).await {
+        if let Some(build) = self.reload_as(name, true).await {
             let (registry, name, shutdown) = (self.clone(), name.to_string(), shutdown.clone());
-            tokio::spawn(async move { registry.optimize(&name, &sha256, &shutdown).await });
+            tokio::spawn(async move { registry.optimize(&name, build, &shutdown).await });
         }
     }
 
-    /// Returns the digest of a baseline build it swapped in, which is to be optimised.
-    async fn reload_as(&self, name: &str, tiered: bool) -> Option<String> {
+    /// Returns the baseline build it swapped in, which is to be optimised.
+    async fn reload_as(&self, name: &str, tiered: bool) -> Option<BaselineBuild> {
         let _one_at_a_time = self.reloading.lock().await;
         self.checks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -235,10 +236,8 @@ impl PluginRegistry {
             return None;
         }
         let current = self.live.load_full();
-        let digest = tokio::fs::read(&path)
-            .await
-            .ok()
-            .map(|bytes| CompileCache::digest(&bytes));
+        let bytes: Option<Arc<[u8]>> = tokio::fs::read(&path).await.ok().map(Into::into);
+        let digest = bytes.as_deref().map(CompileCache::digest);
         if self.unchanged(&current, name, &path, digest.as_deref()) {
             return None; // the same bytes and manifest already serve: nothing to compile
         }
@@ -246,7 +245,16 @@ impl PluginRegistry {
             Some(d) if tiered && !self.engine.has_optimized(d) => Tier::Baseline,
             _ => Tier::Optimized,
         };
-        let outcome = match self.engine.load_tier(&path, tier).await {
+        let loaded = match (bytes.clone(), Manifest::load_for(&path)) {
+            (Some(bytes), Ok(manifest)) => {
+                self.engine
+                    .load_bytes(&path, bytes, manifest.unwrap_or_default(), tier)
+                    .await
+            }
+            // Unreadable: the path-based load reports why.
+            _ => self.engine.load_tier(&path, tier).await,
+        };
+        let outcome = match loaded {
             Ok(plugin) => self.swap_in(&current, name, plugin),
             Err(e) => Err(format!("{e:#}")),
         };
@@ -261,8 +269,12 @@ impl PluginRegistry {
                     .plugin_reloads
                     .get_or_create(&metrics::labels([("plugin", name)]))
                     .inc();
-                if plugin.tier == Tier::Baseline {
-                    to_optimize = Some(plugin.sha256.clone());
+                if let (Tier::Baseline, Some(bytes)) = (plugin.tier, bytes) {
+                    to_optimize = Some(BaselineBuild {
+                        sha256: plugin.sha256.clone(),
+                        bytes,
+                        manifest: (*plugin.manifest).clone(),
+                    });
                 }
                 status_of(name, Some(&plugin), "active".into(), self.failures(name))
             }
@@ -286,24 +298,34 @@ impl PluginRegistry {
         to_optimize
     }
 
-    /// Compiles the baseline build `sha256` of `name` with Cranelift and swaps it in if that
-    /// build still serves.
-    async fn optimize(&self, name: &str, sha256: &str, shutdown: &CancellationToken) {
+    /// Compiles a baseline build of `name` with Cranelift and swaps it in if that build still
+    /// serves. It compiles the bytes that were loaded, not the file, which may hold a newer
+    /// (perhaps rejected) build by now.
+    async fn optimize(&self, name: &str, build: BaselineBuild, shutdown: &CancellationToken) {
         let path = self.dir.join(format!("{name}.wasm"));
-        let loaded = self.engine.load_tier(&path, Tier::Optimized).await;
+        let BaselineBuild {
+            sha256,
+            bytes,
+            manifest,
+        } = build;
+        let loaded = self
+            .engine
+            .load_bytes(&path, bytes, manifest, Tier::Optimized)
+            .await;
         let _one_at_a_time = self.reloading.lock().await;
         let current = self.live.load_full();
-        let serving = current.by_name.get(name);
-        let Some(serving) = serving.filter(|p| p.sha256 == sha256 && p.tier == Tier::Baseline)
-        else {
+        let still_serving = current
+            .by_name
+            .get(name)
+            .is_some_and(|p| p.sha256 == sha256 && p.tier == Tier::Baseline);
+        if !still_serving {
             return; // replaced or removed meanwhile
-        };
+        }
         if shutdown.is_cancelled() {
             return;
         }
         let plugin = match loaded {
-            Ok(plugin) if plugin.sha256 == sha256 && plugin.manifest == serving.manifest => plugin,
-            Ok(_) => return, // the files changed again: their own reload follows
+            Ok(plugin) => plugin,
             Err(e) => {
                 tracing::warn!(plugin = %name, error = %format!("{e:#}"),
                     "Cranelift could not compile the plugin; its baseline build keeps serving");
@@ -314,7 +336,12 @@ impl PluginRegistry {
             Ok(Some(plugin)) => {
                 tracing::info!(plugin = %name, version = %plugin.version, sha256 = %plugin.sha256,
                     tier = plugin.tier.as_str(), "plugin's optimised code active");
-                let status = status_of(name, Some(&plugin), "active".into(), self.failures(name));
+                // A newer file rejected meanwhile keeps its `rejected: ...` state on record.
+                let state = lock(&self.status)
+                    .get(name)
+                    .map(|s| s.state.clone())
+                    .unwrap_or_else(|| "active".into());
+                let status = status_of(name, Some(&plugin), state, self.failures(name));
                 self.set_status(status).await;
             }
             Ok(None) => {}
@@ -342,7 +369,7 @@ impl PluginRegistry {
         let Some(serving) = current.by_name.get(name) else {
             return false;
         };
-        let manifest = super::manifest::Manifest::load_for(path).ok().flatten();
+        let manifest = Manifest::load_for(path).ok().flatten();
         digest == Some(serving.sha256.as_str()) && manifest.unwrap_or_default() == *serving.manifest
     }
 
@@ -482,6 +509,13 @@ impl PluginRegistry {
             }
         }
     }
+}
+
+/// A build serving baseline code, as it was loaded.
+struct BaselineBuild {
+    sha256: String,
+    bytes: Arc<[u8]>,
+    manifest: Manifest,
 }
 
 /// Whether a directory event can mean new contents. Opening, reading and closing a file
