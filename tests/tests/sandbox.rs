@@ -338,14 +338,20 @@ async fn a_build_rejected_while_the_previous_one_compiles_leaves_that_one_optimi
     let component = dir.join(format!("{HANDLER}.wasm"));
     let good = esi_tests::component_variant(&std::fs::read(&component).unwrap(), 2);
     let sha256 = esi_host::plugins::cache::CompileCache::digest(&good);
+    let checks = host.plugins().checks();
     replace_file(&component, &good);
-    env.wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| {
-        s["sha256"] == sha256.as_str()
-    })
-    .await
-    .unwrap();
-    // Usually while the good build's optimised code still compiles: the file on disk is now
-    // broken, and the good build must still get its optimised code.
+    // Once the registry has read the good build, and while it is being loaded, the file on
+    // disk becomes broken: by the time the good build serves and its optimised compile starts,
+    // the file holds the broken one. The good build must still get its optimised code, and the
+    // rejection must stay on record.
+    let deadline = Instant::now() + TIMEOUT;
+    while host.plugins().checks() == checks {
+        assert!(
+            Instant::now() < deadline,
+            "the good build was never looked at"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     replace_file(&component, b"not a component");
     let status = env
         .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| {

@@ -228,15 +228,18 @@ impl PluginRegistry {
     /// Returns the baseline build it swapped in, which is to be optimised.
     async fn reload_as(&self, name: &str, tiered: bool) -> Option<BaselineBuild> {
         let _one_at_a_time = self.reloading.lock().await;
-        self.checks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.dir.join(format!("{name}.wasm"));
         if !path.exists() {
+            self.checks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.remove(name).await;
             return None;
         }
         let current = self.live.load_full();
         let bytes: Option<Arc<[u8]>> = tokio::fs::read(&path).await.ok().map(Into::into);
+        // Counted once the file is read: from here on, this check is about those bytes.
+        self.checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let digest = bytes.as_deref().map(CompileCache::digest);
         if self.unchanged(&current, name, &path, digest.as_deref()) {
             return None; // the same bytes and manifest already serve: nothing to compile
