@@ -248,13 +248,20 @@ async fn plugins_list_shows_the_fleet_and_plugins_check_validates_offline() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A host on a private copy of the scripted guest, once it serves; and the copy's directory.
+/// A host on a private copy of the scripted guest, once it serves and its directory watch
+/// has caught up (the initial load and the watch's catch-up each look at the file once); and
+/// the copy's directory.
 async fn start_on_a_scripted_copy(env: &TestEnv) -> (esi_host::host::Host, String, PathBuf) {
     let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
     let (host, host_id) = start_host(env, dir.clone()).await;
     env.wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] == "active")
         .await
         .unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while host.plugins().checks() < 2 {
+        assert!(Instant::now() < deadline, "the directory watch never caught up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     (host, host_id, dir)
 }
 
