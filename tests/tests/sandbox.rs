@@ -259,7 +259,10 @@ async fn start_on_a_scripted_copy(env: &TestEnv) -> (esi_host::host::Host, Strin
         .unwrap();
     let deadline = Instant::now() + TIMEOUT;
     while host.plugins().checks() < 2 {
-        assert!(Instant::now() < deadline, "the directory watch never caught up");
+        assert!(
+            Instant::now() < deadline,
+            "the directory watch never caught up"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     (host, host_id, dir)

@@ -129,8 +129,12 @@ async fn a_claim_brings_the_record_back_and_only_one_claimer_wins() {
         .unwrap());
     let lease = env.store.grant_lease(30).await.unwrap();
     let gets_before = env.store.counters().snapshot().get;
-    match env.store.claim(&job.id, "res-1", lease).await.unwrap() {
-        Claimed::Ours { record: Some(kv) } => {
+    match env.store.claim(&job.id, "res-1", lease, &[]).await.unwrap() {
+        Claimed::Ours {
+            record: Some(kv),
+            prefetched,
+        } => {
+            assert!(prefetched.is_empty());
             assert_eq!(kv.key, env.job_key(Queue::All, &job.id));
             assert_eq!(kv.value, job.record.as_bytes());
         }
@@ -144,12 +148,58 @@ async fn a_claim_brings_the_record_back_and_only_one_claimer_wins() {
     // A retry with the same reservation (its first answer lost) is still ours; another
     // claimer is refused.
     assert!(matches!(
-        env.store.claim(&job.id, "res-1", lease).await.unwrap(),
+        env.store.claim(&job.id, "res-1", lease, &[]).await.unwrap(),
         Claimed::OursUnread
     ));
     assert!(matches!(
-        env.store.claim(&job.id, "res-2", lease).await.unwrap(),
+        env.store.claim(&job.id, "res-2", lease, &[]).await.unwrap(),
         Claimed::Taken
     ));
+    env.store.revoke_lease(lease).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_reads_prefetched_keys_at_its_revision_present_or_absent() {
+    let env = TestEnv::new().await.unwrap();
+    let job = NewJob {
+        id: "claim-with-prefetch".into(),
+        handler: "monitoring_worker".into(),
+        record: r#"["monitoring_worker",{"id":"claim-with-prefetch"},0]"#.into(),
+        ready: true,
+    };
+    assert!(env
+        .store
+        .write_workflow(std::slice::from_ref(&job))
+        .await
+        .unwrap());
+    let (present, absent) = (
+        env.job_key(Queue::All, "prefetch-present"),
+        env.job_key(Queue::All, "prefetch-absent"),
+    );
+    env.store.put(&present, "template").await.unwrap();
+    let written = env.store.get(&present).await.unwrap().unwrap().mod_revision;
+    let lease = env.store.grant_lease(30).await.unwrap();
+    let gets_before = env.store.counters().snapshot().get;
+    let prefetch = [present.clone(), absent.clone()];
+    match env
+        .store
+        .claim(&job.id, "res-1", lease, &prefetch)
+        .await
+        .unwrap()
+    {
+        Claimed::Ours {
+            record: Some(_),
+            prefetched,
+        } => {
+            assert_eq!(prefetched.len(), 2);
+            let (key, found) = &prefetched[0];
+            let found = found.as_ref().expect("the present key is found");
+            assert_eq!((key, &found.value[..]), (&present, &b"template"[..]));
+            assert_eq!(found.mod_revision, written);
+            assert_eq!(prefetched[1], (absent, None));
+        }
+        other => panic!("expected the claim with its reads, got {other:?}"),
+    }
+    assert_eq!(env.store.counters().snapshot().get, gets_before);
     env.store.revoke_lease(lease).await.unwrap();
 }

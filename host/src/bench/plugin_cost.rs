@@ -222,9 +222,11 @@ async fn time_calls(
         let (job, context, never) = (&job, &context, &never);
         async move {
             let answer = engine
-                .handle(plugin, access, job, context, never)
+                .handle(plugin, access.clone(), job, context, never)
                 .await
                 .with_context(|| format!("calling {}", plugin.name))?;
+            // As the worker does after each call (it learns what to prefetch from them).
+            access.take_reads();
             match answer {
                 Ok(wit::Outcome::Completed(_)) => Ok(()),
                 Ok(wit::Outcome::Wait(ms)) => bail!("{} asked to wait {ms} ms", plugin.name),

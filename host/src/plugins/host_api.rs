@@ -5,7 +5,7 @@
 //! plugin is not granted is denied with an error the plugin sees and the log records.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use wasmtime::{ResourceLimiter, StoreLimits};
 
@@ -26,6 +26,9 @@ pub struct RecordAccess {
     /// Records answered from memory instead of etcd, by key (`None`: the record is absent).
     /// Empty for jobs; the bench's plugin phase uses it to time a call without round trips.
     pub preloaded: Arc<HashMap<String, Option<Versioned>>>,
+    /// Every key the plugin was allowed to read, in order (the worker learns from it which
+    /// records to read with the next claim).
+    pub read_log: Arc<Mutex<Vec<String>>>,
 }
 
 impl RecordAccess {
@@ -35,7 +38,13 @@ impl RecordAccess {
             store,
             schemas,
             preloaded: Arc::default(),
+            read_log: Arc::default(),
         }
+    }
+
+    /// The keys read so far, leaving the log empty.
+    pub fn take_reads(&self) -> Vec<String> {
+        std::mem::take(&mut *self.read_log.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -175,6 +184,11 @@ impl Host for HostState {
             tracing::warn!(plugin = %self.plugin, key = %relative, "plugin read denied: not granted");
             return Err(HostError::Denied(message));
         }
+        access
+            .read_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key.clone());
         if let Some(found) = access.preloaded.get(&key) {
             return Ok(found.clone());
         }

@@ -143,34 +143,55 @@ impl Store {
     /// deletes the other. The working key is bound to `lease`, so it vanishes with its owner.
     /// Retrying with the same `reservation` is safe: it answers `true` if our earlier attempt
     /// is the one that won.
-    pub async fn claim(&self, job_id: &str, reservation: &str, lease: i64) -> Result<Claimed> {
+    ///
+    /// `prefetch` keys are read in the same transaction, at the claim's revision, and come
+    /// back with a won claim: records the job's plugin is expected to read (see
+    /// `worker::hints`), which then cost no round trip of their own.
+    pub async fn claim(
+        &self,
+        job_id: &str,
+        reservation: &str,
+        lease: i64,
+        prefetch: &[String],
+    ) -> Result<Claimed> {
         let k = self.keys();
         let working = k.job(Queue::Working, job_id);
         let ready = k.job(Queue::Ready, job_id);
+        let compares = [
+            Compare::version(working.clone(), CompareOp::Equal, 0),
+            Compare::version(ready.clone(), CompareOp::Greater, 0),
+        ];
+        let mut ops = vec![
+            TxnOp::put(
+                working.clone(),
+                reservation,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::delete(ready, None),
+            // The job's record comes back with the claim: no second round trip.
+            TxnOp::get(k.job(Queue::All, job_id), None),
+        ];
+        ops.extend(prefetch.iter().map(|key| TxnOp::get(key.as_str(), None)));
         let txn = Txn::new()
-            .when([
-                Compare::version(working.clone(), CompareOp::Equal, 0),
-                Compare::version(ready.clone(), CompareOp::Greater, 0),
-            ])
-            .and_then([
-                TxnOp::put(
-                    working.clone(),
-                    reservation,
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-                TxnOp::delete(ready, None),
-                // The job's record comes back with the claim: no second round trip.
-                TxnOp::get(k.job(Queue::All, job_id), None),
-            ])
+            .when(compares)
+            .and_then(ops)
             .or_else([TxnOp::get(working, None)]);
         let resp = self.txn(job_id, txn).await?;
         let responses = resp.op_responses();
         if resp.succeeded() {
-            let record = match responses.get(2) {
-                Some(TxnOpResponse::Get(get)) => get.kvs().first().map(Kv::from_etcd),
-                _ => return Ok(Claimed::OursUnread),
+            let mut reads = responses.iter().skip(2).map(|op| match op {
+                TxnOpResponse::Get(get) => Some(get.kvs().first().map(Kv::from_etcd)),
+                _ => None,
+            });
+            let Some(Some(record)) = reads.next() else {
+                return Ok(Claimed::OursUnread);
             };
-            return Ok(Claimed::Ours { record });
+            let prefetched = prefetch
+                .iter()
+                .zip(reads)
+                .filter_map(|(key, found)| Some((key.clone(), found?)))
+                .collect();
+            return Ok(Claimed::Ours { record, prefetched });
         }
         // A retry of a claim that committed but whose answer was lost finds its own
         // reservation in the working key: the job is ours.
@@ -416,8 +437,12 @@ pub enum Claimed {
     /// Another worker holds the job, or it left the ready queue.
     Taken,
     /// Ours, with the job's record as it was at the claim (`None`: the record is gone, the
-    /// job was cancelled).
-    Ours { record: Option<Kv> },
+    /// job was cancelled), and each prefetched key's record at the same revision (`None`:
+    /// absent).
+    Ours {
+        record: Option<Kv>,
+        prefetched: Vec<(String, Option<Kv>)>,
+    },
     /// Ours (an earlier attempt whose answer was lost committed), record not read.
     OursUnread,
 }

@@ -6,6 +6,7 @@
 //! worker can win, and every write after it is fenced by a compare on our reservation value,
 //! so a worker whose lease expired can run a job to the end but cannot publish its result.
 
+mod hints;
 mod run;
 
 pub(crate) use run::to_wit_job;
@@ -64,6 +65,8 @@ pub struct Worker {
     pub(crate) stop_claiming: CancellationToken,
     /// Cancelled when a drain runs out of time: jobs still running hand themselves back.
     pub(crate) hard_stop: CancellationToken,
+    /// Records each handler's jobs keep reading, read with the claim.
+    pub(crate) read_hints: hints::ReadHints,
 }
 
 impl Worker {
@@ -87,6 +90,7 @@ impl Worker {
             in_flight: TaskTracker::new(),
             stop_claiming: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
+            read_hints: hints::ReadHints::default(),
         })
     }
 
@@ -227,7 +231,7 @@ impl Worker {
                 // nobody offering it again; retry until it is claimed, by us or someone else.
                 let mut backoff = Duration::from_millis(200);
                 let reservation = uuid::Uuid::new_v4().to_string();
-                while let Err(e) = worker.run_job(&job_id, &reservation).await {
+                while let Err(e) = worker.run_job(&job_id, &handler, &reservation).await {
                     if worker.hard_stop.is_cancelled() {
                         return;
                     }

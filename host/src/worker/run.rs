@@ -1,6 +1,7 @@
 //! One job, from claim to completion.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -15,7 +16,7 @@ use crate::plugins::LoadedPlugin;
 use crate::protocol::{Job, JobId, JobRecord, OnFailure, StateRecord};
 use crate::retry::backoff;
 use crate::store::jobs::{Claimed, Completion, CompletionOutcome, GuardedWrite};
-use crate::store::StoreError;
+use crate::store::{Kv, StoreError};
 
 /// How a run of the plugin ended, from the workflow's point of view.
 enum Verdict {
@@ -32,19 +33,29 @@ impl Worker {
     /// claim; after the claim, etcd calls are retried until they succeed or the claim is lost.
     /// Retries must pass the same `reservation`, so that a claim which committed but whose
     /// answer was lost is recognised as ours.
-    pub(crate) async fn run_job(&self, job_id: &str, reservation: &str) -> anyhow::Result<()> {
+    pub(crate) async fn run_job(
+        &self,
+        job_id: &str,
+        handler: &str,
+        reservation: &str,
+    ) -> anyhow::Result<()> {
         if self.stop_claiming.is_cancelled() {
             return Ok(()); // draining: leave it for another host
         }
         let reservation = reservation.to_string();
         let term = self.lease.term();
-        let found = match self.store.claim(job_id, &reservation, term.id).await? {
+        let prefetch = self.read_hints.keys_for(handler);
+        let (found, prefetched) = match self
+            .store
+            .claim(job_id, &reservation, term.id, &prefetch)
+            .await?
+        {
             Claimed::Taken => {
                 tracing::debug!("claimed by another worker");
                 return Ok(());
             }
-            Claimed::Ours { record } => Some(record),
-            Claimed::OursUnread => None,
+            Claimed::Ours { record, prefetched } => (Some(record), prefetched),
+            Claimed::OursUnread => (None, Vec::new()),
         };
         let claim = Claim {
             job_id,
@@ -69,7 +80,7 @@ impl Worker {
             return Ok(());
         };
         match JobRecord::parse(&all_key, &kv.value) {
-            Ok(record) => self.run_record(&claim, record).await,
+            Ok(record) => self.run_record(&claim, record, prefetched).await,
             Err(e) => {
                 let message = e.to_string();
                 tracing::error!(error = %message, "unreadable job record");
@@ -79,7 +90,14 @@ impl Worker {
         Ok(())
     }
 
-    async fn run_record(&self, claim: &Claim<'_>, record: JobRecord) {
+    /// Runs the job's plugin until the job completes, fails or is handed back. `prefetched`
+    /// records (read with the claim) answer the plugin's reads in its first call only.
+    async fn run_record(
+        &self,
+        claim: &Claim<'_>,
+        record: JobRecord,
+        prefetched: Vec<(String, Option<Kv>)>,
+    ) {
         let job = &record.job;
         tracing::Span::current().record(
             "resource",
@@ -107,6 +125,15 @@ impl Worker {
         }
         let job_state = self.job_state_so_far(job).await;
         let access = RecordAccess::new(self.store.clone(), self.schemas.clone());
+        let mut first_call = RecordAccess {
+            preloaded: Arc::new(
+                prefetched
+                    .into_iter()
+                    .map(|(key, found)| (key, found.map(versioned)))
+                    .collect(),
+            ),
+            ..access.clone()
+        };
         let wit_job = to_wit_job(job, &job_state);
         let started = Instant::now();
         let mut reruns = 0;
@@ -117,17 +144,19 @@ impl Worker {
                 elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 config: plugin.config_json().to_string(),
             };
-            let call = self.engine.handle(
-                &plugin,
-                access.clone(),
-                &wit_job,
-                &context,
-                &claim.lease_lost,
-            );
+            let call_access = if !first_call.preloaded.is_empty() {
+                std::mem::replace(&mut first_call, access.clone())
+            } else {
+                access.clone()
+            };
+            let call =
+                self.engine
+                    .handle(&plugin, call_access, &wit_job, &context, &claim.lease_lost);
             let answer = match self.unless_stopped(claim, call).await {
                 Ok(answer) => answer,
                 Err(stop) => return self.hand_back(claim, &record, stop).await,
             };
+            self.read_hints.record(&record.handler, access.take_reads());
             let verdict = match answer {
                 Ok(Ok(wit::Outcome::Wait(millis))) => {
                     tracing::debug!(millis, "plugin asked to run again later");
@@ -607,5 +636,13 @@ pub(crate) fn to_wit_job(job: &Job, job_state: &Map<String, Value>) -> wit::Job 
             .collect(),
         resource_input: Value::Object(job.resource_input.clone()).to_string(),
         job_state: Value::Object(job_state.clone()).to_string(),
+    }
+}
+
+/// A record read by the host, as a plugin's `read` answers it.
+fn versioned(kv: Kv) -> wit::Versioned {
+    wit::Versioned {
+        value: kv.value_str().into_owned(),
+        mod_revision: kv.mod_revision,
     }
 }
