@@ -43,7 +43,7 @@ impl ReadHints {
             }
         }
         seen.retain(|(_, count)| *count >= MIN_SEEN);
-        seen.sort_by(|a, b| b.1.cmp(&a.1));
+        seen.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
         seen.into_iter()
             .take(MAX_KEYS)
             .map(|(key, _)| key.clone())
