@@ -165,14 +165,16 @@ pub fn key_of(
         .record(record_of(r.kind), schema, &r.resource_id))
 }
 
-impl Host for HostState {
-    async fn read(&mut self, target: RecordRef) -> Result<Option<Versioned>, HostError> {
+impl HostState {
+    /// The key of a record the plugin asks for, if it may read it (refusals are logged), and
+    /// what to read it with.
+    fn readable(&self, target: &RecordRef) -> Result<(&RecordAccess, String), HostError> {
         let Some(access) = &self.access else {
             return Err(HostError::Denied(
                 "records cannot be read outside a job".into(),
             ));
         };
-        let key = key_of(&access.store, &access.schemas, &target).inspect_err(|e| {
+        let key = key_of(&access.store, &access.schemas, target).inspect_err(|e| {
             tracing::warn!(plugin = %self.plugin, error = ?e, "plugin read refused");
         })?;
         let relative = relative_key(&access.store, &key);
@@ -189,19 +191,77 @@ impl Host for HostState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(key.clone());
+        Ok((access, key))
+    }
+
+    fn unavailable(&self, error: &crate::store::StoreError) -> HostError {
+        tracing::warn!(plugin = %self.plugin, error = %error, "plugin read failed");
+        HostError::Unavailable(error.to_string())
+    }
+}
+
+fn versioned(kv: crate::store::Kv) -> Versioned {
+    Versioned {
+        value: kv.value_str().into_owned(),
+        mod_revision: kv.mod_revision,
+    }
+}
+
+impl Host for HostState {
+    async fn read(&mut self, target: RecordRef) -> Result<Option<Versioned>, HostError> {
+        let (access, key) = self.readable(&target)?;
         if let Some(found) = access.preloaded.get(&key) {
             return Ok(found.clone());
         }
         match access.store.get(&key).await {
-            Ok(found) => Ok(found.map(|kv| Versioned {
-                value: kv.value_str().into_owned(),
-                mod_revision: kv.mod_revision,
-            })),
-            Err(e) => {
-                tracing::warn!(plugin = %self.plugin, error = %e, "plugin read failed");
-                Err(HostError::Unavailable(e.to_string()))
+            Ok(found) => Ok(found.map(versioned)),
+            Err(e) => Err(self.unavailable(&e)),
+        }
+    }
+
+    async fn read_many(
+        &mut self,
+        targets: Vec<RecordRef>,
+    ) -> Vec<Result<Option<Versioned>, HostError>> {
+        let keys: Vec<Result<String, HostError>> = targets
+            .iter()
+            .map(|t| self.readable(t).map(|(_, key)| key))
+            .collect();
+        let Some(access) = &self.access else {
+            return keys.into_iter().map(|k| k.map(|_| None)).collect();
+        };
+        // What memory does not answer is read in one transaction.
+        let unread: Vec<String> = keys
+            .iter()
+            .filter_map(|k| k.as_ref().ok())
+            .filter(|k| !access.preloaded.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut fetched: HashMap<String, Option<Versioned>> = HashMap::new();
+        let mut failure = None;
+        if !unread.is_empty() {
+            match access.store.get_many(&unread).await {
+                Ok(found) => {
+                    fetched = unread
+                        .into_iter()
+                        .zip(found)
+                        .map(|(key, kv)| (key, kv.map(versioned)))
+                        .collect();
+                }
+                Err(e) => failure = Some(self.unavailable(&e)),
             }
         }
+        keys.into_iter()
+            .map(|key| {
+                let key = key?;
+                if let Some(found) = access.preloaded.get(&key).or(fetched.get(&key)) {
+                    return Ok(found.clone());
+                }
+                Err(failure
+                    .clone()
+                    .unwrap_or_else(|| HostError::Unavailable(format!("{key} was not answered"))))
+            })
+            .collect()
     }
 
     async fn log(&mut self, level: LogLevel, message: String) {

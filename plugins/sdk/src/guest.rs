@@ -73,15 +73,40 @@ impl core::RecordReader for HostRecords {
             resource_type: resource_type.to_owned(),
             resource_id: resource_id.to_owned(),
         };
-        match host::read(&record) {
-            Ok(found) => Ok(found.map(|versioned| core::Versioned {
-                value: versioned.value,
-                mod_revision: versioned.mod_revision,
-            })),
-            Err(wit::HostError::UnknownType(message)) => Err(core::HostError::UnknownType(message)),
-            Err(wit::HostError::Denied(message)) => Err(core::HostError::Denied(message)),
-            Err(wit::HostError::Unavailable(message)) => Err(core::HostError::Unavailable(message)),
-        }
+        answer_from_wit(host::read(&record))
+    }
+
+    fn read_many(
+        &mut self,
+        targets: &[core::RecordRef],
+    ) -> Vec<Result<Option<core::Versioned>, core::HostError>> {
+        let records: Vec<wit::RecordRef> = targets
+            .iter()
+            .map(|t| wit::RecordRef {
+                kind: kind_to_wit(t.kind),
+                resource_type: t.resource_type.clone(),
+                resource_id: t.resource_id.clone(),
+            })
+            .collect();
+        host::read_many(&records)
+            .into_iter()
+            .map(answer_from_wit)
+            .collect()
+    }
+}
+
+/// One answer of `read` or `read-many`.
+fn answer_from_wit(
+    answer: Result<Option<wit::Versioned>, wit::HostError>,
+) -> Result<Option<core::Versioned>, core::HostError> {
+    match answer {
+        Ok(found) => Ok(found.map(|versioned| core::Versioned {
+            value: versioned.value,
+            mod_revision: versioned.mod_revision,
+        })),
+        Err(wit::HostError::UnknownType(message)) => Err(core::HostError::UnknownType(message)),
+        Err(wit::HostError::Denied(message)) => Err(core::HostError::Denied(message)),
+        Err(wit::HostError::Unavailable(message)) => Err(core::HostError::Unavailable(message)),
     }
 }
 

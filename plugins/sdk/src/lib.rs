@@ -2,7 +2,7 @@
 //!
 //! A plugin is two halves (see `plugins/monitoring`): a pure `core` module that takes a [`Job`],
 //! a [`RunContext`], a [`RecordReader`] and a [`Logger`] and returns an [`Outcome`], and a thin
-//! WebAssembly shell that makes it a component of the `esi:worker@0.1.0` `handler` world. This
+//! WebAssembly shell that makes it a component of the `esi:worker@0.1.1` `handler` world. This
 //! crate holds what would otherwise be written once per plugin:
 //!
 //! - the plain-Rust mirrors of the WIT types ([`Job`], [`Outcome`], [`ProposedWrite`], ...), so
@@ -58,8 +58,8 @@ macro_rules! export_plugin {
             path: $wit,
             world: "handler",
             with: {
-                "esi:worker/types@0.1.0": esi_plugin_sdk::guest::bindings::esi::worker::types,
-                "esi:worker/host@0.1.0": esi_plugin_sdk::guest::bindings::esi::worker::host,
+                "esi:worker/types@0.1.1": esi_plugin_sdk::guest::bindings::esi::worker::types,
+                "esi:worker/host@0.1.1": esi_plugin_sdk::guest::bindings::esi::worker::host,
             },
         });
 

@@ -165,6 +165,18 @@ pub trait RecordReader {
         resource_type: &str,
         resource_id: &str,
     ) -> Result<Option<Versioned>, HostError>;
+
+    /// Reads several records, one answer per target in order, each what [`read`] would
+    /// answer. The host's reader asks for them in one round trip (`read-many`); this default,
+    /// for in-memory readers, reads them one by one.
+    ///
+    /// [`read`]: RecordReader::read
+    fn read_many(&mut self, targets: &[RecordRef]) -> Vec<Result<Option<Versioned>, HostError>> {
+        targets
+            .iter()
+            .map(|t| self.read(t.kind, &t.resource_type, &t.resource_id))
+            .collect()
+    }
 }
 
 /// Receives the notable events of a run.

@@ -8,7 +8,7 @@
 use serde_json::{Map, Value};
 
 use super::{host_error, scalar_text, Job, JobError, LogLevel, Logger, RecordKind, RecordReader};
-use super::{RunContext, Versioned};
+use super::{HostError, RecordRef, RunContext, Versioned};
 
 /// Item types that collectors probe on devices.
 const PROBE_TYPES: [&str; 9] = [
@@ -122,11 +122,30 @@ impl Plan {
         reader: &mut dyn RecordReader,
         logger: &mut dyn Logger,
     ) -> Result<Observed, JobError> {
+        // Every watched state in one round trip.
+        let targets: Vec<RecordRef> = self
+            .items
+            .iter()
+            .filter_map(|(_, item)| match item {
+                Item::EtcdReader(etcd) => Some(RecordRef {
+                    kind: RecordKind::State,
+                    resource_type: etcd.etcd_type.clone(),
+                    resource_id: etcd.etcd_id.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let mut answers = reader.read_many(&targets).into_iter();
         let mut tally = Tally::default();
         for (name, item) in &self.items {
             match item {
                 Item::EtcdReader(etcd) => {
-                    etcd.observe(name, context, reader, logger, &mut tally)?
+                    let answer = answers.next().unwrap_or_else(|| {
+                        Err(HostError::Unavailable(
+                            "the host gave fewer answers than reads".into(),
+                        ))
+                    });
+                    etcd.observe(name, answer, context, logger, &mut tally)?
                 }
                 Item::Probe { status, .. } => tally.status(name, status),
                 Item::Messenger { .. } => {}
@@ -275,15 +294,14 @@ impl EtcdReader {
     fn observe(
         &self,
         name: &str,
+        answer: Result<Option<Versioned>, HostError>,
         context: &RunContext,
-        reader: &mut dyn RecordReader,
         logger: &mut dyn Logger,
         tally: &mut Tally,
     ) -> Result<(), JobError> {
         let what = format!("state of {}/{}", self.etcd_type, self.etcd_id);
-        let record = reader
-            .read(RecordKind::State, &self.etcd_type, &self.etcd_id)
-            .map_err(|error| host_error(error, &format!("{what} for item {name}")))?;
+        let record =
+            answer.map_err(|error| host_error(error, &format!("{what} for item {name}")))?;
         let elapsed_ms = context.elapsed_ms as f64;
         match record {
             Some(record) => tally.status(name, state_status(name, &what, &record, logger)),

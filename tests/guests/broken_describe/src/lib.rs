@@ -15,8 +15,8 @@ mod component {
         path: "../../../wit",
         world: "handler",
         with: {
-            "esi:worker/types@0.1.0": esi_plugin_sdk::guest::bindings::esi::worker::types,
-            "esi:worker/host@0.1.0": esi_plugin_sdk::guest::bindings::esi::worker::host,
+            "esi:worker/types@0.1.1": esi_plugin_sdk::guest::bindings::esi::worker::types,
+            "esi:worker/host@0.1.1": esi_plugin_sdk::guest::bindings::esi::worker::host,
         },
     });
 

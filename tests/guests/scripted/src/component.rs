@@ -9,8 +9,8 @@ wit_bindgen::generate!({
     path: "../../../wit",
     world: "handler",
     with: {
-        "esi:worker/types@0.1.0": esi_plugin_sdk::guest::bindings::esi::worker::types,
-        "esi:worker/host@0.1.0": esi_plugin_sdk::guest::bindings::esi::worker::host,
+        "esi:worker/types@0.1.1": esi_plugin_sdk::guest::bindings::esi::worker::types,
+        "esi:worker/host@0.1.1": esi_plugin_sdk::guest::bindings::esi::worker::host,
     },
 });
 

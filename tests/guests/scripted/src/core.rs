@@ -68,6 +68,10 @@ pub enum Script {
     /// `{"read": "<kind> <resource_type> <resource_id>"}`: read that record; a refused read
     /// fails the job permanently with the host's message, a granted one completes with it.
     Read(RecordRef),
+    /// `{"read_many": ["<kind> <resource_type> <resource_id>", ...]}`: read them with one
+    /// `read-many` call and complete with one answer each: the value, `null` when absent, or
+    /// `{"refused": "<the host's error>"}`.
+    ReadMany(Vec<RecordRef>),
     /// `{"write": "<kind> <resource_type> <resource_id>"}`: complete, proposing to put `{}`
     /// there.
     Write(RecordRef),
@@ -115,7 +119,8 @@ impl Script {
                  {{\"fail_retryable_until_attempt\": N}}, {{\"always\": \"retryable\"|\"permanent\"}}, \
                  {{\"trap\": true}}, {{\"spin\": true}}, {{\"spin_until_attempt\": N}}, \
                  {{\"wait_once_ms\": N}}, {{\"allocate_mib\": N}}, {{\"recurse\": N}}, {{\"output_kib\": N}}, \
-                 {{\"read\": \"<kind> <type> <id>\"}}, {{\"write\": \"<kind> <type> <id>\"}}"
+                 {{\"read\": \"<kind> <type> <id>\"}}, {{\"read_many\": [\"<kind> <type> <id>\", ...]}}, \
+                 {{\"write\": \"<kind> <type> <id>\"}}"
             ))
         };
         let Some(object) = script.as_object() else {
@@ -159,6 +164,12 @@ impl Script {
             ("read", Value::String(target)) => record_ref(target)
                 .map(Script::Read)
                 .ok_or_else(|| bad("expected \"<kind> <resource_type> <resource_id>\"")),
+            ("read_many", Value::Array(targets)) => targets
+                .iter()
+                .map(|t| t.as_str().and_then(record_ref))
+                .collect::<Option<Vec<_>>>()
+                .map(Script::ReadMany)
+                .ok_or_else(|| bad("expected a list of \"<kind> <resource_type> <resource_id>\"")),
             ("write", Value::String(target)) => record_ref(target)
                 .map(Script::Write)
                 .ok_or_else(|| bad("expected \"<kind> <resource_type> <resource_id>\"")),
@@ -245,6 +256,20 @@ pub fn handle(
                 }),
                 Err(e) => Err(JobError::Permanent(format!("read refused: {e:?}"))),
             }
+        }
+        Script::ReadMany(targets) => {
+            let answers: Vec<Value> = reader
+                .read_many(&targets)
+                .into_iter()
+                .map(|answer| match answer {
+                    Ok(found) => json!(found.map(|v| v.value)),
+                    Err(e) => json!({"refused": format!("{e:?}")}),
+                })
+                .collect();
+            Ok(Outcome::Completed {
+                output: json!({"scripted": {"read_many": answers}}),
+                writes: Vec::new(),
+            })
         }
         Script::Write(target) => Ok(Outcome::Completed {
             output: json!({"scripted": {"attempts": attempt}}),
