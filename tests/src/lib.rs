@@ -346,6 +346,15 @@ impl Recorder {
         }
     }
 
+    /// Reads whatever arrives within `period`; returns all seen.
+    pub async fn for_a_while(&mut self, period: Duration) -> &[Change] {
+        let deadline = tokio::time::Instant::now() + period;
+        while let Ok(Ok(batch)) = tokio::time::timeout_at(deadline, self.watch.next()).await {
+            self.seen.extend(batch);
+        }
+        &self.seen
+    }
+
     /// Reads events until `key` has been put; returns all seen.
     pub async fn until_put(&mut self, key: &str, timeout: Duration) -> anyhow::Result<&[Change]> {
         self.until(timeout, |c| matches!(c, Change::Put(kv) if kv.key == key))

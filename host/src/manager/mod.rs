@@ -38,6 +38,12 @@ const MAX_PENDING: usize = 64;
 /// Watch changes gathered into one burst at most (from responses etcd already delivered).
 const MAX_BURST: usize = 512;
 
+/// How long clean-ups of finished jobs may wait for other writes to ride with. Nothing
+/// waits on a clean-up, so under load they join the next batch of workflow writes or
+/// releases instead of costing a commit of their own; when nothing else comes, they go
+/// after this long.
+const CLEANUP_LINGER: Duration = Duration::from_millis(100);
+
 /// How long a vanished claim waits before the manager checks whether its job is accounted
 /// for. A completion deletes the claim and writes the finished key in one transaction, but
 /// the two arrive on different watches; without the grace, most completions would cost a
@@ -100,6 +106,10 @@ pub struct JobManager {
     /// Workflow writes, clean-ups and releases not sent yet: one batch per burst of watch
     /// responses, so a burst of configs or finished jobs costs one etcd commit, not one each.
     pending: Vec<PlannedTxn>,
+    /// Clean-ups of finished jobs waiting for the next batch, and the latest they may wait
+    /// until ([`CLEANUP_LINGER`]).
+    cleanups: Vec<PlannedTxn>,
+    cleanups_due: Option<Instant>,
     /// The batch being committed while the manager plans the next one. Batches commit one
     /// after the other, and any other write waits for it ([`JobManager::settle`]), so etcd
     /// still sees the manager's writes in the order it made them.
@@ -124,6 +134,8 @@ impl JobManager {
             deferred: HashMap::new(),
             dirty: HashSet::new(),
             pending: Vec::new(),
+            cleanups: Vec::new(),
+            cleanups_due: None,
             in_flight: None,
             prefetched: HashMap::new(),
             vanished: VecDeque::new(),
@@ -157,6 +169,8 @@ impl JobManager {
         // Writes queued before a failure are dropped: the rebuild below plans from etcd. A
         // batch still committing lands before the listings are taken.
         self.pending.clear();
+        self.cleanups.clear();
+        self.cleanups_due = None;
         self.prefetched.clear();
         self.vanished.clear();
         if let Some(batch) = self.in_flight.take() {
@@ -238,6 +252,11 @@ impl JobManager {
                             }
                         }
                     }
+                }
+                _ = tokio::time::sleep_until(self.cleanups_due.unwrap_or_else(Instant::now)),
+                    if self.cleanups_due.is_some() => {
+                    self.send_cleanups();
+                    self.flush().await?;
                 }
                 _ = tokio::time::sleep_until(grace_over.unwrap_or_else(Instant::now)),
                     if grace_over.is_some() => {
@@ -600,12 +619,32 @@ impl JobManager {
         Ok(())
     }
 
-    /// Starts committing the queued transactions, once the batch before them committed; the
-    /// manager goes on planning meanwhile.
+    /// Queues the clean-up of a finished job: it rides with the next batch, or goes alone
+    /// after [`CLEANUP_LINGER`].
+    async fn queue_cleanup(&mut self, txn: PlannedTxn) -> anyhow::Result<()> {
+        self.cleanups.push(txn);
+        self.cleanups_due
+            .get_or_insert_with(|| Instant::now() + CLEANUP_LINGER);
+        if self.cleanups.len() >= MAX_PENDING {
+            self.send_cleanups();
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the waiting clean-ups into the next batch.
+    fn send_cleanups(&mut self) {
+        self.pending.append(&mut self.cleanups);
+        self.cleanups_due = None;
+    }
+
+    /// Starts committing the queued transactions (and the clean-ups waiting for a ride), once
+    /// the batch before them committed; the manager goes on planning meanwhile.
     async fn flush(&mut self) -> anyhow::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.send_cleanups();
         if let Some(batch) = self.in_flight.take() {
             batch.await??;
         }
@@ -621,6 +660,7 @@ impl JobManager {
     /// Commits everything queued and waits for it. Every write that is not queued settles
     /// first, so that etcd sees the manager's writes in the order it made them.
     async fn settle(&mut self) -> anyhow::Result<()> {
+        self.send_cleanups();
         self.flush().await?;
         if let Some(batch) = self.in_flight.take() {
             batch.await??;
@@ -710,7 +750,7 @@ impl JobManager {
         let clean = self
             .store
             .clean_finished_txn(&id, job_state.as_deref().map(|k| (k, kv.create_revision)));
-        self.queue(Some(clean)).await?;
+        self.queue_cleanup(clean).await?;
         match &failure {
             Some(error) => self.cancel_dependants(&id, error).await?,
             None => {

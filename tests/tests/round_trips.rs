@@ -1,0 +1,129 @@
+//! What a job costs in etcd round trips, where the host saves them:
+//!
+//! - records a handler's jobs keep reading are read with the claim (`worker::hints`): the heat
+//!   template and, when every resource watches the same interfaces, their `/state`s cost a job
+//!   no round trip of its own, and what the plugin sees is still as fresh as a read;
+//! - clean-ups of finished jobs ride with the job manager's next batch instead of costing a
+//!   commit each.
+//!
+//! The first test counts the process's etcd reads, so the tests of this binary take turns.
+
+use esi_host::store::counters::StoreCounters;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use esi_host::keys::Record;
+use esi_host::store::Change;
+use esi_tests::{seed_ha_interface_body, TestEnv};
+use tokio::sync::Mutex;
+
+/// Held by each test: the read counts are process-wide.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Writes ha_interface `id` and waits for its `/state`; returns its `state_monitoring` text.
+async fn monitor(env: &TestEnv, id: &str) -> String {
+    env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
+        .await
+        .unwrap();
+    let state = env.wait_completed("ha_interface", id).await.unwrap();
+    state["state"]["state_monitoring"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no state_monitoring text in {state}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_repeated_by_jobs_come_with_the_claim_and_stay_fresh() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
+    let host = env.start_host().await.unwrap();
+
+    // Two jobs teach the worker what monitoring jobs read: the template and the two
+    // interface states every resource below shares.
+    for i in 0..2 {
+        let seen = monitor(&env, &format!("00000000-0000-4000-8000-00000000a00{i}")).await;
+        assert!(!seen.contains("DOWN"), "{seen}");
+    }
+
+    // The host's reads: the process's minus this test's own (its polls of `/state`).
+    let totals = StoreCounters::process_totals();
+    let (before, own_before) = (totals.snapshot(), env.store.counters().snapshot());
+    const JOBS: u64 = 4;
+    for i in 0..JOBS {
+        let seen = monitor(&env, &format!("00000000-0000-4000-8000-00000000b00{i}")).await;
+        assert!(!seen.contains("DOWN"), "{seen}");
+    }
+    let gets = totals.snapshot().since(&before).get
+        - env.store.counters().snapshot().since(&own_before).get;
+    // Per resource, the job manager reads its `/state` once; without the prefetch each job
+    // adds the plugin's three reads (template, two interface states).
+    assert!(
+        gets <= JOBS,
+        "the host made {gets} reads for {JOBS} jobs: the plugin's reads did not come with the claims"
+    );
+
+    // The prefetched values are read at the claim: a change made before the next resource's
+    // job is claimed is what that job sees.
+    env.put_interface_states(Some("DOWN"), Some("ACTIVE"))
+        .await
+        .unwrap();
+    let seen = monitor(&env, "00000000-0000-4000-8000-00000000c000").await;
+    assert!(
+        seen.contains("DOWN"),
+        "the job saw a stale interface state: {seen}"
+    );
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_ups_ride_with_the_next_workflow_write() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
+    let host = env.start_host().await.unwrap();
+    monitor(&env, "00000000-0000-4000-8000-00000000d000").await;
+    env.wait_jobs_drained().await.unwrap();
+
+    // Resources one after another, each written as soon as the previous one's `/state`
+    // appears: the previous job's clean-up is still waiting for a ride when the next
+    // workflow is written.
+    let mut recorder = env.record_changes().await.unwrap();
+    const RESOURCES: usize = 10;
+    for i in 0..RESOURCES {
+        let id = format!("00000000-0000-4000-8000-00000000e00{i}");
+        env.put_config("ha_interface", &id, &seed_ha_interface_body(&id), 1)
+            .await
+            .unwrap();
+        let state = env.key(Record::State, "ha_interface", &id);
+        recorder
+            .until_put(&state, Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    env.wait_jobs_drained().await.unwrap();
+    let changes = recorder.for_a_while(Duration::from_millis(300)).await;
+    let commits: BTreeSet<i64> = changes
+        .iter()
+        .map(|change| match change {
+            Change::Put(kv) => kv.mod_revision,
+            Change::Delete { revision, .. } => *revision,
+        })
+        .collect();
+    // Per resource: the config put, the workflow write, the claim and the completion; a
+    // clean-up of its own would be a fifth. At least half of them must have ridden along
+    // (in practice all but the last do).
+    let per_resource = commits.len() as f64 / RESOURCES as f64;
+    assert!(
+        per_resource <= 4.5,
+        "{} commits for {RESOURCES} resources ({per_resource} each)",
+        commits.len()
+    );
+    host.shutdown().await;
+}
