@@ -186,7 +186,8 @@ impl Host {
             ));
         }
         let worker = Worker::new(
-            store.clone(),
+            // Claims and completions of jobs running at once share commits.
+            store.grouped(),
             schemas,
             engine,
             plugins.clone(),

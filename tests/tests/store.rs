@@ -1,11 +1,12 @@
 //! The store's round-trip savers against a real etcd: reads in one transaction, watches that
-//! leave out the events nobody uses, gathering responses already delivered, and a claim that
-//! brings the job's record back.
+//! leave out the events nobody uses, gathering responses already delivered, a claim that
+//! brings the job's record (and prefetched records) back, and claims and completions that
+//! share commits.
 
 use std::time::Duration;
 
 use esi_host::keys::Queue;
-use esi_host::store::jobs::{Claimed, NewJob};
+use esi_host::store::jobs::{Claimed, Completion, CompletionOutcome, GuardedWrite, NewJob};
 use esi_host::store::{Change, Events};
 use esi_tests::TestEnv;
 
@@ -201,5 +202,119 @@ async fn a_claim_reads_prefetched_keys_at_its_revision_present_or_absent() {
         other => panic!("expected the claim with its reads, got {other:?}"),
     }
     assert_eq!(env.store.counters().snapshot().get, gets_before);
+    env.store.revoke_lease(lease).await.unwrap();
+}
+
+/// Writes `n` ready jobs named `<prefix>-<i>`; returns their ids.
+async fn ready_jobs(env: &TestEnv, prefix: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i:02}");
+        let job = NewJob {
+            id: id.clone(),
+            handler: "monitoring_worker".into(),
+            record: format!(r#"["monitoring_worker",{{"id":"{id}"}},0]"#),
+            ready: true,
+        };
+        assert!(env
+            .store
+            .write_workflow(std::slice::from_ref(&job))
+            .await
+            .unwrap());
+        ids.push(id);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_completions_sent_at_once_share_commits_and_each_gets_its_own_answer() {
+    let env = TestEnv::new().await.unwrap();
+    const JOBS: usize = 40;
+    let ids = ready_jobs(&env, "grouped", JOBS).await;
+    let grouped = env.store.grouped();
+    let lease = env.store.grant_lease(30).await.unwrap();
+
+    // Every claim at once: each is ours, with its own record, in fewer commits than claims.
+    let txns_before = env.store.counters().snapshot().txn;
+    let claims: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (store, id) = (grouped.clone(), id.clone());
+            tokio::spawn(async move { store.claim(&id, &format!("res-{id}"), lease, &[]).await })
+        })
+        .collect();
+    for (id, claim) in ids.iter().zip(claims) {
+        match claim.await.unwrap().unwrap() {
+            Claimed::Ours {
+                record: Some(kv), ..
+            } => assert!(String::from_utf8_lossy(&kv.value).contains(id.as_str())),
+            other => panic!("{id}: expected our claim with its record, got {other:?}"),
+        }
+    }
+    let claim_txns = env.store.counters().snapshot().txn - txns_before;
+    assert!(
+        claim_txns < JOBS as u64 / 2,
+        "{claim_txns} commits for {JOBS} claims sent at once"
+    );
+    // A second claimer is refused, through the group too.
+    assert!(matches!(
+        grouped.claim(&ids[0], "rival", lease, &[]).await.unwrap(),
+        Claimed::Taken
+    ));
+
+    // Completions at once, some with the wrong reservation (refused alone: LostClaim), and
+    // all writing one shared key, which etcd refuses inside one transaction: the groups are
+    // sent one by one and every completion still gets its own answer.
+    let shared = env.job_key(Queue::All, "grouped-shared");
+    let refused_before = env.store.counters().snapshot().txn;
+    let completions: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (store, id, shared) = (grouped.clone(), id.clone(), shared.clone());
+            let state_key = env.job_key(Queue::All, &format!("{id}-state"));
+            tokio::spawn(async move {
+                let reservation = if i % 5 == 0 {
+                    "not-ours".to_string()
+                } else {
+                    format!("res-{id}")
+                };
+                let writes = [GuardedWrite {
+                    key: shared,
+                    value: Some(id.clone()),
+                    expect_mod_revision: None,
+                }];
+                let completion = Completion {
+                    job_id: &id,
+                    reservation: &reservation,
+                    job_state_key: &state_key,
+                    job_state: "{}".into(),
+                    state: None,
+                    writes: &writes,
+                };
+                store.complete(&completion).await
+            })
+        })
+        .collect();
+    for (i, outcome) in completions.into_iter().enumerate() {
+        let expected = if i % 5 == 0 {
+            CompletionOutcome::LostClaim
+        } else {
+            CompletionOutcome::Completed
+        };
+        assert_eq!(outcome.await.unwrap().unwrap(), expected, "{}", ids[i]);
+        let finished = env.job_key(Queue::Finished, &ids[i]);
+        assert_eq!(
+            env.store.get(&finished).await.unwrap().is_some(),
+            expected == CompletionOutcome::Completed,
+            "{finished}"
+        );
+    }
+    // Refused groups cost a request each on top of the one per completion.
+    let completion_txns = env.store.counters().snapshot().txn - refused_before;
+    assert!(
+        completion_txns > JOBS as u64,
+        "{completion_txns} requests: no group was refused for its shared key"
+    );
     env.store.revoke_lease(lease).await.unwrap();
 }

@@ -176,7 +176,7 @@ impl Store {
             .when(compares)
             .and_then(ops)
             .or_else([TxnOp::get(working, None)]);
-        let resp = self.txn(job_id, txn).await?;
+        let resp = self.group_txn(job_id, txn).await?;
         let responses = resp.op_responses();
         if resp.succeeded() {
             let mut reads = responses.iter().skip(2).map(|op| match op {
@@ -231,7 +231,7 @@ impl Store {
             .when(compares)
             .and_then(ops)
             .or_else([TxnOp::get(working, None)]);
-        let resp = self.txn(c.job_id, txn).await?;
+        let resp = self.group_txn(c.job_id, txn).await?;
         if resp.succeeded() {
             return Ok(CompletionOutcome::Completed);
         }

@@ -5,6 +5,7 @@
 //! boundary, live in [`jobs`] with a comment saying what its compares guarantee.
 
 pub mod counters;
+pub mod group;
 pub mod inspect;
 pub mod jobs;
 
@@ -242,6 +243,9 @@ pub struct Store {
     fence: Option<Arc<(String, String)>>,
     /// Round trips made, shared by every clone and fenced view (see [`counters`]).
     counters: Arc<StoreCounters>,
+    /// Where claims and completions go to share commits ([`Store::grouped`]); `None`: each
+    /// is sent alone.
+    group: Option<group::GroupCommit>,
 }
 
 impl Store {
@@ -272,6 +276,7 @@ impl Store {
             keys,
             fence: None,
             counters: Arc::new(StoreCounters::new()),
+            group: None,
         })
     }
 
@@ -280,6 +285,36 @@ impl Store {
         Store {
             fence: Some(Arc::new((key.into(), value.into()))),
             ..self.clone()
+        }
+    }
+
+    /// The same store, with claims and completions committed in groups when several are
+    /// sent at once (see [`group`]). Needs a tokio runtime.
+    pub fn grouped(&self) -> Store {
+        let plain = Store {
+            group: None,
+            ..self.clone()
+        };
+        Store {
+            group: Some(group::GroupCommit::start(plain)),
+            ..self.clone()
+        }
+    }
+
+    /// Runs `txn` through the store's group commit if it has one, else alone.
+    pub(crate) async fn group_txn(&self, what: &str, txn: Txn) -> Result<TxnResponse> {
+        match &self.group {
+            Some(group) => group.txn(self, what, txn).await,
+            None => self.txn(what, txn).await,
+        }
+    }
+
+    /// The error of a transaction whose answer did not come back from a group commit.
+    fn gone(&self, what: &str) -> StoreError {
+        StoreError {
+            op: "txn",
+            key: what.to_string(),
+            source: Failure::Answer("the transaction's answer was lost in a group commit".into()),
         }
     }
 
