@@ -27,6 +27,7 @@ fn host_binary() -> PathBuf {
 const FIGURES: &[&str] = &[
     "etcd_ceiling_txn_per_s",
     "commits_per_job",
+    "txns_needed_per_job",
     "e2e_1host_jobs_per_s",
     "e2e_3hosts_jobs_per_s",
     "burst_1host_latency_p50_ms",

@@ -158,6 +158,8 @@ pub struct OpsPerJob {
     pub put: f64,
     pub delete: f64,
     pub txn: f64,
+    /// Transactions, counting each one nested in a batch or group commit.
+    pub txn_logical: f64,
     pub watch_events: f64,
 }
 
@@ -170,6 +172,7 @@ impl OpsPerJob {
             put: per(ops.put),
             delete: per(ops.delete),
             txn: per(ops.txn),
+            txn_logical: per(ops.txn + ops.txn_shared),
             watch_events: per(ops.watch_events),
         }
     }

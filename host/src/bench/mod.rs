@@ -339,6 +339,12 @@ fn e2e_figures(
 ) -> Vec<Figure> {
     let commits = one.cost.commits_per_job;
     let per_job = &one.cost.per_job;
+    // The goal divides the ceiling by the transactions a job needs: its claim, its
+    // completion and its share of the manager's writes, each counted even when it rode in
+    // another's commit (a batch or a group commit). The ceiling's transactions are each a
+    // commit of its own, so dividing by commits would credit a group of 16 completions with
+    // the cost of one.
+    let needed = per_job.txn_logical;
     vec![
         Figure::below(
             "commits_per_job",
@@ -348,13 +354,19 @@ fn e2e_figures(
             4.0,
             true,
         ),
+        Figure::info(
+            "txns_needed_per_job",
+            "transactions per job, nested ones counted (host)",
+            needed,
+            "txn",
+        ),
         match ceiling {
             Some(ceiling) => Figure::at_least(
                 "e2e_1host_jobs_per_s",
-                "end to end, 1 host (goal: 70% of ceiling / commits per job)",
+                "end to end, 1 host (goal: 70% of ceiling / transactions per job)",
                 one.jobs_per_s,
                 "jobs/s",
-                0.7 * ceiling.txn_per_s / commits.max(1e-9),
+                0.7 * ceiling.txn_per_s / needed.max(1e-9),
             ),
             None => Figure::info(
                 "e2e_1host_jobs_per_s",

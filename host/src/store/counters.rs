@@ -42,6 +42,7 @@ pub struct StoreCounters {
     put: AtomicU64,
     delete: AtomicU64,
     txn: AtomicU64,
+    txn_shared: AtomicU64,
     watch_opens: AtomicU64,
     watch_events: AtomicU64,
     lease: AtomicU64,
@@ -59,6 +60,7 @@ impl StoreCounters {
             put: AtomicU64::new(0),
             delete: AtomicU64::new(0),
             txn: AtomicU64::new(0),
+            txn_shared: AtomicU64::new(0),
             watch_opens: AtomicU64::new(0),
             watch_events: AtomicU64::new(0),
             lease: AtomicU64::new(0),
@@ -74,6 +76,16 @@ impl StoreCounters {
     pub fn count(&self, op: Op) {
         self.add(op, 1);
         PROCESS_TOTALS.add(op, 1);
+    }
+
+    /// Counts `n` transactions sent nested in one request (a manager batch, a worker group
+    /// commit): the request is one [`Op::Txn`], and `n - 1` transactions rode along with it.
+    pub fn count_shared(&self, n: usize) {
+        let extra = u64::try_from(n.saturating_sub(1)).unwrap_or(u64::MAX);
+        self.txn_shared.fetch_add(extra, Ordering::Relaxed);
+        PROCESS_TOTALS
+            .txn_shared
+            .fetch_add(extra, Ordering::Relaxed);
     }
 
     /// Counts the changes one watch response delivered.
@@ -107,6 +119,7 @@ impl StoreCounters {
             put: read(&self.put),
             delete: read(&self.delete),
             txn: read(&self.txn),
+            txn_shared: read(&self.txn_shared),
             watch_opens: read(&self.watch_opens),
             watch_events: read(&self.watch_events),
             lease: read(&self.lease),
@@ -122,6 +135,9 @@ pub struct CounterSnapshot {
     pub put: u64,
     pub delete: u64,
     pub txn: u64,
+    /// Transactions that rode in another's request (see [`StoreCounters::count_shared`]):
+    /// `txn + txn_shared` is every transaction the protocol asked for.
+    pub txn_shared: u64,
     pub watch_opens: u64,
     pub watch_events: u64,
     pub lease: u64,
@@ -136,6 +152,7 @@ impl CounterSnapshot {
             put: self.put.saturating_sub(earlier.put),
             delete: self.delete.saturating_sub(earlier.delete),
             txn: self.txn.saturating_sub(earlier.txn),
+            txn_shared: self.txn_shared.saturating_sub(earlier.txn_shared),
             watch_opens: self.watch_opens.saturating_sub(earlier.watch_opens),
             watch_events: self.watch_events.saturating_sub(earlier.watch_events),
             lease: self.lease.saturating_sub(earlier.lease),
@@ -155,8 +172,14 @@ mod tests {
         counters.count(Op::Txn);
         counters.count(Op::Get);
         counters.count_watch_events(3);
+        counters.count_shared(5);
+        counters.count_shared(1);
         let own = counters.snapshot();
         assert_eq!((own.txn, own.get, own.watch_events), (2, 1, 3));
+        assert_eq!(
+            own.txn_shared, 4,
+            "a request carrying 5 carries 4 besides its own"
+        );
         // Other tests run in parallel and count too: the totals grew by at least ours.
         let grown = StoreCounters::process_totals().snapshot().since(&before);
         assert!(grown.txn >= 2 && grown.get >= 1 && grown.watch_events >= 3);

@@ -99,6 +99,7 @@ async fn commit(store: &Store, mut group: Vec<Request>) {
         return;
     }
     let what = format!("group of {} starting with {}", group.len(), group[0].what);
+    store.count_shared(group.len());
     let outer = Txn::new().and_then(
         group
             .iter()

@@ -118,6 +118,7 @@ impl Store {
                 continue;
             }
             let what = format!("batch of {} starting with {}", chunk.len(), chunk[0].what);
+            self.count_shared(chunk.len());
             let outer = Txn::new().and_then(
                 chunk
                     .iter()

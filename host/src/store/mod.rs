@@ -309,6 +309,11 @@ impl Store {
         }
     }
 
+    /// Counts `n` transactions sent nested in one request.
+    pub(crate) fn count_shared(&self, n: usize) {
+        self.counters.count_shared(n);
+    }
+
     /// The error of a transaction whose answer did not come back from a group commit.
     fn gone(&self, what: &str) -> StoreError {
         StoreError {
