@@ -598,9 +598,8 @@ fn memory_figures(memory: &Memory) -> Vec<Figure> {
 }
 
 /// Waits, at most 10 s, until etcd has used under 5% of a core for 200 ms. The plugin phase
-/// times calls of ~0.1 ms on a 2-core machine, and right after the ceiling's 20,000 writes
-/// etcd is still busy on the other core for a few seconds, which made its first figure (the
-/// monitoring call) come out up to twice the same build's figure on a quiet machine.
+/// times calls of ~0.1 ms on a 2-core machine right after the ceiling's 20,000 writes, and
+/// should not share the machine with etcd finishing them.
 async fn until_etcd_is_idle(etcd_pid: Option<u32>) -> Duration {
     let Some(pid) = etcd_pid else {
         return Duration::ZERO;
