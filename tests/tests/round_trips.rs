@@ -20,6 +20,17 @@ use tokio::sync::Mutex;
 /// Held by each test: the read counts are process-wide.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
+/// A host with the shipped templates, and the seed's two interfaces up.
+async fn monitoring_host() -> (TestEnv, esi_host::Host) {
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
+    let host = env.start_host().await.unwrap();
+    (env, host)
+}
+
 /// Writes ha_interface `id` and waits for its `/state`; returns its `state_monitoring` text.
 async fn monitor(env: &TestEnv, id: &str) -> String {
     env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
@@ -35,12 +46,7 @@ async fn monitor(env: &TestEnv, id: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_repeated_by_jobs_come_with_the_claim_and_stay_fresh() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
-    let host = env.start_host().await.unwrap();
+    let (env, host) = monitoring_host().await;
 
     // Two jobs teach the worker what monitoring jobs read: the template and the two
     // interface states every resource below shares.
@@ -82,12 +88,7 @@ async fn reads_repeated_by_jobs_come_with_the_claim_and_stay_fresh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_ups_ride_with_the_next_workflow_write() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
-    let host = env.start_host().await.unwrap();
+    let (env, host) = monitoring_host().await;
     monitor(&env, "00000000-0000-4000-8000-00000000d000").await;
     env.wait_jobs_drained().await.unwrap();
 

@@ -117,17 +117,7 @@ async fn filtered_watches_deliver_only_puts_or_only_deletes_and_try_next_never_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_brings_the_record_back_and_only_one_claimer_wins() {
     let env = TestEnv::new().await.unwrap();
-    let job = NewJob {
-        id: "claim-with-record".into(),
-        handler: "monitoring_worker".into(),
-        record: r#"["monitoring_worker",{"id":"claim-with-record"},0]"#.into(),
-        ready: true,
-    };
-    assert!(env
-        .store
-        .write_workflow(std::slice::from_ref(&job))
-        .await
-        .unwrap());
+    let job = ready_job(&env, "claim-with-record").await;
     let lease = env.store.grant_lease(30).await.unwrap();
     let gets_before = env.store.counters().snapshot().get;
     match env.store.claim(&job.id, "res-1", lease, &[]).await.unwrap() {
@@ -162,17 +152,7 @@ async fn a_claim_brings_the_record_back_and_only_one_claimer_wins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_reads_prefetched_keys_at_its_revision_present_or_absent() {
     let env = TestEnv::new().await.unwrap();
-    let job = NewJob {
-        id: "claim-with-prefetch".into(),
-        handler: "monitoring_worker".into(),
-        record: r#"["monitoring_worker",{"id":"claim-with-prefetch"},0]"#.into(),
-        ready: true,
-    };
-    assert!(env
-        .store
-        .write_workflow(std::slice::from_ref(&job))
-        .await
-        .unwrap());
+    let job = ready_job(&env, "claim-with-prefetch").await;
     let (present, absent) = (
         env.job_key(Queue::All, "prefetch-present"),
         env.job_key(Queue::All, "prefetch-absent"),
@@ -205,23 +185,27 @@ async fn a_claim_reads_prefetched_keys_at_its_revision_present_or_absent() {
     env.store.revoke_lease(lease).await.unwrap();
 }
 
+/// Writes a ready job `id` (a one-job workflow) and returns it.
+async fn ready_job(env: &TestEnv, id: &str) -> NewJob {
+    let job = NewJob {
+        id: id.to_string(),
+        handler: "monitoring_worker".into(),
+        record: format!(r#"["monitoring_worker",{{"id":"{id}"}},0]"#),
+        ready: true,
+    };
+    assert!(env
+        .store
+        .write_workflow(std::slice::from_ref(&job))
+        .await
+        .unwrap());
+    job
+}
+
 /// Writes `n` ready jobs named `<prefix>-<i>`; returns their ids.
 async fn ready_jobs(env: &TestEnv, prefix: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let id = format!("{prefix}-{i:02}");
-        let job = NewJob {
-            id: id.clone(),
-            handler: "monitoring_worker".into(),
-            record: format!(r#"["monitoring_worker",{{"id":"{id}"}},0]"#),
-            ready: true,
-        };
-        assert!(env
-            .store
-            .write_workflow(std::slice::from_ref(&job))
-            .await
-            .unwrap());
-        ids.push(id);
+        ids.push(ready_job(env, &format!("{prefix}-{i:02}")).await.id);
     }
     ids
 }
