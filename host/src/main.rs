@@ -346,6 +346,10 @@ struct BenchArgs {
     /// Run only these phases (comma-separated); all by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<bench::Phase>,
+    /// Also run one host paced at this many configs/s: latency at a fixed load, comparable
+    /// across builds (the 50% and 25% runs move with each build's peak).
+    #[arg(long, value_name = "CONFIGS_PER_S")]
+    paced_rate: Option<f64>,
 }
 
 #[derive(Args)]
@@ -469,6 +473,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 template_dir: args.template_dir,
                 quick: args.quick,
                 only: args.only,
+                paced_rate: args.paced_rate,
             })
             .await?;
             if args.json {

@@ -38,6 +38,9 @@ const FIGURES: &[&str] = &[
     "paced_quarter_latency_p50_ms",
     "paced_quarter_latency_p99_ms",
     "paced_cpu_ms_per_job",
+    "paced_fixed_rate_jobs_per_s",
+    "paced_fixed_latency_p50_ms",
+    "paced_fixed_latency_p99_ms",
     "host_txns_per_job",
     "host_gets_per_job",
     "host_watch_events_per_job",
@@ -56,7 +59,7 @@ const FIGURES: &[&str] = &[
 #[test]
 fn quick_bench_reports_every_figure_as_json() {
     let output = Command::new(host_binary())
-        .args(["bench", "--quick", "--json"])
+        .args(["bench", "--quick", "--json", "--paced-rate", "50"])
         .arg("--plugins")
         .arg(plugin_dir())
         .arg("--templates")

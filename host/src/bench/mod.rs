@@ -45,6 +45,8 @@ pub struct BenchConfig {
     pub quick: bool,
     /// Run only these phases (all when empty); for iterating on one part.
     pub only: Vec<Phase>,
+    /// Also pace one host at this many configs/s (`--paced-rate`).
+    pub paced_rate: Option<f64>,
 }
 
 /// The phases of a run, for `--only`.
@@ -151,6 +153,7 @@ async fn run_against(
     // The host phases go first, so that the memory figures carry no allocations of the
     // bench's other phases.
     let mut e2e_runs = None;
+    let mut fixed_run = None;
     if runs(Phase::E2e) {
         progress("end to end, one host");
         let mut one = e2e::Fleet::start(
@@ -164,8 +167,13 @@ async fn run_against(
         .await?;
         let rss_loaded = stats::rss_bytes()?;
         let one_host = one_host_runs(&mut one, &sizes).await;
+        let fixed = match (&one_host, config.paced_rate) {
+            (Ok(_), Some(rate)) => Some(paced_at(&mut one, &sizes, rate, "a fixed rate").await),
+            _ => None,
+        };
         one.shutdown().await;
         let (burst_one, paced, paced_quarter) = one_host?;
+        let fixed = fixed.transpose()?;
 
         progress("end to end, three hosts");
         let mut three = e2e::Fleet::start(
@@ -190,8 +198,9 @@ async fn run_against(
         };
         details.insert(
             "runs".into(),
-            json!([burst_one, paced, paced_quarter, burst_three]),
+            json!([burst_one, paced, paced_quarter, burst_three, fixed]),
         );
+        fixed_run = fixed;
         details.insert(
             "memory_bytes".into(),
             json!({"idle": memory.idle, "plugins_loaded": memory.loaded,
@@ -257,6 +266,9 @@ async fn run_against(
     if let Some((one, three, paced, quarter, _)) = &e2e_runs {
         figures.extend(e2e_figures(one, three, paced, quarter, ceiling.as_ref()));
     }
+    if let Some(fixed) = &fixed_run {
+        figures.extend(fixed_rate_figures(fixed));
+    }
     if let Some(plugins) = &plugins {
         figures.extend(plugin_figures(plugins));
     }
@@ -280,23 +292,58 @@ async fn one_host_runs(
     let mut paced = Vec::new();
     for (share, label) in [(0.5, "50%"), (0.25, "25%")] {
         let rate = burst.jobs_per_s * share;
-        let (least, most) = sizes.paced_jobs;
-        let jobs = ((rate * sizes.paced_seconds) as usize).clamp(least, most);
-        progress(&format!(
-            "paced at {rate:.0} configs/s ({label} of the one-host peak), {jobs} jobs"
-        ));
-        let run = fleet
-            .run(
-                &format!("paced at {label} of peak, 1 host"),
-                jobs,
-                Some(rate),
-            )
-            .await?;
-        paced.push(run);
+        let what = format!("{label} of the one-host peak");
+        paced.push(paced_at(fleet, sizes, rate, &what).await?);
     }
     let quarter = paced.pop().context("the quarter-load run")?;
     let half = paced.pop().context("the half-load run")?;
     Ok((burst, half, quarter))
+}
+
+/// One host paced at `rate` configs/s for about `sizes.paced_seconds`; `what` says where the
+/// rate comes from.
+async fn paced_at(
+    fleet: &mut e2e::Fleet,
+    sizes: &Sizes,
+    rate: f64,
+    what: &str,
+) -> anyhow::Result<e2e::RunResult> {
+    let (least, most) = sizes.paced_jobs;
+    let jobs = ((rate * sizes.paced_seconds) as usize).clamp(least, most);
+    progress(&format!(
+        "paced at {rate:.0} configs/s ({what}), {jobs} jobs"
+    ));
+    fleet
+        .run(
+            &format!("paced at {rate:.0} configs/s, 1 host"),
+            jobs,
+            Some(rate),
+        )
+        .await
+}
+
+/// The run paced at `--paced-rate`.
+fn fixed_rate_figures(fixed: &e2e::RunResult) -> Vec<Figure> {
+    vec![
+        Figure::info(
+            "paced_fixed_rate_jobs_per_s",
+            "paced at --paced-rate: configs written per second",
+            fixed.offered_per_s.unwrap_or(0.0),
+            "jobs/s",
+        ),
+        Figure::info(
+            "paced_fixed_latency_p50_ms",
+            "paced at --paced-rate: config -> state p50",
+            fixed.latency.p50_ms,
+            "ms",
+        ),
+        Figure::info(
+            "paced_fixed_latency_p99_ms",
+            "paced at --paced-rate: config -> state p99",
+            fixed.latency.p99_ms,
+            "ms",
+        ),
+    ]
 }
 
 /// Resident memory of this process at three moments, in bytes.
