@@ -200,7 +200,8 @@ impl HostState {
     }
 }
 
-fn versioned(kv: crate::store::Kv) -> Versioned {
+/// A record read by the host, as a plugin's `read` answers it.
+pub(crate) fn versioned(kv: crate::store::Kv) -> Versioned {
     Versioned {
         value: kv.value_str().into_owned(),
         mod_revision: kv.mod_revision,

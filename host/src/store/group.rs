@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use etcd_client::{Txn, TxnOp, TxnOpResponse, TxnResponse};
+use etcd_client::{Txn, TxnOpResponse, TxnResponse};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{Result, Store};
@@ -106,12 +106,7 @@ async fn commit(store: &Store, mut group: Vec<Request>) {
     }
     let what = format!("group of {} starting with {}", group.len(), group[0].what);
     store.count_shared(group.len());
-    let outer = Txn::new().and_then(
-        group
-            .iter()
-            .map(|r| TxnOp::txn(r.txn.clone()))
-            .collect::<Vec<_>>(),
-    );
+    let outer = super::jobs::nested(group.iter().map(|r| r.txn.clone()));
     match store.txn(&what, outer).await {
         Ok(response) => {
             let mut answers = response.op_responses().into_iter();

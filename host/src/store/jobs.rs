@@ -119,12 +119,7 @@ impl Store {
             }
             let what = format!("batch of {} starting with {}", chunk.len(), chunk[0].what);
             self.count_shared(chunk.len());
-            let outer = Txn::new().and_then(
-                chunk
-                    .iter()
-                    .map(|p| TxnOp::txn(p.txn.clone()))
-                    .collect::<Vec<_>>(),
-            );
+            let outer = nested(chunk.iter().map(|p| p.txn.clone()));
             match self.txn(&what, outer).await {
                 Ok(_) => {}
                 Err(e) if e.is_fenced() => return Err(e),
@@ -430,6 +425,12 @@ impl Store {
         self.txn(job_id, Txn::new().and_then(ops)).await?;
         Ok(())
     }
+}
+
+/// One transaction carrying `txns`, each nested one deciding on its own compares (etcd >= 3.3):
+/// one commit for all of them. etcd refuses it if two of them write the same key.
+pub(super) fn nested(txns: impl IntoIterator<Item = Txn>) -> Txn {
+    Txn::new().and_then(txns.into_iter().map(TxnOp::txn).collect::<Vec<_>>())
 }
 
 /// What [`Store::claim`] got.

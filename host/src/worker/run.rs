@@ -11,7 +11,7 @@ use crate::keys::{Queue, Record};
 use crate::metrics;
 use crate::plugins::bindings::esi::worker::types as wit;
 use crate::plugins::engine::CallError;
-use crate::plugins::host_api::{key_of, relative_key, writable, RecordAccess};
+use crate::plugins::host_api::{key_of, relative_key, versioned, writable, RecordAccess};
 use crate::plugins::LoadedPlugin;
 use crate::protocol::{Job, JobId, JobRecord, OnFailure, StateRecord};
 use crate::retry::backoff;
@@ -636,13 +636,5 @@ pub(crate) fn to_wit_job(job: &Job, job_state: &Map<String, Value>) -> wit::Job 
             .collect(),
         resource_input: Value::Object(job.resource_input.clone()).to_string(),
         job_state: Value::Object(job_state.clone()).to_string(),
-    }
-}
-
-/// A record read by the host, as a plugin's `read` answers it.
-fn versioned(kv: Kv) -> wit::Versioned {
-    wit::Versioned {
-        value: kv.value_str().into_owned(),
-        mod_revision: kv.mod_revision,
     }
 }
