@@ -10,7 +10,8 @@ use esi_tests::{plugin_dir_with_copies, plugin_dir_with_test_guests, repo_dir, T
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_many_answers_each_target_in_order_and_refuses_only_what_is_not_granted() {
+async fn read_many_answers_each_target_in_order_and_refuses_what_is_not_granted_or_over_its_limit()
+{
     let env = TestEnv::new().await.unwrap();
     let (host, _) = start_host(&env, plugin_dir_with_test_guests()).await;
     let present = env.key(Record::State, "ha_interface", "present");
@@ -39,6 +40,20 @@ async fn read_many_answers_each_target_in_order_and_refuses_only_what_is_not_gra
     let unknown = answers[3]["refused"].as_str().unwrap_or_default();
     assert!(unknown.contains("UnknownType"), "{output}");
     assert_eq!(answers[4], answers[0]);
+
+    // One call reads at most 128 records: the 129th and later are refused, the rest answered.
+    let many: Vec<String> = (0..130)
+        .map(|i| format!("state ha_interface many-{i}"))
+        .collect();
+    let resource = put_scripted_job(&env, Some(json!({ "read_many": many }))).await;
+    let output = completed_output(&env, &resource).await;
+    let answers = output["read_many"].as_array().expect("answers");
+    assert_eq!(answers.len(), 130, "{output}");
+    assert!(answers[..128].iter().all(|a| a.is_null()), "{output}");
+    for refused in &answers[128..] {
+        let message = refused["refused"].as_str().unwrap_or_default();
+        assert!(message.contains("at most 128 records per call"), "{output}");
+    }
     host.shutdown().await;
 }
 

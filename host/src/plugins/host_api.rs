@@ -18,6 +18,10 @@ use crate::keys::Record;
 use crate::schema::SchemaRegistry;
 use crate::store::Store;
 
+/// Records one `read-many` call reads at most: one etcd transaction (its default
+/// `--max-txn-ops`), at one revision. Targets past it are refused.
+pub const READ_MANY_MAX: usize = 128;
+
 /// What a running job may read.
 #[derive(Clone)]
 pub struct RecordAccess {
@@ -224,9 +228,27 @@ impl Host for HostState {
         &mut self,
         targets: Vec<RecordRef>,
     ) -> Vec<Result<Option<Versioned>, HostError>> {
+        // A host call is out of reach of the call's deadline (only guest code is), so one
+        // call reads at most one transaction's worth of records.
+        if targets.len() > READ_MANY_MAX {
+            tracing::warn!(
+                plugin = %self.plugin,
+                targets = targets.len(),
+                "read-many over its limit; the targets past it are refused"
+            );
+        }
         let keys: Vec<Result<String, HostError>> = targets
             .iter()
-            .map(|t| self.readable(t).map(|(_, key)| key))
+            .enumerate()
+            .map(|(i, t)| {
+                if i >= READ_MANY_MAX {
+                    return Err(HostError::Denied(format!(
+                        "read-many reads at most {READ_MANY_MAX} records per call; \
+                         target {i} was not read"
+                    )));
+                }
+                self.readable(t).map(|(_, key)| key)
+            })
             .collect();
         let Some(access) = &self.access else {
             return keys.into_iter().map(|k| k.map(|_| None)).collect();
