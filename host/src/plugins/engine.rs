@@ -21,8 +21,8 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
-    StoreLimitsBuilder, Strategy, UpdateDeadline,
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+    ProfilingStrategy, Store, StoreLimitsBuilder, Strategy, UpdateDeadline,
 };
 
 use super::bindings::esi::worker::types::{Job, JobError, Outcome, PluginInfo, RunContext};
@@ -179,6 +179,10 @@ impl CallError {
 /// Bytes of each pooled memory, table and async stack reset in place rather than decommitted.
 const KEEP_RESIDENT_BYTES: usize = 2 << 20;
 
+/// Set (to anything) to have the optimising engine write `/tmp/perf-<pid>.map`, so that
+/// `perf report` names the plugins' compiled functions.
+const PERF_MAP_ENV: &str = "ESI_PERF_MAP";
+
 /// Decommits the pool gathers before it makes the system calls for them.
 const DECOMMIT_BATCH: usize = 16;
 
@@ -220,6 +224,9 @@ impl PluginEngine {
             .wasm_component_model(true)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        if std::env::var_os(PERF_MAP_ENV).is_some() {
+            config.profiler(ProfilingStrategy::PerfMap);
+        }
         let engine = wt(Engine::new(&config)).context("creating the wasmtime engine")?;
         let linker = linker_for(&engine)?;
         let mut config = Config::new();
