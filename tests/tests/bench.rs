@@ -54,6 +54,8 @@ const FIGURES: &[&str] = &[
     "rss_idle_mib",
     "rss_loaded_mib",
     "rss_under_load_mib",
+    "paced_slow_disk_waits",
+    "paced_quarter_slow_disk_waits",
 ];
 
 #[test]

@@ -24,7 +24,9 @@ use serde_json::{json, Value};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::stats::{cpu_time, for_each_concurrent, median, RssSampler, Summary};
+use super::stats::{
+    cpu_time, etcd_disk, for_each_concurrent, median, EtcdDisk, RssSampler, Summary,
+};
 use crate::host::{Host, HostConfig};
 use crate::keys::{Keys, Queue, Record};
 use crate::schema::{Schema, SchemaRegistry};
@@ -74,6 +76,9 @@ pub struct RunResult {
     /// ready queue near zero with few jobs working means the job manager could not feed the
     /// worker; a long ready queue means the worker could not keep up.
     pub queues: QueueDepth,
+    /// etcd's disk waits over the run, and how many were slow: a slow WAL sync or backend
+    /// commit stalls every commit behind it, a latency tail the host did not cause.
+    pub etcd_disk: Option<EtcdDisk>,
 }
 
 /// Sampled queue lengths of a run.
@@ -231,6 +236,8 @@ struct Resource {
 /// Hosts sharing the bench's etcd under one key root, and the bench's own client.
 pub struct Fleet {
     store: Store,
+    /// The bench's etcd, for its `/metrics`.
+    endpoint: String,
     schemas: SchemaRegistry,
     hosts: Vec<Host>,
     /// etcd's process, for its CPU time.
@@ -258,6 +265,7 @@ impl Fleet {
             .context("loading the heat templates")?;
         let mut fleet = Fleet {
             store,
+            endpoint: endpoint.to_string(),
             schemas,
             hosts: Vec::with_capacity(hosts),
             etcd_pid,
@@ -293,6 +301,20 @@ impl Fleet {
         }
     }
 
+    /// etcd's disk waits so far; `None` (with a warning) when its `/metrics` cannot be read.
+    async fn disk(&self) -> Option<EtcdDisk> {
+        match etcd_disk(&self.endpoint).await {
+            Ok(disk) => Some(disk),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "bench: no etcd disk counts this run"
+                );
+                None
+            }
+        }
+    }
+
     fn ha_interface(&self) -> anyhow::Result<&Schema> {
         self.schemas
             .get("ha_interface")
@@ -320,6 +342,7 @@ impl Fleet {
             cpu_time(None)?,
             self.etcd_pid.map(|p| cpu_time(Some(p))).transpose()?,
         );
+        let disk_before = self.disk().await;
         let watch = self.store.watch(&state_prefix, before + 1).await?;
         let expected: HashSet<String> = resources.iter().map(|r| r.state_key.clone()).collect();
         // Generous: a stuck workflow must end the bench with a message, not hang it.
@@ -344,6 +367,10 @@ impl Fleet {
             cpu_time(None)?,
             self.etcd_pid.map(|p| cpu_time(Some(p))).transpose()?,
         );
+        let etcd_disk = match (disk_before, self.disk().await) {
+            (Some(before), Some(after)) => Some(after.since(before)),
+            _ => None,
+        };
         let per_job_ms = |d: Duration| super::stats::ms(d) / jobs.max(1) as f64;
         let host_cpu_ms_per_job = per_job_ms(cpu_after.0.saturating_sub(cpu_before.0));
         let etcd_cpu_ms_per_job = match (cpu_before.1, cpu_after.1) {
@@ -400,6 +427,7 @@ impl Fleet {
             host_cpu_ms_per_job,
             etcd_cpu_ms_per_job,
             queues,
+            etcd_disk,
         })
     }
 

@@ -397,7 +397,7 @@ fn e2e_figures(
     // commit of its own, so dividing by commits would credit a group of 16 completions with
     // the cost of one.
     let needed = per_job.txn_logical;
-    vec![
+    let mut figures = vec![
         Figure::below(
             "commits_per_job",
             "etcd commits per job (revision delta)",
@@ -551,7 +551,26 @@ fn e2e_figures(
             per_job.watch_events,
             "events",
         ),
-    ]
+    ];
+    // A slow WAL sync or backend commit stalls every commit behind it: these tell a tail
+    // etcd's disk caused from one the host caused.
+    for (name, label, run) in [
+        (
+            "paced_slow_disk_waits",
+            "paced at 50% of peak: etcd disk waits over 32 ms",
+            paced,
+        ),
+        (
+            "paced_quarter_slow_disk_waits",
+            "paced at 25% of peak: etcd disk waits over 32 ms",
+            quarter,
+        ),
+    ] {
+        if let Some(disk) = run.etcd_disk {
+            figures.push(Figure::info(name, label, disk.slow() as f64, "waits"));
+        }
+    }
+    figures
 }
 
 fn plugin_figures(plugins: &plugin_cost::PluginCost) -> Vec<Figure> {

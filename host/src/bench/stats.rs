@@ -167,6 +167,93 @@ impl RssSampler {
     }
 }
 
+/// Disk waits slower than this are counted apart: each one holds up every commit behind it.
+pub const SLOW_DISK_SECONDS: &str = "0.032";
+
+/// etcd's disk waits so far, from the histograms on its `/metrics` page: WAL syncs (one per
+/// raft round) and backend commits (bbolt, about every 100 ms).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EtcdDisk {
+    pub wal_syncs: u64,
+    /// WAL syncs slower than [`SLOW_DISK_SECONDS`].
+    pub slow_wal_syncs: u64,
+    pub backend_commits: u64,
+    /// Backend commits slower than [`SLOW_DISK_SECONDS`].
+    pub slow_backend_commits: u64,
+}
+
+impl EtcdDisk {
+    /// The waits between `earlier` and `self`.
+    pub fn since(self, earlier: EtcdDisk) -> EtcdDisk {
+        EtcdDisk {
+            wal_syncs: self.wal_syncs.saturating_sub(earlier.wal_syncs),
+            slow_wal_syncs: self.slow_wal_syncs.saturating_sub(earlier.slow_wal_syncs),
+            backend_commits: self.backend_commits.saturating_sub(earlier.backend_commits),
+            slow_backend_commits: self
+                .slow_backend_commits
+                .saturating_sub(earlier.slow_backend_commits),
+        }
+    }
+
+    /// Slow WAL syncs and slow backend commits together.
+    pub fn slow(self) -> u64 {
+        self.slow_wal_syncs + self.slow_backend_commits
+    }
+
+    /// Reads the counts out of a Prometheus text page.
+    fn parse(page: &str) -> anyhow::Result<EtcdDisk> {
+        let value = |name: &str| -> anyhow::Result<u64> {
+            let line = page
+                .lines()
+                .find(|line| line.split_whitespace().next() == Some(name))
+                .with_context(|| format!("etcd's /metrics has no {name}"))?;
+            let number = line.split_whitespace().nth(1).unwrap_or_default();
+            number
+                .parse::<f64>()
+                .map(|n| n as u64)
+                .with_context(|| format!("etcd's /metrics: {name} is {number:?}, not a number"))
+        };
+        // (all, slower than SLOW_DISK_SECONDS) of one histogram.
+        let histogram = |metric: &str| -> anyhow::Result<(u64, u64)> {
+            let all = value(&format!("{metric}_count"))?;
+            let fast = value(&format!("{metric}_bucket{{le=\"{SLOW_DISK_SECONDS}\"}}"))?;
+            Ok((all, all.saturating_sub(fast)))
+        };
+        let (wal_syncs, slow_wal_syncs) = histogram("etcd_disk_wal_fsync_duration_seconds")?;
+        let (backend_commits, slow_backend_commits) =
+            histogram("etcd_disk_backend_commit_duration_seconds")?;
+        Ok(EtcdDisk {
+            wal_syncs,
+            slow_wal_syncs,
+            backend_commits,
+            slow_backend_commits,
+        })
+    }
+}
+
+/// Reads etcd's disk histograms from `<endpoint>/metrics` (etcd serves it on its client URL),
+/// with a plain HTTP/1.0 request: the bench needs one page, not an HTTP client.
+pub async fn etcd_disk(endpoint: &str) -> anyhow::Result<EtcdDisk> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let address = endpoint
+        .strip_prefix("http://")
+        .with_context(|| format!("{endpoint}: not an http:// endpoint"))?
+        .trim_end_matches('/');
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut page = String::new();
+        stream.read_to_string(&mut page).await?;
+        std::io::Result::Ok(page)
+    };
+    let page = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .with_context(|| format!("{endpoint}/metrics: no answer in 5 s"))?
+        .with_context(|| format!("reading {endpoint}/metrics"))?;
+    EtcdDisk::parse(&page).with_context(|| format!("{endpoint}/metrics"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +272,38 @@ mod tests {
         let busy = std::time::Instant::now();
         while busy.elapsed() < Duration::from_millis(30) {}
         assert!(cpu_time(None).unwrap() > Duration::ZERO);
+    }
+
+    #[test]
+    fn disk_waits_come_from_the_histograms() {
+        let page = "# HELP etcd_disk_wal_fsync_duration_seconds ...\n\
+            etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.016\"} 90\n\
+            etcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.032\"} 97\n\
+            etcd_disk_wal_fsync_duration_seconds_bucket{le=\"+Inf\"} 100\n\
+            etcd_disk_wal_fsync_duration_seconds_count 100\n\
+            etcd_disk_backend_commit_duration_seconds_bucket{le=\"0.032\"} 9\n\
+            etcd_disk_backend_commit_duration_seconds_count 10\n";
+        let disk = EtcdDisk::parse(page).unwrap();
+        let expected = EtcdDisk {
+            wal_syncs: 100,
+            slow_wal_syncs: 3,
+            backend_commits: 10,
+            slow_backend_commits: 1,
+        };
+        assert_eq!(disk, expected);
+        assert_eq!(disk.slow(), 4);
+        let earlier = EtcdDisk {
+            wal_syncs: 40,
+            slow_wal_syncs: 1,
+            backend_commits: 4,
+            slow_backend_commits: 0,
+        };
+        assert_eq!(disk.since(earlier).slow(), 3);
+        assert_eq!(disk.since(earlier).wal_syncs, 60);
+        let error = EtcdDisk::parse("up 1\n").unwrap_err().to_string();
+        assert!(
+            error.contains("etcd_disk_wal_fsync_duration_seconds_count"),
+            "{error}"
+        );
     }
 }
