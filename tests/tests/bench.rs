@@ -99,4 +99,18 @@ fn quick_bench_reports_every_figure_as_json() {
             "details.{phase} missing"
         );
     }
+    // Every run followed the job queues (the first sample is taken at once) and read etcd's
+    // disk histograms before and after.
+    let runs = report["details"]["runs"].as_array().expect("a runs array");
+    for run in runs.iter().filter(|run| !run.is_null()) {
+        let label = &run["label"];
+        assert!(
+            run["queues"]["samples"].as_u64().unwrap_or(0) >= 1,
+            "{label}: no queue samples: {run:#}"
+        );
+        assert!(
+            run["etcd_disk"]["wal_syncs"].as_u64().unwrap_or(0) >= 1,
+            "{label}: no WAL syncs counted: {run:#}"
+        );
+    }
 }

@@ -149,11 +149,17 @@ impl QueueSampler {
                     _ = token.cancelled() => break,
                     changes = ready.watch.next() => match changes {
                         Ok(changes) => ready.apply(changes),
-                        Err(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "bench: queue depths end early");
+                            break;
+                        }
                     },
                     changes = working.watch.next() => match changes {
                         Ok(changes) => working.apply(changes),
-                        Err(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "bench: queue depths end early");
+                            break;
+                        }
                     },
                     _ = tick.tick() => {
                         let (r, w) = (ready.keys.len(), working.keys.len());
