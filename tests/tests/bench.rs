@@ -56,6 +56,13 @@ const FIGURES: &[&str] = &[
     "rss_under_load_mib",
     "paced_slow_disk_waits",
     "paced_quarter_slow_disk_waits",
+    "paced_wal_syncs_per_job",
+    "burst_wal_syncs_per_job",
+    "paced_stage_put_p50_ms",
+    "paced_stage_manager_p50_ms",
+    "paced_stage_claim_p50_ms",
+    "paced_stage_run_p50_ms",
+    "paced_stage_run_p99_ms",
 ];
 
 #[test]
@@ -112,5 +119,24 @@ fn quick_bench_reports_every_figure_as_json() {
             run["etcd_disk"]["wal_syncs"].as_u64().unwrap_or(0) >= 1,
             "{label}: no WAL syncs counted: {run:#}"
         );
+        // The queue watches start before the first PUT and miss no event, so every
+        // resource's job is seen ready and claimed, and its stages add up to its latency.
+        for stage in ["put", "manager", "claim", "run"] {
+            assert_eq!(
+                run["stages"][stage]["count"], run["jobs"],
+                "{label}: stage {stage} does not cover every resource: {run:#}"
+            );
+        }
+        for slow in run["slowest"].as_array().expect("a slowest array") {
+            let stages = slow["stages_ms"]
+                .as_array()
+                .expect("stages of a slow resource");
+            let sum: f64 = stages.iter().filter_map(Value::as_f64).sum();
+            let latency = slow["latency_ms"].as_f64().unwrap_or(0.0);
+            assert!(
+                sum >= latency - 0.01 && stages.len() == 4,
+                "{label}: stages {stages:?} do not add up to {latency} ms"
+            );
+        }
     }
 }

@@ -29,6 +29,7 @@ use super::stats::{
 };
 use crate::host::{Host, HostConfig};
 use crate::keys::{Keys, Queue, Record};
+use crate::protocol::JobId;
 use crate::schema::{Schema, SchemaRegistry};
 use crate::seed;
 use crate::store::counters::{CounterSnapshot, StoreCounters};
@@ -79,6 +80,75 @@ pub struct RunResult {
     /// etcd's disk waits over the run, and how many were slow: a slow WAL sync or backend
     /// commit stalls every commit behind it, a latency tail the host did not cause.
     pub etcd_disk: Option<EtcdDisk>,
+    /// Where the latency went, stage by stage (see [`Stages`]).
+    pub stages: Stages,
+}
+
+/// A resource's way from config PUT to `/state`, cut where the bench's watches see it move:
+/// - `put`: the bench's config PUT, from sending it until etcd answered;
+/// - `manager`: from that answer until its job appeared in `/jobs/ready/` (the job manager
+///   saw the config, read its state and wrote the workflow);
+/// - `claim`: from ready until the job appeared in `/jobs/working/` (a worker claimed it);
+/// - `run`: from working until the completed `/state` arrived (the plugin call and the
+///   completion transaction).
+///
+/// Each stage's end is when the bench's own watch delivered the event, so every stage but
+/// `put` includes one watch delivery; the four add up to the resource's latency. Resources
+/// whose job the bench did not see in both queues (a claim and completion within one watch
+/// response still shows both) are left out.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stages {
+    pub put: Summary,
+    pub manager: Summary,
+    pub claim: Summary,
+    pub run: Summary,
+}
+
+/// The stage times of one resource, in milliseconds: put, manager, claim, run.
+type StageTimes = [f64; 4];
+
+impl Stages {
+    fn of(resources: impl Iterator<Item = [Duration; 4]>) -> Stages {
+        let mut each: [Vec<Duration>; 4] = Default::default();
+        for stages in resources {
+            for (all, stage) in each.iter_mut().zip(stages) {
+                all.push(stage);
+            }
+        }
+        let [put, manager, claim, run] = each.map(Summary::of);
+        Stages {
+            put,
+            manager,
+            claim,
+            run,
+        }
+    }
+}
+
+/// When the bench's watches first saw each resource's job ready and working, by resource id.
+#[derive(Debug, Default)]
+struct Seen {
+    ready: HashMap<String, Instant>,
+    working: HashMap<String, Instant>,
+}
+
+impl Seen {
+    /// The stages of the resource whose state is `state_key`, sent as `sent` and completed
+    /// at `done`; `None` unless its job was seen in both queues. The queues are separate
+    /// watches, so a claim can be delivered just before the ready key it replaced: each
+    /// stage starts where the previous one ended, never before.
+    fn stages(&self, state_key: &str, sent: &Sent, done: Instant) -> Option<[Duration; 4]> {
+        let id = state_key.rsplit('/').next()?;
+        let (ready, working) = (*self.ready.get(id)?, *self.working.get(id)?);
+        let ready = ready.max(sent.acked);
+        let working = working.max(ready);
+        Some([
+            sent.acked - sent.at,
+            ready - sent.acked,
+            working - ready,
+            done.saturating_duration_since(working),
+        ])
+    }
 }
 
 /// Sampled queue lengths of a run.
@@ -100,13 +170,16 @@ pub struct QueueDepth {
 /// latency of one run repeated at the same rate rose from 10 to 33 ms.
 struct QueueSampler {
     stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<QueueDepth>,
+    task: tokio::task::JoinHandle<(QueueDepth, Seen)>,
 }
 
-/// The keys under one queue prefix, kept up to date by a watch.
+/// The keys under one queue prefix, kept up to date by a watch, and when the job of each
+/// resource first appeared there.
 struct Followed {
     keys: HashSet<String>,
     watch: Watch,
+    prefix_len: usize,
+    first_seen: HashMap<String, Instant>,
 }
 
 impl Followed {
@@ -114,13 +187,25 @@ impl Followed {
         let (kvs, revision) = store.list(prefix).await?;
         let watch = store.watch(prefix, revision + 1).await?;
         let keys = kvs.into_iter().map(|kv| kv.key).collect();
-        Ok(Followed { keys, watch })
+        Ok(Followed {
+            keys,
+            watch,
+            prefix_len: prefix.len(),
+            first_seen: HashMap::new(),
+        })
     }
 
     fn apply(&mut self, changes: Vec<Change>) {
+        let now = Instant::now();
         for change in changes {
             match change {
-                Change::Put(kv) => self.keys.insert(kv.key),
+                Change::Put(kv) => {
+                    let job = kv.key.get(self.prefix_len..).unwrap_or_default();
+                    if let Ok(id) = job.parse::<JobId>() {
+                        self.first_seen.entry(id.resource_id).or_insert(now);
+                    }
+                    self.keys.insert(kv.key)
+                }
                 Change::Delete { key, .. } => self.keys.remove(&key),
             };
         }
@@ -128,18 +213,19 @@ impl Followed {
 }
 
 impl QueueSampler {
-    fn start(store: Store) -> QueueSampler {
+    /// Starts following both queues before it returns, so that the run's first jobs are seen.
+    async fn start(store: &Store) -> QueueSampler {
         let stop = tokio_util::sync::CancellationToken::new();
         let token = stop.clone();
+        let keys = store.keys().clone();
+        let (ready, working) = (
+            Followed::start(store, &keys.queue_prefix(Queue::Ready)).await,
+            Followed::start(store, &keys.queue_prefix(Queue::Working)).await,
+        );
         let task = tokio::spawn(async move {
-            let keys = store.keys().clone();
-            let (ready, working) = (
-                Followed::start(&store, &keys.queue_prefix(Queue::Ready)).await,
-                Followed::start(&store, &keys.queue_prefix(Queue::Working)).await,
-            );
             let (Ok(mut ready), Ok(mut working)) = (ready, working) else {
                 tracing::warn!("bench: cannot follow the job queues; no queue depths this run");
-                return QueueDepth::default();
+                return (QueueDepth::default(), Seen::default());
             };
             let (mut depth, mut ready_sum, mut working_sum) = (QueueDepth::default(), 0, 0);
             let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -173,12 +259,16 @@ impl QueueSampler {
             let n = depth.samples.max(1) as f64;
             depth.ready_mean = ready_sum as f64 / n;
             depth.working_mean = working_sum as f64 / n;
-            depth
+            let seen = Seen {
+                ready: ready.first_seen,
+                working: working.first_seen,
+            };
+            (depth, seen)
         });
         QueueSampler { stop, task }
     }
 
-    async fn stop(self) -> QueueDepth {
+    async fn stop(self) -> (QueueDepth, Seen) {
         self.stop.cancel();
         self.task.await.unwrap_or_default()
     }
@@ -189,6 +279,8 @@ impl QueueSampler {
 pub struct Slow {
     pub sent_at_s: f64,
     pub latency_ms: f64,
+    /// Its stages (put, manager, claim, run; see [`Stages`]), when the bench saw them all.
+    pub stages_ms: Option<StageTimes>,
 }
 
 /// What the jobs of one run cost in etcd (see the module docs).
@@ -356,14 +448,14 @@ impl Fleet {
         let deadline = Instant::now() + timeout;
         let watcher = tokio::spawn(collect_states(watch, expected, deadline));
         let sampler = RssSampler::start(Duration::from_millis(25));
-        let queue_sampler = QueueSampler::start(self.store.clone());
+        let queue_sampler = QueueSampler::start(&self.store).await;
         let sent = match pace {
             None => self.write_burst(resources).await,
             Some(rate) => self.write_paced(resources, rate).await,
         };
         let delivered = watcher.await.context("the state watcher panicked")?;
         let rss_peak_bytes = sampler.stop().await;
-        let queues = queue_sampler.stop().await;
+        let (queues, seen) = queue_sampler.stop().await;
         let (sent, delivered) = (sent?, delivered?);
         wait_jobs_drained(&self.store, &jobs_prefix, deadline).await?;
         tokio::time::sleep(SETTLE).await;
@@ -384,30 +476,38 @@ impl Fleet {
             _ => None,
         };
 
-        let first_sent = sent.values().min().copied().unwrap_or_else(Instant::now);
-        let mut timed: Vec<(Instant, Duration)> = delivered
+        let first_sent = sent
+            .values()
+            .map(|s| s.at)
+            .min()
+            .unwrap_or_else(Instant::now);
+        // (sent, latency, stages) of every resource whose state arrived.
+        let mut timed: Vec<(Instant, Duration, Option<[Duration; 4]>)> = delivered
             .iter()
-            .filter_map(|(key, at)| {
-                sent.get(key)
-                    .map(|s| (*s, at.saturating_duration_since(*s)))
+            .filter_map(|(key, done)| {
+                let s = sent.get(key)?;
+                let stages = seen.stages(key, s, *done);
+                Some((s.at, done.saturating_duration_since(s.at), stages))
             })
             .collect();
-        timed.sort_by_key(|(_, latency)| std::cmp::Reverse(*latency));
+        let stages = Stages::of(timed.iter().filter_map(|(_, _, stages)| *stages));
+        timed.sort_by_key(|(_, latency, _)| std::cmp::Reverse(*latency));
         let slowest = timed
             .iter()
             .take(5)
-            .map(|(s, latency)| Slow {
+            .map(|(s, latency, stages)| Slow {
                 sent_at_s: s.saturating_duration_since(first_sent).as_secs_f64(),
                 latency_ms: super::stats::ms(*latency),
+                stages_ms: stages.map(|stages| stages.map(super::stats::ms)),
             })
             .collect();
-        timed.sort_by_key(|(sent_at, _)| *sent_at);
+        timed.sort_by_key(|(sent_at, _, _)| *sent_at);
         let decile = timed.len().div_ceil(10).max(1);
         let p50_ms_by_send_decile = timed
             .chunks(decile)
-            .map(|chunk| super::stats::ms(median(chunk.iter().map(|(_, l)| *l).collect())))
+            .map(|chunk| super::stats::ms(median(chunk.iter().map(|(_, l, _)| *l).collect())))
             .collect();
-        let latencies: Vec<Duration> = timed.into_iter().map(|(_, latency)| latency).collect();
+        let latencies: Vec<Duration> = timed.into_iter().map(|(_, latency, _)| latency).collect();
         let last_state = delivered.values().max().copied().unwrap_or(first_sent);
         let span = last_state.saturating_duration_since(first_sent);
         let bench_writes = i64::try_from(jobs).unwrap_or(i64::MAX);
@@ -434,6 +534,7 @@ impl Fleet {
             etcd_cpu_ms_per_job,
             queues,
             etcd_disk,
+            stages,
         })
     }
 
@@ -504,11 +605,9 @@ impl Fleet {
         .context("writing the interface states")
     }
 
-    /// PUTs every config, `WRITERS` at once. Returns when each was sent, by state key.
-    async fn write_burst(
-        &self,
-        resources: Vec<Resource>,
-    ) -> anyhow::Result<HashMap<String, Instant>> {
+    /// PUTs every config, `WRITERS` at once. Returns when each was sent and answered, by
+    /// state key.
+    async fn write_burst(&self, resources: Vec<Resource>) -> anyhow::Result<SentMap> {
         let sent = Arc::new(Mutex::new(HashMap::with_capacity(resources.len())));
         let (store, record) = (self.store.clone(), sent.clone());
         for_each_concurrent(resources, WRITERS, move |r| {
@@ -521,11 +620,7 @@ impl Fleet {
 
     /// PUTs the configs at `rate` per second, each on its own task so that a slow PUT does
     /// not hold back the next.
-    async fn write_paced(
-        &self,
-        resources: Vec<Resource>,
-        rate: f64,
-    ) -> anyhow::Result<HashMap<String, Instant>> {
+    async fn write_paced(&self, resources: Vec<Resource>, rate: f64) -> anyhow::Result<SentMap> {
         let sent = Arc::new(Mutex::new(HashMap::with_capacity(resources.len())));
         let start = Instant::now();
         let mut tasks = JoinSet::new();
@@ -541,22 +636,29 @@ impl Fleet {
     }
 }
 
-async fn put_config(
-    store: &Store,
-    sent: &Mutex<HashMap<String, Instant>>,
-    r: Resource,
-) -> anyhow::Result<()> {
-    let now = Instant::now();
-    sent.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(r.state_key, now);
+/// When a config PUT was sent and when etcd answered it.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    at: Instant,
+    acked: Instant,
+}
+
+type SentMap = HashMap<String, Sent>;
+
+async fn put_config(store: &Store, sent: &Mutex<SentMap>, r: Resource) -> anyhow::Result<()> {
+    let at = Instant::now();
     store
         .put(&r.config_key, r.envelope)
         .await
-        .with_context(|| format!("writing config {}", r.config_key))
+        .with_context(|| format!("writing config {}", r.config_key))?;
+    let acked = Instant::now();
+    sent.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(r.state_key, Sent { at, acked });
+    Ok(())
 }
 
-fn take(sent: &Mutex<HashMap<String, Instant>>) -> HashMap<String, Instant> {
+fn take(sent: &Mutex<SentMap>) -> SentMap {
     std::mem::take(&mut *sent.lock().unwrap_or_else(PoisonError::into_inner))
 }
 
@@ -612,5 +714,42 @@ async fn wait_jobs_drained(store: &Store, prefix: &str, deadline: Instant) -> an
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn stages_add_up_to_the_latency_and_never_run_backwards() {
+        let t0 = Instant::now();
+        let sent = Sent {
+            at: t0,
+            acked: t0 + ms(1),
+        };
+        let mut seen = Seen::default();
+        seen.ready.insert("r1".into(), t0 + ms(4));
+        seen.working.insert("r1".into(), t0 + ms(6));
+        let stages = seen.stages("/state/ha_interface/r1", &sent, t0 + ms(10));
+        assert_eq!(stages, Some([ms(1), ms(3), ms(2), ms(4)]));
+
+        // The claim's watch delivered before the ready key's: the claim stage is empty, the
+        // manager's ends at the claim.
+        seen.ready.insert("r2".into(), t0 + ms(7));
+        seen.working.insert("r2".into(), t0 + ms(5));
+        let stages = seen.stages("/state/ha_interface/r2", &sent, t0 + ms(10));
+        assert_eq!(stages, Some([ms(1), ms(6), ms(0), ms(3)]));
+
+        // A resource whose job the bench never saw claimed has no stages.
+        seen.ready.insert("r3".into(), t0 + ms(2));
+        assert_eq!(
+            seen.stages("/state/ha_interface/r3", &sent, t0 + ms(9)),
+            None
+        );
     }
 }

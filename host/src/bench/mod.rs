@@ -485,6 +485,9 @@ fn e2e_figures(
             paced.latency.max_ms,
             "ms",
         ),
+    ];
+    figures.extend(stage_figures(paced));
+    figures.extend([
         Figure::info(
             "paced_quarter_latency_p50_ms",
             "paced at 25% of peak: config -> state p50",
@@ -502,6 +505,18 @@ fn e2e_figures(
             "CPU per job at 50% of peak, host + etcd",
             paced.host_cpu_ms_per_job + paced.etcd_cpu_ms_per_job.unwrap_or(0.0),
             "ms",
+        ),
+        Figure::info(
+            "paced_wal_syncs_per_job",
+            "etcd WAL syncs per job at 50% of peak",
+            wal_syncs_per_job(paced),
+            "syncs",
+        ),
+        Figure::info(
+            "burst_wal_syncs_per_job",
+            "etcd WAL syncs per job, burst 1 host",
+            wal_syncs_per_job(one),
+            "syncs",
         ),
         Figure::info(
             "host_cpu_ms_per_job",
@@ -551,7 +566,7 @@ fn e2e_figures(
             per_job.watch_events,
             "events",
         ),
-    ];
+    ]);
     // A slow WAL sync or backend commit stalls every commit behind it: these tell a tail
     // etcd's disk caused from one the host caused.
     for (name, label, run) in [
@@ -571,6 +586,35 @@ fn e2e_figures(
         }
     }
     figures
+}
+
+/// Where the half-load run's latency went (see [`e2e::Stages`]): p50 and p99 of each stage.
+fn stage_figures(paced: &e2e::RunResult) -> Vec<Figure> {
+    let stages = &paced.stages;
+    let mut figures = Vec::new();
+    for (name, what, summary) in [
+        ("put", "the bench's config PUT", &stages.put),
+        ("manager", "config -> job ready (manager)", &stages.manager),
+        ("claim", "ready -> claimed (worker)", &stages.claim),
+        ("run", "claimed -> state (plugin + completion)", &stages.run),
+    ] {
+        for (quantile, value) in [("p50", summary.p50_ms), ("p99", summary.p99_ms)] {
+            figures.push(Figure::info(
+                &format!("paced_stage_{name}_{quantile}_ms"),
+                &format!("paced at 50% of peak, {quantile}: {what}"),
+                value,
+                "ms",
+            ));
+        }
+    }
+    figures
+}
+
+/// etcd's WAL syncs (raft rounds that reached the disk) per job of a run: how well the run's
+/// writes shared commits.
+fn wal_syncs_per_job(run: &e2e::RunResult) -> f64 {
+    run.etcd_disk
+        .map_or(0.0, |disk| disk.wal_syncs as f64 / run.jobs.max(1) as f64)
 }
 
 fn plugin_figures(plugins: &plugin_cost::PluginCost) -> Vec<Figure> {
