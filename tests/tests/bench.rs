@@ -63,6 +63,10 @@ const FIGURES: &[&str] = &[
     "paced_stage_claim_p50_ms",
     "paced_stage_run_p50_ms",
     "paced_stage_run_p99_ms",
+    "plugin_vlan_instantiate_us",
+    "plugin_vlan_first_call_us",
+    "plugin_vlan_warm_call_us",
+    "vlan_warm_native_ratio",
 ];
 
 #[test]

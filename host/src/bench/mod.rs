@@ -653,6 +653,31 @@ fn plugin_figures(plugins: &plugin_cost::PluginCost) -> Vec<Figure> {
             3.0,
             false,
         ),
+        // What the per-job fresh instance costs, apart from the guest's code.
+        Figure::info(
+            "plugin_vlan_instantiate_us",
+            "VLAN component: instantiation alone",
+            plugins.vlan.instantiate_us,
+            "us",
+        ),
+        Figure::info(
+            "plugin_vlan_first_call_us",
+            "VLAN component: first call on a fresh instance",
+            plugins.vlan.first_call_us,
+            "us",
+        ),
+        Figure::info(
+            "plugin_vlan_warm_call_us",
+            "VLAN component: later calls on one instance (not how jobs run)",
+            plugins.vlan.warm_call_us,
+            "us",
+        ),
+        Figure::info(
+            "vlan_warm_native_ratio",
+            "VLAN warm call / native: the sandboxed code's own speed",
+            plugins.vlan.warm_call_us / plugins.vlan_native_us.max(1e-3),
+            "x",
+        ),
     ]
 }
 

@@ -62,7 +62,18 @@ pub struct CallCost {
     /// CPU time of this process per call served from memory (mean over the run; 10 ms
     /// resolution in total).
     pub plugin_cpu_us: f64,
+    /// What a fresh instance adds, from calls on one instance (records from memory):
+    /// `instantiate_us` is the median instantiation, `first_call_us` the median first call
+    /// and `warm_call_us` the median of the calls after it. A job always gets a fresh
+    /// instance; `plugin_us` is about instantiate + first call + tearing the instance down.
+    pub instantiate_us: f64,
+    pub first_call_us: f64,
+    pub warm_call_us: f64,
 }
+
+/// Instances the warm-call figures are taken over, and calls on each.
+const WARM_INSTANCES: usize = 200;
+const CALLS_PER_INSTANCE: usize = 11;
 
 /// A job and the records it reads, ready to run both ways.
 struct Case {
@@ -275,6 +286,22 @@ async fn time_calls(
         own.push(started.elapsed());
     }
     let cpu = cpu_time(None)?.saturating_sub(cpu_before);
+    let (mut instantiate, mut first, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..WARM_INSTANCES {
+        let (took, calls) = engine
+            .time_calls_on_one_instance(
+                plugin,
+                in_memory.clone(),
+                &job,
+                &context,
+                CALLS_PER_INSTANCE,
+            )
+            .await?;
+        in_memory.take_reads();
+        instantiate.push(took);
+        first.push(calls[0]);
+        warm.extend_from_slice(&calls[1..]);
+    }
     let unserved = access.store.counters().snapshot().get - gets_before;
     if unserved > 0 {
         bail!(
@@ -288,6 +315,9 @@ async fn time_calls(
         call: Summary::of(calls),
         plugin_us: us(median(own)),
         plugin_cpu_us: us(cpu) / iterations.max(1) as f64,
+        instantiate_us: us(median(instantiate)),
+        first_call_us: us(median(first)),
+        warm_call_us: us(median(warm)),
     })
 }
 

@@ -458,6 +458,48 @@ impl PluginEngine {
         })
     }
 
+    /// For the bench only: instantiates `plugin` once and calls `handle` `calls` times on
+    /// that one instance. Returns how long the instantiation and each call took. Jobs never
+    /// share an instance (a job gets a fresh one, see [`PluginEngine::handle`]); this tells
+    /// what the guest's code costs on a warm instance apart from what a fresh instance adds.
+    ///
+    /// # Errors
+    ///
+    /// A failed instantiation, a trap, or a call that does not complete the job.
+    pub async fn time_calls_on_one_instance(
+        &self,
+        plugin: &LoadedPlugin,
+        access: RecordAccess,
+        job: &Job,
+        context: &RunContext,
+        calls: usize,
+    ) -> anyhow::Result<(Duration, Vec<Duration>)> {
+        let interrupt = CancellationToken::new();
+        let call = CallSetup {
+            plugin: &plugin.name,
+            access: Some(access),
+            grants: plugin.manifest.clone(),
+            limits: &plugin.limits,
+            interrupt: interrupt.clone(),
+        };
+        let started = Instant::now();
+        let (mut store, instance) = self.instantiate(&plugin.pre, call).await?;
+        let instantiate = started.elapsed();
+        let mut took = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let started = Instant::now();
+            let answer = instance
+                .call_handle(&mut store, job, context)
+                .await
+                .map_err(|e| classify(&plugin.name, &plugin.limits, e, &interrupt))?;
+            took.push(started.elapsed());
+            if !matches!(answer, Ok(Outcome::Completed(_))) {
+                anyhow::bail!("{} did not complete the job: {answer:?}", plugin.name);
+            }
+        }
+        Ok((instantiate, took))
+    }
+
     async fn instantiate(
         &self,
         pre: &HandlerPre<HostState>,
