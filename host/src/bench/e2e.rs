@@ -133,13 +133,12 @@ struct Seen {
 }
 
 impl Seen {
-    /// The stages of the resource whose state is `state_key`, sent as `sent` and completed
-    /// at `done`; `None` unless its job was seen in both queues. The queues are separate
-    /// watches, so a claim can be delivered just before the ready key it replaced: each
-    /// stage starts where the previous one ended, never before.
-    fn stages(&self, state_key: &str, sent: &Sent, done: Instant) -> Option<[Duration; 4]> {
-        let id = state_key.rsplit('/').next()?;
-        let (ready, working) = (*self.ready.get(id)?, *self.working.get(id)?);
+    /// The stages of the resource sent as `sent` and completed at `done`; `None` unless its
+    /// job was seen in both queues. The queues are separate watches, so a claim can be
+    /// delivered just before the ready key it replaced: each stage starts where the previous
+    /// one ended, never before.
+    fn stages(&self, sent: &Sent, done: Instant) -> Option<[Duration; 4]> {
+        let (ready, working) = (*self.ready.get(&sent.id)?, *self.working.get(&sent.id)?);
         let ready = ready.max(sent.acked);
         let working = working.max(ready);
         Some([
@@ -178,19 +177,23 @@ struct QueueSampler {
 struct Followed {
     keys: HashSet<String>,
     watch: Watch,
-    prefix_len: usize,
+    queue: Queue,
+    layout: Keys,
     first_seen: HashMap<String, Instant>,
 }
 
 impl Followed {
-    async fn start(store: &Store, prefix: &str) -> anyhow::Result<Followed> {
-        let (kvs, revision) = store.list(prefix).await?;
-        let watch = store.watch(prefix, revision + 1).await?;
+    async fn start(store: &Store, queue: Queue) -> anyhow::Result<Followed> {
+        let layout = store.keys().clone();
+        let prefix = layout.queue_prefix(queue);
+        let (kvs, revision) = store.list(&prefix).await?;
+        let watch = store.watch(&prefix, revision + 1).await?;
         let keys = kvs.into_iter().map(|kv| kv.key).collect();
         Ok(Followed {
             keys,
             watch,
-            prefix_len: prefix.len(),
+            queue,
+            layout,
             first_seen: HashMap::new(),
         })
     }
@@ -200,8 +203,8 @@ impl Followed {
         for change in changes {
             match change {
                 Change::Put(kv) => {
-                    let job = kv.key.get(self.prefix_len..).unwrap_or_default();
-                    if let Ok(id) = job.parse::<JobId>() {
+                    let job = self.layout.parse_job_key(self.queue, &kv.key);
+                    if let Some(Ok(id)) = job.map(str::parse::<JobId>) {
                         self.first_seen.entry(id.resource_id).or_insert(now);
                     }
                     self.keys.insert(kv.key)
@@ -217,10 +220,9 @@ impl QueueSampler {
     async fn start(store: &Store) -> QueueSampler {
         let stop = tokio_util::sync::CancellationToken::new();
         let token = stop.clone();
-        let keys = store.keys().clone();
         let (ready, working) = (
-            Followed::start(store, &keys.queue_prefix(Queue::Ready)).await,
-            Followed::start(store, &keys.queue_prefix(Queue::Working)).await,
+            Followed::start(store, Queue::Ready).await,
+            Followed::start(store, Queue::Working).await,
         );
         let task = tokio::spawn(async move {
             let (Ok(mut ready), Ok(mut working)) = (ready, working) else {
@@ -325,6 +327,8 @@ impl OpsPerJob {
 
 /// One resource of a run: its config and the two interface states its monitoring job reads.
 struct Resource {
+    /// The ha_interface's id, which its job ids carry.
+    id: String,
     config_key: String,
     envelope: String,
     state_key: String,
@@ -486,7 +490,7 @@ impl Fleet {
             .iter()
             .filter_map(|(key, done)| {
                 let s = sent.get(key)?;
-                let stages = seen.stages(key, s, *done);
+                let stages = seen.stages(s, *done);
                 Some((s.at, done.saturating_duration_since(s.at), stages))
             })
             .collect();
@@ -575,6 +579,7 @@ impl Fleet {
                     config_key: keys.record(Record::Config, ha, &ha_id),
                     envelope: seed::gohan_envelope(&body, 1),
                     state_key: keys.record(Record::State, ha, &ha_id),
+                    id: ha_id,
                     interface_states: [
                         (
                             keys.record(Record::State, interface, &primary),
@@ -637,8 +642,10 @@ impl Fleet {
 }
 
 /// When a config PUT was sent and when etcd answered it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sent {
+    /// The resource's id.
+    id: String,
     at: Instant,
     acked: Instant,
 }
@@ -652,9 +659,14 @@ async fn put_config(store: &Store, sent: &Mutex<SentMap>, r: Resource) -> anyhow
         .await
         .with_context(|| format!("writing config {}", r.config_key))?;
     let acked = Instant::now();
-    sent.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(r.state_key, Sent { at, acked });
+    sent.lock().unwrap_or_else(PoisonError::into_inner).insert(
+        r.state_key,
+        Sent {
+            id: r.id,
+            at,
+            acked,
+        },
+    );
     Ok(())
 }
 
@@ -728,28 +740,26 @@ mod tests {
     #[test]
     fn stages_add_up_to_the_latency_and_never_run_backwards() {
         let t0 = Instant::now();
-        let sent = Sent {
+        let sent = |id: &str| Sent {
+            id: id.to_string(),
             at: t0,
             acked: t0 + ms(1),
         };
         let mut seen = Seen::default();
         seen.ready.insert("r1".into(), t0 + ms(4));
         seen.working.insert("r1".into(), t0 + ms(6));
-        let stages = seen.stages("/state/ha_interface/r1", &sent, t0 + ms(10));
+        let stages = seen.stages(&sent("r1"), t0 + ms(10));
         assert_eq!(stages, Some([ms(1), ms(3), ms(2), ms(4)]));
 
         // The claim's watch delivered before the ready key's: the claim stage is empty and
         // the stages still add up to the latency.
         seen.ready.insert("r2".into(), t0 + ms(7));
         seen.working.insert("r2".into(), t0 + ms(5));
-        let stages = seen.stages("/state/ha_interface/r2", &sent, t0 + ms(10));
+        let stages = seen.stages(&sent("r2"), t0 + ms(10));
         assert_eq!(stages, Some([ms(1), ms(6), ms(0), ms(3)]));
 
         // A resource whose job the bench never saw claimed has no stages.
         seen.ready.insert("r3".into(), t0 + ms(2));
-        assert_eq!(
-            seen.stages("/state/ha_interface/r3", &sent, t0 + ms(9)),
-            None
-        );
+        assert_eq!(seen.stages(&sent("r3"), t0 + ms(9)), None);
     }
 }

@@ -423,13 +423,7 @@ impl PluginEngine {
         interrupt: &CancellationToken,
     ) -> Result<Result<Outcome, JobError>, CallError> {
         let name = plugin.name.clone();
-        let call = CallSetup {
-            plugin: &name,
-            access: Some(access),
-            grants: plugin.manifest.clone(),
-            limits: &plugin.limits,
-            interrupt: interrupt.clone(),
-        };
+        let call = CallSetup::for_job(plugin, access, interrupt);
         let labels = metrics::labels([("plugin", &name), ("version", &plugin.version)]);
         let started = Instant::now();
         let (mut store, instance) = self.instantiate(&plugin.pre, call).await?;
@@ -475,13 +469,7 @@ impl PluginEngine {
         calls: usize,
     ) -> anyhow::Result<(Duration, Vec<Duration>)> {
         let interrupt = CancellationToken::new();
-        let call = CallSetup {
-            plugin: &plugin.name,
-            access: Some(access),
-            grants: plugin.manifest.clone(),
-            limits: &plugin.limits,
-            interrupt: interrupt.clone(),
-        };
+        let call = CallSetup::for_job(plugin, access, &interrupt);
         let started = Instant::now();
         let (mut store, instance) = self.instantiate(&plugin.pre, call).await?;
         let instantiate = started.elapsed();
@@ -599,6 +587,23 @@ struct CallSetup<'a> {
     grants: Arc<Manifest>,
     limits: &'a Limits,
     interrupt: CancellationToken,
+}
+
+impl<'a> CallSetup<'a> {
+    /// The setup of a `handle` call of `plugin` reading through `access`.
+    fn for_job(
+        plugin: &'a LoadedPlugin,
+        access: RecordAccess,
+        interrupt: &CancellationToken,
+    ) -> CallSetup<'a> {
+        CallSetup {
+            plugin: &plugin.name,
+            access: Some(access),
+            grants: plugin.manifest.clone(),
+            limits: &plugin.limits,
+            interrupt: interrupt.clone(),
+        }
+    }
 }
 
 /// A linker of `engine` that provides the esi:worker host interface.
