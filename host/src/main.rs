@@ -348,8 +348,17 @@ struct BenchArgs {
     only: Vec<bench::Phase>,
     /// Also run one host paced at this many configs/s: latency at a fixed load, comparable
     /// across builds (the 50% and 25% runs move with each build's peak).
-    #[arg(long, value_name = "CONFIGS_PER_S")]
+    #[arg(long, value_name = "CONFIGS_PER_S", value_parser = positive_rate)]
     paced_rate: Option<f64>,
+}
+
+/// `--paced-rate`: a rate the bench can pace at (0, negative or NaN would never finish).
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 1.0 => Ok(rate),
+        Ok(_) => Err(format!("{text} is not a rate of at least 1 config/s")),
+        Err(e) => Err(format!("{text} is not a number: {e}")),
+    }
 }
 
 #[derive(Args)]

@@ -144,3 +144,20 @@ fn quick_bench_reports_every_figure_as_json() {
         }
     }
 }
+
+#[test]
+fn a_paced_rate_that_could_never_finish_is_refused_up_front() {
+    for rate in ["0", "-5", "nan", "inf", "abc"] {
+        let output = Command::new(host_binary())
+            .args(["bench", "--only", "e2e"])
+            .arg(format!("--paced-rate={rate}"))
+            .output()
+            .expect("esi-host bench starts");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "--paced-rate={rate} was accepted");
+        assert!(
+            stderr.contains("--paced-rate") && stderr.contains(rate),
+            "--paced-rate={rate}: the error names neither the flag nor the value: {stderr}"
+        );
+    }
+}
