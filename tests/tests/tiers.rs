@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use esi_host::plugins::bindings::esi::worker::types as wit;
 use esi_host::plugins::host_api::RecordAccess;
-use esi_host::plugins::{CallError, Limits, LoadedPlugin, PluginEngine, Tier};
+use esi_host::plugins::{CallError, Limits, LoadedPlugin, PluginEngine, PluginRegistry, Tier};
 use esi_host::schema::SchemaRegistry;
-use esi_tests::scripted::HANDLER;
-use esi_tests::{test_plugin_dir, TestEnv};
+use esi_tests::scripted::{HANDLER, TIMEOUT};
+use esi_tests::{
+    component_variant, plugin_dir_with_copies, replace_file, test_plugin_dir, TestEnv,
+};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -105,4 +107,59 @@ async fn baseline_and_optimized_code_get_the_same_verdicts() {
             "{tier:?}: {again:?}"
         );
     }
+}
+
+/// A new build serves from baseline code while Cranelift compiles it. If its manifest is
+/// replaced meanwhile (a swap renames the component, then the manifest), the optimised code
+/// of the first load must not bring the old manifest back once it is ready: the build must
+/// end up optimised under the manifest on disk. (A hot-reload test in CI once ended on the
+/// old version this way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_replaced_while_its_build_compiles_is_not_undone_by_the_optimised_code() {
+    let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
+    let component = dir.join(format!("{HANDLER}.wasm"));
+    let manifest = dir.join(format!("{HANDLER}.toml"));
+    let original = std::fs::read(&component).unwrap();
+    let base = std::fs::read_to_string(&manifest).unwrap();
+    let with_version =
+        |n: u32| base.replace("[plugin]\n", &format!("[plugin]\nversion = \"2.0.{n}\"\n"));
+    let engine = Arc::new(PluginEngine::new(Limits::default(), None).unwrap());
+    let registry = Arc::new(PluginRegistry::load_dir(engine, &dir).await.unwrap());
+    let shutdown = CancellationToken::new();
+    for build in 1..=3u32 {
+        // The new build, under the previous manifest: baseline code, its optimisation starts.
+        replace_file(&component, &component_variant(&original, build));
+        registry.reload_fast(HANDLER, &shutdown).await;
+        // The new manifest, before that optimisation is ready.
+        replace_file(&manifest, with_version(build).as_bytes());
+        registry.reload_fast(HANDLER, &shutdown).await;
+        let version = format!("2.0.{build}");
+        assert_eq!(registry.get(HANDLER).unwrap().version, version);
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let optimized = loop {
+            let serving = registry.get(HANDLER).unwrap();
+            let recorded = registry
+                .status(HANDLER)
+                .is_some_and(|s| s.tier == "optimized");
+            if serving.tier == Tier::Optimized && recorded {
+                break serving;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "build {build} never got optimised code"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(
+            optimized.version, version,
+            "build {build}: the old manifest came back"
+        );
+        let status = registry.status(HANDLER).unwrap();
+        assert_eq!(
+            (status.version.as_str(), status.tier.as_str()),
+            (version.as_str(), "optimized")
+        );
+    }
+    shutdown.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
 }

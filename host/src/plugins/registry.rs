@@ -301,8 +301,8 @@ impl PluginRegistry {
         to_optimize
     }
 
-    /// Compiles a baseline build of `name` with Cranelift and swaps it in if that build still
-    /// serves. It compiles the bytes that were loaded, not the file, which may hold a newer
+    /// Compiles a baseline build of `name` with Cranelift and swaps it in if that build (its
+    /// bytes and its manifest) still serves. It compiles the bytes that were loaded, not the file, which may hold a newer
     /// (perhaps rejected) build by now.
     async fn optimize(&self, name: &str, build: BaselineBuild, shutdown: &CancellationToken) {
         let path = self.dir.join(format!("{name}.wasm"));
@@ -313,14 +313,15 @@ impl PluginRegistry {
         } = build;
         let loaded = self
             .engine
-            .load_bytes(&path, bytes, manifest, Tier::Optimized)
+            .load_bytes(&path, bytes, manifest.clone(), Tier::Optimized)
             .await;
         let _one_at_a_time = self.reloading.lock().await;
         let current = self.live.load_full();
-        let still_serving = current
-            .by_name
-            .get(name)
-            .is_some_and(|p| p.sha256 == sha256 && p.tier == Tier::Baseline);
+        // The same bytes under a manifest replaced meanwhile are another build: its own
+        // optimisation follows, and this one must not bring the old manifest back.
+        let still_serving = current.by_name.get(name).is_some_and(|p| {
+            p.sha256 == sha256 && p.tier == Tier::Baseline && *p.manifest == manifest
+        });
         if !still_serving {
             return; // replaced or removed meanwhile
         }
