@@ -456,11 +456,12 @@ impl PluginEngine {
     /// that one instance. Returns how long the instantiation and each call took. Jobs never
     /// share an instance (a job gets a fresh one, see [`PluginEngine::handle`]); this tells
     /// what the guest's code costs on a warm instance apart from what a fresh instance adds.
+    /// Crate-private so that nothing outside the bench can share an instance between jobs.
     ///
     /// # Errors
     ///
     /// A failed instantiation, a trap, or a call that does not complete the job.
-    pub async fn time_calls_on_one_instance(
+    pub(crate) async fn time_calls_on_one_instance(
         &self,
         plugin: &LoadedPlugin,
         access: RecordAccess,
