@@ -113,7 +113,9 @@ async fn baseline_and_optimized_code_get_the_same_verdicts() {
 /// replaced meanwhile (a swap renames the component, then the manifest), the optimised code
 /// of the first load must not bring the old manifest back once it is ready: the build must
 /// end up optimised under the manifest on disk. (A hot-reload test in CI once ended on the
-/// old version this way.)
+/// old version this way.) The fix is a compare under the reload lock, so the test passes
+/// whatever the timing; it catches the bug when Cranelift finishes after the second reload,
+/// which its compile time makes the usual case (it failed on the first run before the fix).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_replaced_while_its_build_compiles_is_not_undone_by_the_optimised_code() {
     let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);

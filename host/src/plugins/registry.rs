@@ -302,8 +302,8 @@ impl PluginRegistry {
     }
 
     /// Compiles a baseline build of `name` with Cranelift and swaps it in if that build (its
-    /// bytes and its manifest) still serves. It compiles the bytes that were loaded, not the file, which may hold a newer
-    /// (perhaps rejected) build by now.
+    /// bytes and its manifest) still serves. It compiles the bytes that were loaded, not the
+    /// file, which may hold a newer (perhaps rejected) build by now.
     async fn optimize(&self, name: &str, build: BaselineBuild, shutdown: &CancellationToken) {
         let path = self.dir.join(format!("{name}.wasm"));
         let BaselineBuild {
