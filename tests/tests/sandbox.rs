@@ -378,3 +378,56 @@ async fn a_build_rejected_while_the_previous_one_compiles_leaves_that_one_optimi
     host.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A completion etcd would refuse (two writes to one record, more operations than a
+/// transaction takes, a request over etcd's size limit) fails its job with a clear error and
+/// frees the claim, instead of being retried until the job is stuck for good; the host
+/// serves on. The scripted guest's copy here may put 4 MiB of output, so only etcd's own
+/// limit stops the biggest one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_etcd_would_refuse_fails_its_job_and_frees_the_claim() {
+    let env = TestEnv::new().await.unwrap();
+    let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
+    std::fs::write(
+        dir.join(format!("{HANDLER}.toml")),
+        "[plugin]\nhandlers = [\"scripted_worker\"]\n\n[capabilities]\nread = [\"/state/\"]\n\
+         write = [\"/esi-worker/monitoring_targets/\"]\n\n[limits]\nmemory_mib = 64\n\
+         max_output_kib = 4096\n",
+    )
+    .unwrap();
+    let (host, host_id) = start_host(&env, dir).await;
+
+    let target = |id: usize| format!("monitoring-target ha_interface t{id}");
+    let cases = [
+        (
+            json!({"write": [target(1), target(2), target(1)]}),
+            "proposed two writes to /esi-worker/monitoring_targets/",
+        ),
+        (
+            json!({"write": (0..65).map(target).collect::<Vec<_>>()}),
+            "proposed 65 writes; a completion may carry at most 64",
+        ),
+        (json!({"output_kib": 1536}), "etcd refused the transaction"),
+    ];
+    for (script, expected) in cases {
+        let resource = put_scripted_job(&env, Some(script)).await;
+        let error = wait_failed(&env, &resource).await;
+        assert!(error.contains(expected), "{error}");
+        // The failure freed the claim and ended the workflow: the job manager cleans it up.
+        env.wait_jobs_drained().await.unwrap();
+        let next = put_scripted_job(&env, None).await;
+        assert_eq!(completed_output(&env, &next).await, json!({"attempts": 0}));
+    }
+    // None of the refused writes happened.
+    for id in 0..65 {
+        let key = env.key(Record::MonitoringTarget, "ha_interface", &format!("t{id}"));
+        assert_eq!(env.store.get(&key).await.unwrap(), None, "{key}");
+    }
+    let status = env
+        .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] == "active")
+        .await
+        .unwrap();
+    assert_eq!(status["failures"]["output"], 2, "{status}");
+    assert_eq!(status["failures"]["refused"], 1, "{status}");
+    host.shutdown().await;
+}

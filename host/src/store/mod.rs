@@ -50,6 +50,21 @@ impl StoreError {
     pub fn is_fenced(&self) -> bool {
         matches!(self.source, Failure::Fenced { .. })
     }
+
+    /// `true` when etcd refused the request itself (over `--max-request-bytes`, more operations
+    /// than `--max-txn-ops`, one key written twice): sending it again cannot succeed.
+    /// "Too many requests" and "database space exceeded" share a status code with an
+    /// oversized message but pass with time, so they are not refusals.
+    pub fn is_refused(&self) -> bool {
+        let Failure::Etcd(etcd_client::Error::GRpcStatus(status)) = &self.source else {
+            return false;
+        };
+        match status.code() {
+            tonic::Code::InvalidArgument => true,
+            tonic::Code::ResourceExhausted => status.message().contains("larger than max"),
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

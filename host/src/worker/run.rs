@@ -18,6 +18,16 @@ use crate::retry::backoff;
 use crate::store::jobs::{Claimed, Completion, CompletionOutcome, GuardedWrite};
 use crate::store::{Kv, StoreError};
 
+/// Writes one completion may propose. etcd takes at most `--max-txn-ops` (default 128)
+/// operations per transaction and the completion adds four of its own; half the default leaves
+/// room for a cluster run with a lower limit.
+pub const MAX_PROPOSED_WRITES: usize = 64;
+
+/// Bytes of an error message kept in `/state`, the finished marker and the dead-job record: a
+/// plugin's message is its own text and may be of any size, and one etcd would refuse to
+/// store would leave the job claimed for good.
+const MAX_ERROR_BYTES: usize = 4096;
+
 /// How a run of the plugin ended, from the workflow's point of view.
 enum Verdict {
     Done {
@@ -186,10 +196,23 @@ impl Worker {
                 }
             };
             let rerun = match verdict {
-                Verdict::Done { output, writes } => {
-                    self.finish_done(claim, job, job_state.clone(), output, &writes)
-                        .await
-                }
+                Verdict::Done { output, writes } => match self
+                    .finish_done(claim, job, job_state.clone(), output, &writes)
+                    .await
+                {
+                    Published::Done => false,
+                    Published::Conflict => true,
+                    Published::Refused(why) => {
+                        self.plugins.count_failure(&plugin.name, "refused");
+                        let message = format!(
+                            "etcd refused the transaction recording the job's result ({} \
+                             proposed writes): {why}",
+                            writes.len()
+                        );
+                        self.finish_failed(claim, &record, &message).await;
+                        false
+                    }
+                },
                 Verdict::Retry(message) => {
                     self.retry_or_fail(claim, &record, &message).await;
                     false
@@ -259,7 +282,15 @@ impl Worker {
                 ))
             }
         };
-        let mut writes = Vec::with_capacity(c.writes.len());
+        if c.writes.len() > MAX_PROPOSED_WRITES {
+            self.plugins.count_failure(&plugin.name, "output");
+            return Verdict::Fail(format!(
+                "plugin {} proposed {} writes; a completion may carry at most {MAX_PROPOSED_WRITES}",
+                plugin.name,
+                c.writes.len()
+            ));
+        }
+        let mut writes: Vec<GuardedWrite> = Vec::with_capacity(c.writes.len());
         for w in c.writes {
             if !writable(w.target.kind) {
                 return Verdict::Fail(format!("plugin may not write {:?} records", w.target.kind));
@@ -280,6 +311,14 @@ impl Worker {
                     plugin.name, plugin.manifest.write
                 ));
             }
+            if writes.iter().any(|earlier| earlier.key == key) {
+                self.plugins.count_failure(&plugin.name, "output");
+                return Verdict::Fail(format!(
+                    "plugin {} proposed two writes to {relative}; a completion writes each record \
+                     at most once",
+                    plugin.name
+                ));
+            }
             writes.push(GuardedWrite {
                 key,
                 value: match w.op {
@@ -292,8 +331,7 @@ impl Worker {
         Verdict::Done { output, writes }
     }
 
-    /// Publishes a finished job. Returns `true` when a proposed write conflicted and the job
-    /// must run again.
+    /// Publishes a finished job.
     async fn finish_done(
         &self,
         claim: &Claim<'_>,
@@ -301,7 +339,7 @@ impl Worker {
         mut job_state: Map<String, Value>,
         output: Map<String, Value>,
         writes: &[GuardedWrite],
-    ) -> bool {
+    ) -> Published {
         job_state.extend(output);
         let Some(schema) = self.schemas.get(&job.resource_type) else {
             let message = format!(
@@ -309,12 +347,8 @@ impl Worker {
                 job.id, job.resource_type
             );
             tracing::error!(error = %message, "no /state to report to");
-            self.persist(|| {
-                self.store
-                    .fail_workflow_without_state(claim.job_id, claim.reservation, &message)
-            })
-            .await;
-            return false;
+            self.end_without_state(claim, &message).await;
+            return Published::Done;
         };
         let keys = self.store.keys();
         let job_state_key = keys.record(Record::JobState, schema, &job.resource_id);
@@ -337,8 +371,11 @@ impl Worker {
             state,
             writes,
         };
-        match self.persist(|| self.store.complete(&completion)).await {
-            Some(CompletionOutcome::Completed) => {
+        match self
+            .persist_or_refused(|| self.store.complete(&completion))
+            .await
+        {
+            Persisted::Done(CompletionOutcome::Completed) => {
                 tracing::info!("job completed");
                 // A failed job whose workflow goes on (`ignore`) carries its dead-job record
                 // and was counted as failed already.
@@ -346,13 +383,14 @@ impl Worker {
                 if writes.iter().all(|w| w.key != dead) {
                     count_end(claim, job, true);
                 }
-                false
+                Published::Done
             }
-            Some(CompletionOutcome::Conflict) => true,
-            Some(CompletionOutcome::LostClaim) | None => {
+            Persisted::Done(CompletionOutcome::Conflict) => Published::Conflict,
+            Persisted::Done(CompletionOutcome::LostClaim) | Persisted::GaveUp => {
                 tracing::warn!("lost the claim before completing; the result is dropped");
-                false
+                Published::Done
             }
+            Persisted::Refused(why) => Published::Refused(why),
         }
     }
 
@@ -434,6 +472,7 @@ impl Worker {
     /// finished; `fail` ends the workflow with `<ACTION>_FAILED` and the message. Either way
     /// the job is kept under `/esi-worker/dead_jobs/` for inspection.
     async fn finish_failed(&self, claim: &Claim<'_>, record: &JobRecord, message: &str) {
+        let message = &*bounded(message);
         let job = &record.job;
         tracing::error!(error = %message, on_failure = job.on_failure.as_str(), "job failed");
         count_end(claim, job, false);
@@ -441,8 +480,13 @@ impl Worker {
         if job.on_failure == OnFailure::Ignore {
             let state = self.job_state_so_far(job).await;
             let writes = std::slice::from_ref(&dead);
-            self.finish_done(claim, job, state, Map::new(), writes)
-                .await;
+            if let Published::Refused(why) = self
+                .finish_done(claim, job, state, Map::new(), writes)
+                .await
+            {
+                let message = format!("{message}; then etcd refused to record the failure: {why}");
+                self.end_without_state(claim, &message).await;
+            }
             return;
         }
         let target = JobId {
@@ -466,6 +510,7 @@ impl Worker {
     /// A job whose record cannot be parsed: the resource is taken from the job id, so the
     /// error still reaches the resource's `/state`.
     async fn fail_unreadable(&self, claim: &Claim<'_>, message: &str) {
+        let message = &*bounded(message);
         match claim.job_id.parse::<JobId>() {
             Ok(id) => {
                 let worker_state = id.action.failed_state();
@@ -474,11 +519,7 @@ impl Worker {
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot tell which resource the job is for; dropping it");
-                self.persist(|| {
-                    self.store
-                        .fail_workflow_without_state(claim.job_id, claim.reservation, message)
-                })
-                .await;
+                self.end_without_state(claim, message).await;
             }
         }
     }
@@ -493,11 +534,7 @@ impl Worker {
     ) {
         let Some(schema) = self.schemas.get(&id.resource_type) else {
             tracing::error!(resource_type = %id.resource_type, "unknown resource type; no /state to report to");
-            self.persist(|| {
-                self.store
-                    .fail_workflow_without_state(claim.job_id, claim.reservation, message)
-            })
-            .await;
+            self.end_without_state(claim, message).await;
             return;
         };
         let keys = self.store.keys();
@@ -505,7 +542,7 @@ impl Worker {
         let job_state_key = keys.record(Record::JobState, schema, &id.resource_id);
         let state = StateRecord::bare(&worker_state, id.version, message.to_string()).to_json();
         let done = self
-            .persist(|| {
+            .persist_or_refused(|| {
                 self.store.fail_workflow(
                     claim.job_id,
                     claim.reservation,
@@ -516,15 +553,50 @@ impl Worker {
                 )
             })
             .await;
-        if done != Some(true) {
-            tracing::warn!("lost the claim before recording the failure");
+        match done {
+            Persisted::Done(true) => {}
+            Persisted::Refused(why) => {
+                let message = format!("{message}; then etcd refused to record the failure: {why}");
+                self.end_without_state(claim, &message).await;
+            }
+            Persisted::Done(false) | Persisted::GaveUp => {
+                tracing::warn!("lost the claim before recording the failure")
+            }
         }
     }
 
-    /// Retries an etcd call through transient errors. `None` only at shutdown of the runtime
-    /// or when the error persists for a minute: by then our lease has expired and the job
-    /// manager will give the job to someone else.
-    async fn persist<T, F, Fut>(&self, mut call: F) -> Option<T>
+    /// The last resort for a job that cannot report to its resource: marks it finished with
+    /// the error (bounded, so etcd takes it), and the job manager ends its workflow.
+    async fn end_without_state(&self, claim: &Claim<'_>, message: &str) {
+        let message = bounded(message);
+        let done = self
+            .persist(|| {
+                self.store
+                    .fail_workflow_without_state(claim.job_id, claim.reservation, &message)
+            })
+            .await;
+        if done != Some(true) {
+            tracing::warn!("lost the claim before marking the job failed");
+        }
+    }
+
+    /// Retries an etcd call through transient errors. `None` when etcd refuses the request
+    /// itself, at shutdown of the runtime, or when the error persists for a minute: by then
+    /// our lease has expired and the job manager will give the job to someone else.
+    async fn persist<T, F, Fut>(&self, call: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        match self.persist_or_refused(call).await {
+            Persisted::Done(v) => Some(v),
+            Persisted::Refused(_) | Persisted::GaveUp => None,
+        }
+    }
+
+    /// [`Worker::persist`], telling a request etcd refuses (which no retry can fix, so the
+    /// caller must send a smaller one) from one that kept failing.
+    async fn persist_or_refused<T, F, Fut>(&self, mut call: F) -> Persisted<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
@@ -533,7 +605,12 @@ impl Worker {
         let mut delay = Duration::from_millis(50);
         loop {
             match call().await {
-                Ok(v) => return Some(v),
+                Ok(v) => return Persisted::Done(v),
+                Err(e) if e.is_refused() => {
+                    let why = format!("{e:#}");
+                    tracing::error!(error = %why, "etcd refused the request");
+                    return Persisted::Refused(why);
+                }
                 Err(e) if Instant::now() < deadline => {
                     tracing::warn!(error = %e, retry_in = ?delay, "etcd call failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -541,7 +618,7 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "etcd call kept failing; giving up on this job");
-                    return None;
+                    return Persisted::GaveUp;
                 }
             }
         }
@@ -565,6 +642,42 @@ fn dead_job_write(key: String, record: &JobRecord, message: &str) -> GuardedWrit
         value: Some(value.to_string()),
         expect_mod_revision: None,
     }
+}
+
+/// What became of an etcd call the worker saw through ([`Worker::persist_or_refused`]).
+enum Persisted<T> {
+    Done(T),
+    /// etcd refused the request itself; why, as etcd put it.
+    Refused(String),
+    /// The call kept failing for a minute, or the runtime is shutting down.
+    GaveUp,
+}
+
+/// How publishing a finished job went.
+enum Published {
+    /// Completed, or there is nothing more to do (the claim was lost).
+    Done,
+    /// A proposed write's compare failed: the job must run again.
+    Conflict,
+    /// etcd refused the completion transaction; why, as etcd put it.
+    Refused(String),
+}
+
+/// `message`, cut to [`MAX_ERROR_BYTES`] at a character boundary with a note of the cut.
+fn bounded(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= MAX_ERROR_BYTES {
+        return message.into();
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}... ({} more bytes cut)",
+        &message[..end],
+        message.len() - end
+    )
+    .into()
 }
 
 struct Claim<'a> {
@@ -636,5 +749,28 @@ pub(crate) fn to_wit_job(job: &Job, job_state: &Map<String, Value>) -> wit::Job 
             .collect(),
         resource_input: Value::Object(job.resource_input.clone()).to_string(),
         job_state: Value::Object(job_state.clone()).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{bounded, MAX_ERROR_BYTES};
+
+    #[test]
+    fn a_short_message_is_kept_whole() {
+        assert_eq!(bounded("plugin trapped"), "plugin trapped");
+    }
+
+    #[test]
+    fn a_long_message_is_cut_at_a_character_boundary_with_a_note() {
+        // 'é' is two bytes: the cut falls inside one and must move back to its start.
+        let message = format!("x{}", "é".repeat(MAX_ERROR_BYTES));
+        let cut = bounded(&message);
+        assert!(cut.len() < MAX_ERROR_BYTES + 40, "{}", cut.len());
+        assert!(cut.starts_with("xéé"));
+        assert!(cut.ends_with(&format!(
+            "... ({} more bytes cut)",
+            message.len() - (MAX_ERROR_BYTES - 1)
+        )));
     }
 }

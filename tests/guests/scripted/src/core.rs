@@ -73,8 +73,9 @@ pub enum Script {
     /// `{"refused": "<the host's error>"}`.
     ReadMany(Vec<RecordRef>),
     /// `{"write": "<kind> <resource_type> <resource_id>"}`: complete, proposing to put `{}`
-    /// there.
-    Write(RecordRef),
+    /// there; `{"write": ["<kind> <type> <id>", ...]}` proposes a put to each, in order (the
+    /// same record twice if listed twice).
+    Write(Vec<RecordRef>),
     /// `{"output_kib": N}`: complete with N KiB of output.
     OutputKib(u32),
     /// `{"wait_once_ms": N}`: ask to run again in N ms, then complete; the job holds its claim
@@ -120,7 +121,7 @@ impl Script {
                  {{\"trap\": true}}, {{\"spin\": true}}, {{\"spin_until_attempt\": N}}, \
                  {{\"wait_once_ms\": N}}, {{\"allocate_mib\": N}}, {{\"recurse\": N}}, {{\"output_kib\": N}}, \
                  {{\"read\": \"<kind> <type> <id>\"}}, {{\"read_many\": [\"<kind> <type> <id>\", ...]}}, \
-                 {{\"write\": \"<kind> <type> <id>\"}}"
+                 {{\"write\": \"<kind> <type> <id>\" | [\"<kind> <type> <id>\", ...]}}"
             ))
         };
         let Some(object) = script.as_object() else {
@@ -171,8 +172,14 @@ impl Script {
                 .map(Script::ReadMany)
                 .ok_or_else(|| bad("expected a list of \"<kind> <resource_type> <resource_id>\"")),
             ("write", Value::String(target)) => record_ref(target)
-                .map(Script::Write)
+                .map(|target| Script::Write(vec![target]))
                 .ok_or_else(|| bad("expected \"<kind> <resource_type> <resource_id>\"")),
+            ("write", Value::Array(targets)) => targets
+                .iter()
+                .map(|t| t.as_str().and_then(record_ref))
+                .collect::<Option<Vec<_>>>()
+                .map(Script::Write)
+                .ok_or_else(|| bad("expected a list of \"<kind> <resource_type> <resource_id>\"")),
             _ => Err(bad("unknown script")),
         }
     }
@@ -271,13 +278,16 @@ pub fn handle(
                 writes: Vec::new(),
             })
         }
-        Script::Write(target) => Ok(Outcome::Completed {
+        Script::Write(targets) => Ok(Outcome::Completed {
             output: json!({"scripted": {"attempts": attempt}}),
-            writes: vec![ProposedWrite {
-                target,
-                op: WriteOp::Put("{}".into()),
-                expect_mod_revision: None,
-            }],
+            writes: targets
+                .into_iter()
+                .map(|target| ProposedWrite {
+                    target,
+                    op: WriteOp::Put("{}".into()),
+                    expect_mod_revision: None,
+                })
+                .collect(),
         }),
         Script::WaitOnceMs(millis) if context.reruns == 0 => Ok(Outcome::Wait { millis }),
         Script::WaitOnceMs(_) => Ok(completed(attempt, config)),
@@ -467,6 +477,22 @@ mod tests {
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].target.kind, RecordKind::VlanPool);
         assert_eq!(writes[0].target.resource_id, "p1");
+    }
+
+    #[test]
+    fn a_write_script_with_a_list_proposes_a_put_to_each_record_in_order() {
+        let Ok(Outcome::Completed { writes, .. }) = run(
+            json!({"write": ["monitoring-target t a", "monitoring-target t a", "vlan-pool t p"]}),
+            0,
+        ) else {
+            panic!("a write script completes");
+        };
+        let ids: Vec<&str> = writes
+            .iter()
+            .map(|w| w.target.resource_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "a", "p"]);
+        assert!(run(json!({"write": ["monitoring-target t"]}), 0).is_err());
     }
 
     #[test]
