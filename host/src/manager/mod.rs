@@ -44,6 +44,10 @@ const MAX_BURST: usize = 512;
 /// after this long.
 const CLEANUP_LINGER: Duration = Duration::from_millis(100);
 
+/// How long the re-queue of an orphaned job is retried through etcd errors. A manager that
+/// lost etcd for longer rebuilds its view when it is back, and re-queues orphans then.
+const ORPHAN_REQUEUE_PATIENCE: Duration = Duration::from_secs(300);
+
 /// How long a vanished claim waits before the manager checks whether its job is accounted
 /// for. A completion deletes the claim and writes the finished key in one transaction, but
 /// the two arrive on different watches; without the grace, most completions would cost a
@@ -806,16 +810,33 @@ impl JobManager {
         tracing::debug!(job_id = %id, retry_in = ?delay, "claim gone; re-queueing unless the job is accounted for");
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            match store
-                .requeue_orphan(&id, &record.handler, record.to_json(), revision)
-                .await
-            {
-                Ok(true) => {
-                    tracing::warn!(job_id = %id, attempts = record.attempts, "claim vanished without a result (its worker died); job re-queued")
-                }
-                Ok(false) => tracing::debug!(job_id = %id, "job was accounted for meanwhile"),
-                Err(e) => {
-                    tracing::warn!(job_id = %id, error = %e, "re-queue failed; the next manager start retries it")
+            // The compares make a repeat harmless (a re-queue that committed but whose answer
+            // was lost finds the ready key and does nothing), so a failure is retried rather
+            // than leaving the job in no queue until the next manager start.
+            let give_up = Instant::now() + ORPHAN_REQUEUE_PATIENCE;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match store
+                    .requeue_orphan(&id, &record.handler, record.to_json(), revision)
+                    .await
+                {
+                    Ok(true) => {
+                        tracing::warn!(job_id = %id, attempts = record.attempts, "claim vanished without a result (its worker died); job re-queued");
+                        return;
+                    }
+                    Ok(false) => {
+                        tracing::debug!(job_id = %id, "job was accounted for meanwhile");
+                        return;
+                    }
+                    Err(e) if e.is_fenced() || e.is_refused() || Instant::now() >= give_up => {
+                        tracing::error!(job_id = %id, error = %e, "re-queue failed; the next manager start re-queues the job");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job_id = %id, error = %e, retry_in = ?pause, "re-queue failed; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
                 }
             }
         });
