@@ -87,6 +87,10 @@ pub struct PluginRegistry {
     counts_changed: tokio::sync::Notify,
     /// Times a plugin's file was looked at for a change (each costs a read and a digest).
     checks: std::sync::atomic::AtomicU64,
+    /// Plugins whose newest build was rejected only because another plugin serves one of its
+    /// handlers: tried again when the set of serving plugins changes (a handler moved from
+    /// one plugin to another in one deploy frees it only once the other is reloaded).
+    blocked: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for PluginRegistry {
@@ -118,6 +122,7 @@ impl PluginRegistry {
             reloading: tokio::sync::Mutex::new(()),
             counts_changed: tokio::sync::Notify::new(),
             checks: std::sync::atomic::AtomicU64::new(0),
+            blocked: Mutex::default(),
         };
         for name in names {
             registry.reload(&name).await;
@@ -242,7 +247,10 @@ impl PluginRegistry {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let digest = bytes.as_deref().map(CompileCache::digest);
         if self.unchanged(&current, name, &path, digest.as_deref()) {
-            return None; // the same bytes and manifest already serve: nothing to compile
+            // The same bytes and manifest already serve: nothing to compile. A newer file that
+            // was rejected has been put back to the serving build: no longer rejected.
+            self.clear_rejection(&current, name).await;
+            return None;
         }
         let tier = match &digest {
             Some(d) if tiered && !self.engine.has_optimized(d) => Tier::Baseline,
@@ -254,16 +262,36 @@ impl PluginRegistry {
                     .load_bytes(&path, bytes, manifest.unwrap_or_default(), tier)
                     .await
             }
+            // Not a second read of both files: the bytes read above are the ones optimised
+            // later, and must be the ones whose digest serves. A manifest caught mid-write is
+            // read again when its last write lands.
+            (Some(_), Err(e)) => Err(e.into()),
             // Unreadable: the path-based load reports why.
-            _ => self.engine.load_tier(&path, tier).await,
+            (None, _) => self.engine.load_tier(&path, tier).await,
         };
         let outcome = match loaded {
-            Ok(plugin) => self.swap_in(&current, name, plugin),
-            Err(e) => Err(format!("{e:#}")),
+            Ok(plugin) => {
+                let swapped = self.swap_in(&current, name, plugin);
+                let mut blocked = lock(&self.blocked);
+                if swapped.is_err() {
+                    blocked.insert(name.to_string());
+                } else {
+                    blocked.remove(name);
+                }
+                swapped
+            }
+            Err(e) => {
+                lock(&self.blocked).remove(name);
+                Err(format!("{e:#}"))
+            }
         };
         let mut to_optimize = None;
         let status = match outcome {
-            Ok(None) => return None, // same bytes and manifest: nothing to do
+            Ok(None) => {
+                // Same bytes and manifest: nothing to do.
+                self.clear_rejection(&current, name).await;
+                return None;
+            }
             Ok(Some(plugin)) => {
                 tracing::info!(plugin = %name, version = %plugin.version, sha256 = %plugin.sha256,
                     handlers = ?plugin.handlers, path = %path.display(), tier = plugin.tier.as_str(),
@@ -355,6 +383,22 @@ impl PluginRegistry {
         }
     }
 
+    /// Marks `name` active again if its status says the newest file was rejected but the
+    /// files now hold the serving build.
+    async fn clear_rejection(&self, current: &PluginSet, name: &str) {
+        let Some(serving) = current.by_name.get(name) else {
+            return;
+        };
+        let rejected = lock(&self.status)
+            .get(name)
+            .is_some_and(|s| s.state != "active");
+        if rejected {
+            tracing::info!(plugin = %name, "the files hold the serving build again; no longer rejected");
+            let status = status_of(name, Some(serving), "active".into(), self.failures(name));
+            self.set_status(status).await;
+        }
+    }
+
     /// How many times a plugin's file was looked at for a change since start: the initial
     /// load, the catch-up when the watch starts, then once per burst of directory events.
     pub fn checks(&self) -> u64 {
@@ -382,7 +426,7 @@ impl PluginRegistry {
         &self,
         current: &PluginSet,
         name: &str,
-        plugin: LoadedPlugin,
+        mut plugin: LoadedPlugin,
     ) -> Result<Option<Arc<LoadedPlugin>>, String> {
         if let Some(old) = current.by_name.get(name) {
             if old.sha256 == plugin.sha256
@@ -390,6 +434,11 @@ impl PluginRegistry {
                 && old.tier == plugin.tier
             {
                 return Ok(None);
+            }
+            // Jobs still running on the old version hold its slots: sharing them keeps old and
+            // new together within `max_instances`. A changed limit starts afresh.
+            if old.limits().max_instances == plugin.limits().max_instances {
+                plugin.slots = old.slots.clone();
             }
         }
         let mut next = current.clone();
@@ -456,15 +505,10 @@ impl PluginRegistry {
     /// Follows the plugin directory until `shutdown`, reloading what changes.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
         use notify::Watcher as _;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PathBuf>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Seen>();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                if !changes_contents(&event.kind) {
-                    return;
-                }
-                for path in event.paths {
-                    let _ = tx.send(path);
-                }
+            for seen in seen_in(event) {
+                let _ = tx.send(seen);
             }
         });
         let mut watcher = match watcher {
@@ -481,36 +525,96 @@ impl PluginRegistry {
         tracing::info!(dir = %self.dir.display(), "watching the plugin directory");
         // Catch up with anything replaced between the initial load and the watch: unchanged
         // plugins cost a read and a digest.
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            let mut names: std::collections::BTreeSet<String> = entries
-                .filter_map(|e| e.ok().and_then(|e| plugin_file_name(&e.path())))
-                .collect();
-            names.extend(self.live.load().by_name.keys().cloned());
-            for name in names {
-                self.reload_fast(&name, &shutdown).await;
-            }
-        }
+        self.reload_burst(self.every_name(), &shutdown).await;
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                p = rx.recv() => match p { Some(p) => p, None => return },
+                seen = rx.recv() => match seen { Some(seen) => seen, None => return },
             };
             let mut touched = std::collections::BTreeSet::new();
-            touched.extend(plugin_file_name(&first));
+            let mut rescan = false;
+            let mut take = |seen: Seen| match seen {
+                Seen::Path(path) => touched.extend(plugin_file_name(&path)),
+                Seen::Rescan => rescan = true,
+            };
+            take(first);
             // Debounce: gather until the directory has been quiet for a moment.
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    p = rx.recv() => match p {
-                        Some(p) => { touched.extend(plugin_file_name(&p)); }
+                    seen = rx.recv() => match seen {
+                        Some(seen) => take(seen),
                         None => return,
                     },
                     _ = tokio::time::sleep(DEBOUNCE) => break,
                 }
             }
-            for name in touched {
-                self.reload_fast(&name, &shutdown).await;
+            if rescan {
+                // Events were lost (the kernel's queue overflowed): look at every plugin, as
+                // at start.
+                tracing::warn!(dir = %self.dir.display(), "plugin directory events were lost; looking at every plugin");
+                touched.extend(self.every_name());
             }
+            self.reload_burst(touched, &shutdown).await;
+        }
+    }
+
+    /// Every plugin in the directory or serving.
+    fn every_name(&self) -> std::collections::BTreeSet<String> {
+        let mut names: std::collections::BTreeSet<String> = std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().and_then(|e| plugin_file_name(&e.path())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.extend(self.live.load().by_name.keys().cloned());
+        names
+    }
+
+    /// Reloads `names`; then, if the serving set changed, the plugins blocked by a handler
+    /// another plugin served.
+    async fn reload_burst(
+        self: &Arc<Self>,
+        names: std::collections::BTreeSet<String>,
+        shutdown: &CancellationToken,
+    ) {
+        let before = self.live.load_full();
+        for name in &names {
+            self.reload_fast(name, shutdown).await;
+        }
+        if Arc::ptr_eq(&before, &self.live.load_full()) {
+            return;
+        }
+        let blocked: Vec<String> = lock(&self.blocked).iter().cloned().collect();
+        for name in blocked {
+            tracing::info!(plugin = %name, "the serving plugins changed; trying the plugin whose handler was taken again");
+            self.reload_fast(&name, shutdown).await;
+        }
+    }
+}
+
+/// What the directory watch reports to the reload loop.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// This file may have new contents.
+    Path(PathBuf),
+    /// Events were lost: every plugin must be looked at.
+    Rescan,
+}
+
+/// What a `notify` event means for the reload loop. A queue overflow (a rescan flag) or an
+/// error from the watch may hide changes, so both ask for a rescan.
+fn seen_in(event: notify::Result<notify::Event>) -> Vec<Seen> {
+    match event {
+        Ok(event) if event.need_rescan() => vec![Seen::Rescan],
+        Ok(event) if changes_contents(&event.kind) => {
+            event.paths.into_iter().map(Seen::Path).collect()
+        }
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the plugin directory watch reported an error");
+            vec![Seen::Rescan]
         }
     }
 }
@@ -584,6 +688,28 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_events_and_watch_errors_ask_for_a_rescan_and_reads_ask_for_nothing() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, Event, EventKind, Flag};
+        let overflow = Event::new(EventKind::Other).set_flag(Flag::Rescan);
+        assert_eq!(seen_in(Ok(overflow)), [Seen::Rescan]);
+        let error = notify::Error::generic("inotify read failed");
+        assert_eq!(seen_in(Err(error)), [Seen::Rescan]);
+        let read = Event::new(EventKind::Access(AccessKind::Close(AccessMode::Read)))
+            .add_path("/p/a.wasm".into());
+        assert_eq!(seen_in(Ok(read)), []);
+        let created = Event::new(EventKind::Create(CreateKind::File))
+            .add_path("/p/a.wasm".into())
+            .add_path("/p/a.toml".into());
+        assert_eq!(
+            seen_in(Ok(created)),
+            [
+                Seen::Path("/p/a.wasm".into()),
+                Seen::Path("/p/a.toml".into())
+            ]
+        );
+    }
 
     #[test]
     fn only_components_and_manifests_name_a_plugin() {
