@@ -80,7 +80,7 @@ async fn hostile_guests_fail_only_their_own_job_and_the_host_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broken_versions_are_rejected_while_the_previous_one_serves_and_removal_stops_claims() {
+async fn broken_versions_are_rejected_while_the_previous_one_serves_and_removal_pauses_claims() {
     let env = TestEnv::new().await.unwrap();
     let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
     let (host, host_id) = start_host(&env, dir.clone()).await;
@@ -149,6 +149,13 @@ async fn broken_versions_are_rejected_while_the_previous_one_serves_and_removal_
             .unwrap(),
         None,
         "no plugin serves the handler any more"
+    );
+    // Put back, the plugin takes the job that waited in ready.
+    let component = std::fs::read(test_plugin_dir().join(format!("{HANDLER}.wasm"))).unwrap();
+    replace_file(&dir.join(format!("{HANDLER}.wasm")), &component);
+    assert_eq!(
+        completed_output(&env, &orphan).await,
+        json!({"attempts": 0})
     );
     host.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -119,11 +119,9 @@ impl Worker {
             .get_or_create(&metrics::labels([("handler", &record.handler)]))
             .inc();
         let Some(plugin) = self.plugins.get(&record.handler) else {
-            let message = format!(
-                "no plugin serves handler {:?} (job {})",
-                record.handler, job.id
-            );
-            return self.finish_failed(claim, &record, &message).await;
+            // Its plugin was removed while we claimed the job: a host (this one, once the
+            // plugin is back) that serves the handler takes it from the ready queue.
+            return self.hand_back(claim, &record, Stopped::PluginGone).await;
         };
         if record.attempts >= self.config.max_attempts {
             // Re-queued by the job manager after its workers died this often: stop trying.
@@ -459,6 +457,11 @@ impl Worker {
         let handed_back = self.requeue(claim, record).await;
         match why {
             Stopped::Drain => tracing::info!(handed_back, "job stopped by the drain"),
+            Stopped::PluginGone => tracing::warn!(
+                handed_back,
+                handler = %record.handler,
+                "the handler's plugin was removed as the job was claimed; job handed back"
+            ),
             Stopped::LeaseLost if handed_back => {
                 tracing::warn!("lease lost: plugin call stopped, job handed back")
             }
@@ -714,6 +717,8 @@ enum Stopped {
     Drain,
     /// The lease the claim is bound to was lost.
     LeaseLost,
+    /// No plugin here serves the job's handler any more.
+    PluginGone,
 }
 
 /// The job as a component receives it, with the workflow's job state so far.
