@@ -465,3 +465,39 @@ async fn a_failed_dependency_fails_a_dependant_of_another_resource_with_a_clear_
     env.wait_jobs_drained().await.unwrap();
     host.shutdown().await;
 }
+
+/// A job whose record is removed while it waits to be retried (its workflow ended some other
+/// way) cannot go back to ready; its claim is dropped rather than held until the host stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_job_record_went_during_its_retry_backoff_is_dropped() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let host = TestHost::start_with(&env, |c| {
+        c.worker.retry_backoff = Duration::from_secs(2);
+        c.worker.retry_backoff_max = Duration::from_secs(2);
+    })
+    .await;
+    let resource = new_resource_id();
+    let (id, record) = single_job(&resource, Some(json!({"always": "retryable"})));
+    env.put_job(&id, &record, true).await.unwrap();
+    recorder.until_claimed(env.keys(), TIMEOUT).await.unwrap();
+    // The first attempt failed at once; the claim is held through the two-second backoff.
+    env.store
+        .delete(&env.job_key(Queue::All, &id))
+        .await
+        .unwrap();
+    let working = env.job_key(Queue::Working, &id);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while env.store.get(&working).await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the claim was kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        env.store
+            .get(&env.job_key(Queue::Ready, &id))
+            .await
+            .unwrap(),
+        None
+    );
+    host.shutdown().await;
+}

@@ -438,3 +438,28 @@ async fn a_completion_etcd_would_refuse_fails_its_job_and_frees_the_claim() {
     assert_eq!(status["failures"]["refused"], 1, "{status}");
     host.shutdown().await;
 }
+
+/// A plugin whose proposed write always conflicts (it expects a revision that never comes)
+/// does not spin on its claim: each attempt ends after 100 conflicts in a row and counts as
+/// failed, and the job fails for good after its attempts, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_proposed_write_always_conflicts_fails_after_its_attempts() {
+    let env = TestEnv::new().await.unwrap();
+    let (host, host_id) = start_host(&env, plugin_dir_with_test_guests()).await;
+    let script = json!({"write_stale": "monitoring-target ha_interface stale"});
+    let resource = put_scripted_job(&env, Some(script)).await;
+    let error = wait_failed(&env, &resource).await;
+    assert!(
+        error.contains("conflicted 100 times in a row") && error.contains("gave up after 5"),
+        "{error}"
+    );
+    let key = env.key(Record::MonitoringTarget, "ha_interface", "stale");
+    assert_eq!(env.store.get(&key).await.unwrap(), None);
+    let status = env
+        .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| {
+            s["failures"]["conflict"] == 5
+        })
+        .await;
+    assert!(status.is_ok(), "{status:?}");
+    host.shutdown().await;
+}

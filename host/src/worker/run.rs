@@ -23,6 +23,12 @@ use crate::store::{Kv, StoreError};
 /// room for a cluster run with a lower limit.
 pub const MAX_PROPOSED_WRITES: usize = 64;
 
+/// Runs of one attempt whose proposed writes conflicted, in a row, before the attempt counts
+/// as failed (retried later, with backoff, like any failed attempt). Contention on one record
+/// makes a few conflicts normal; a plugin that always proposes a stale revision must not spin
+/// on the claim forever.
+pub const MAX_CONFLICT_RERUNS: u32 = 100;
+
 /// Bytes of an error message kept in `/state`, the finished marker and the dead-job record: a
 /// plugin's message is its own text and may be of any size, and one etcd would refuse to
 /// store would leave the job claimed for good.
@@ -145,6 +151,7 @@ impl Worker {
         let wit_job = to_wit_job(job, &job_state);
         let started = Instant::now();
         let mut reruns = 0;
+        let mut conflicts = 0;
         loop {
             let context = wit::RunContext {
                 attempts: record.attempts,
@@ -223,7 +230,19 @@ impl Worker {
             if !rerun {
                 return;
             }
-            tracing::info!("a proposed write conflicted; running the job again");
+            conflicts += 1;
+            if conflicts >= MAX_CONFLICT_RERUNS {
+                self.plugins.count_failure(&plugin.name, "conflict");
+                let message = format!(
+                    "the job's proposed writes conflicted {conflicts} times in a row (an \
+                     expect-mod-revision was stale each time)"
+                );
+                return self.retry_or_fail(claim, &record, &message).await;
+            }
+            tracing::info!(
+                conflicts,
+                "a proposed write conflicted; running the job again"
+            );
         }
     }
 
@@ -420,7 +439,8 @@ impl Worker {
         }
     }
 
-    /// Puts a claimed job back to ready with `record`, fenced by our reservation.
+    /// Puts a claimed job back to ready with `record`, fenced by our reservation. A job whose
+    /// record is gone (its workflow ended meanwhile) is not re-queued; its claim is dropped.
     async fn requeue(&self, claim: &Claim<'_>, record: &JobRecord) -> bool {
         let text = record.to_json();
         let done = self
@@ -433,6 +453,16 @@ impl Worker {
                 )
             })
             .await;
+        if done == Some(false) {
+            // Refused: the claim is not ours any more (then this is a no-op), or the record
+            // is gone and the claim would stay until our lease ends.
+            let dropped = self
+                .persist(|| self.store.drop_claim(claim.job_id, claim.reservation))
+                .await;
+            if dropped == Some(true) {
+                tracing::info!("job record is gone (cancelled); dropped the claim");
+            }
+        }
         done == Some(true)
     }
 

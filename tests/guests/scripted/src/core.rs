@@ -76,6 +76,10 @@ pub enum Script {
     /// there; `{"write": ["<kind> <type> <id>", ...]}` proposes a put to each, in order (the
     /// same record twice if listed twice).
     Write(Vec<RecordRef>),
+    /// `{"write_stale": "<kind> <resource_type> <resource_id>"}`: complete, proposing to put
+    /// `{}` there only if the record's mod-revision is one etcd never reaches, so the write
+    /// conflicts every time.
+    WriteStale(RecordRef),
     /// `{"output_kib": N}`: complete with N KiB of output.
     OutputKib(u32),
     /// `{"wait_once_ms": N}`: ask to run again in N ms, then complete; the job holds its claim
@@ -121,7 +125,8 @@ impl Script {
                  {{\"trap\": true}}, {{\"spin\": true}}, {{\"spin_until_attempt\": N}}, \
                  {{\"wait_once_ms\": N}}, {{\"allocate_mib\": N}}, {{\"recurse\": N}}, {{\"output_kib\": N}}, \
                  {{\"read\": \"<kind> <type> <id>\"}}, {{\"read_many\": [\"<kind> <type> <id>\", ...]}}, \
-                 {{\"write\": \"<kind> <type> <id>\" | [\"<kind> <type> <id>\", ...]}}"
+                 {{\"write\": \"<kind> <type> <id>\" | [\"<kind> <type> <id>\", ...]}}, \
+                 {{\"write_stale\": \"<kind> <type> <id>\"}}"
             ))
         };
         let Some(object) = script.as_object() else {
@@ -173,6 +178,9 @@ impl Script {
                 .ok_or_else(|| bad("expected a list of \"<kind> <resource_type> <resource_id>\"")),
             ("write", Value::String(target)) => record_ref(target)
                 .map(|target| Script::Write(vec![target]))
+                .ok_or_else(|| bad("expected \"<kind> <resource_type> <resource_id>\"")),
+            ("write_stale", Value::String(target)) => record_ref(target)
+                .map(Script::WriteStale)
                 .ok_or_else(|| bad("expected \"<kind> <resource_type> <resource_id>\"")),
             ("write", Value::Array(targets)) => targets
                 .iter()
@@ -288,6 +296,14 @@ pub fn handle(
                     expect_mod_revision: None,
                 })
                 .collect(),
+        }),
+        Script::WriteStale(target) => Ok(Outcome::Completed {
+            output: json!({"scripted": {"attempts": attempt}}),
+            writes: vec![ProposedWrite {
+                target,
+                op: WriteOp::Put("{}".into()),
+                expect_mod_revision: Some(i64::MAX),
+            }],
         }),
         Script::WaitOnceMs(millis) if context.reruns == 0 => Ok(Outcome::Wait { millis }),
         Script::WaitOnceMs(_) => Ok(completed(attempt, config)),
@@ -493,6 +509,16 @@ mod tests {
             .collect();
         assert_eq!(ids, ["a", "a", "p"]);
         assert!(run(json!({"write": ["monitoring-target t"]}), 0).is_err());
+    }
+
+    #[test]
+    fn a_stale_write_script_expects_a_revision_etcd_never_reaches() {
+        let Ok(Outcome::Completed { writes, .. }) =
+            run(json!({"write_stale": "monitoring-target t a"}), 0)
+        else {
+            panic!("a stale write script completes");
+        };
+        assert_eq!(writes[0].expect_mod_revision, Some(i64::MAX));
     }
 
     #[test]
