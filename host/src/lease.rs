@@ -42,6 +42,9 @@ pub struct HostLease {
     /// Records that live as long as the host (its host record, plugin status): re-put under
     /// a new lease when the old one was lost.
     bound: Mutex<BTreeMap<String, String>>,
+    /// Held across each publish, withdraw and republish, so a republish never puts back a
+    /// value replaced or withdrawn while it ran.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl HostLease {
@@ -52,22 +55,26 @@ impl HostLease {
                 lost: CancellationToken::new(),
             }),
             bound: Mutex::new(BTreeMap::new()),
+            writing: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Puts `key` bound to the lease, and keeps it there across lease changes.
     pub async fn publish(&self, store: &Store, key: &str, value: String) -> store::Result<()> {
+        let _writing = self.writing.lock().await;
         lock(&self.bound).insert(key.to_string(), value.clone());
         store.put_with_lease(key, value, self.id()).await
     }
 
     /// Deletes a record put by [`HostLease::publish`].
     pub async fn withdraw(&self, store: &Store, key: &str) -> store::Result<()> {
+        let _writing = self.writing.lock().await;
         lock(&self.bound).remove(key);
         store.delete(key).await
     }
 
     async fn republish(&self, store: &Store) {
+        let _writing = self.writing.lock().await;
         let records: Vec<(String, String)> = lock(&self.bound)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
