@@ -82,7 +82,7 @@ impl Worker {
         let all_key = self.store.keys().job(Queue::All, job_id);
         let found = match found {
             Some(found) => found,
-            None => match self.persist(|| self.store.get(&all_key)).await {
+            None => match self.persist(&claim, || self.store.get(&all_key)).await {
                 Some(found) => found,
                 None => anyhow::bail!(
                     "etcd unavailable while reading {all_key}; the claim expires with the lease"
@@ -91,7 +91,7 @@ impl Worker {
         };
         let Some(kv) = found else {
             tracing::info!("job record is gone (cancelled); dropping the claim");
-            self.persist(|| self.store.drop_claim(job_id, &reservation))
+            self.persist(&claim, || self.store.drop_claim(job_id, &reservation))
                 .await;
             return Ok(());
         };
@@ -137,7 +137,7 @@ impl Worker {
             );
             return self.finish_failed(claim, &record, &message).await;
         }
-        let job_state = self.job_state_so_far(job).await;
+        let job_state = self.job_state_so_far(claim, job).await;
         let access = RecordAccess::new(self.store.clone(), self.schemas.clone());
         let mut first_call = RecordAccess {
             preloaded: Arc::new(
@@ -247,7 +247,7 @@ impl Worker {
     }
 
     /// The workflow's job state before this job: `{}` for a first job.
-    async fn job_state_so_far(&self, job: &Job) -> Map<String, Value> {
+    async fn job_state_so_far(&self, claim: &Claim<'_>, job: &Job) -> Map<String, Value> {
         if job.is_first {
             return Map::new();
         }
@@ -258,7 +258,7 @@ impl Worker {
             .store
             .keys()
             .record(Record::JobState, schema, &job.resource_id);
-        match self.persist(|| self.store.get(&key)).await.flatten() {
+        match self.persist(claim, || self.store.get(&key)).await.flatten() {
             Some(kv) => serde_json::from_slice(&kv.value).unwrap_or_else(|e| {
                 tracing::warn!(%key, error = %e, "job state is not a JSON object; starting from {{}}");
                 Map::new()
@@ -389,7 +389,7 @@ impl Worker {
             writes,
         };
         match self
-            .persist_or_refused(|| self.store.complete(&completion))
+            .persist_or_refused(claim, || self.store.complete(&completion))
             .await
         {
             Persisted::Done(CompletionOutcome::Completed) => {
@@ -444,7 +444,7 @@ impl Worker {
     async fn requeue(&self, claim: &Claim<'_>, record: &JobRecord) -> bool {
         let text = record.to_json();
         let done = self
-            .persist(|| {
+            .persist(claim, || {
                 self.store.requeue(
                     claim.job_id,
                     claim.reservation,
@@ -457,7 +457,9 @@ impl Worker {
             // Refused: the claim is not ours any more (then this is a no-op), or the record
             // is gone and the claim would stay until our lease ends.
             let dropped = self
-                .persist(|| self.store.drop_claim(claim.job_id, claim.reservation))
+                .persist(claim, || {
+                    self.store.drop_claim(claim.job_id, claim.reservation)
+                })
                 .await;
             if dropped == Some(true) {
                 tracing::info!("job record is gone (cancelled); dropped the claim");
@@ -511,7 +513,7 @@ impl Worker {
         count_end(claim, job, false);
         let dead = dead_job_write(self.store.keys().dead_job(claim.job_id), record, message);
         if job.on_failure == OnFailure::Ignore {
-            let state = self.job_state_so_far(job).await;
+            let state = self.job_state_so_far(claim, job).await;
             let writes = std::slice::from_ref(&dead);
             if let Published::Refused(why) = self
                 .finish_done(claim, job, state, Map::new(), writes)
@@ -575,7 +577,7 @@ impl Worker {
         let job_state_key = keys.record(Record::JobState, schema, &id.resource_id);
         let state = StateRecord::bare(&worker_state, id.version, message.to_string()).to_json();
         let done = self
-            .persist_or_refused(|| {
+            .persist_or_refused(claim, || {
                 self.store.fail_workflow(
                     claim.job_id,
                     claim.reservation,
@@ -603,7 +605,7 @@ impl Worker {
     async fn end_without_state(&self, claim: &Claim<'_>, message: &str) {
         let message = bounded(message);
         let done = self
-            .persist(|| {
+            .persist(claim, || {
                 self.store
                     .fail_workflow_without_state(claim.job_id, claim.reservation, &message)
             })
@@ -613,15 +615,16 @@ impl Worker {
         }
     }
 
-    /// Retries an etcd call through transient errors. `None` when etcd refuses the request
-    /// itself, at shutdown of the runtime, or when the error persists for a minute: by then
-    /// our lease has expired and the job manager will give the job to someone else.
-    async fn persist<T, F, Fut>(&self, call: F) -> Option<T>
+    /// Retries an etcd call made for `claim` through transient errors, for as long as the
+    /// claim can still be ours. `None` when etcd refuses the request itself, or once the
+    /// claim's lease is lost (the job manager gives the job to someone else) or the drain's
+    /// hard stop came (the lease goes with the host).
+    async fn persist<T, F, Fut>(&self, claim: &Claim<'_>, call: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        match self.persist_or_refused(call).await {
+        match self.persist_or_refused(claim, call).await {
             Persisted::Done(v) => Some(v),
             Persisted::Refused(_) | Persisted::GaveUp => None,
         }
@@ -629,12 +632,15 @@ impl Worker {
 
     /// [`Worker::persist`], telling a request etcd refuses (which no retry can fix, so the
     /// caller must send a smaller one) from one that kept failing.
-    async fn persist_or_refused<T, F, Fut>(&self, mut call: F) -> Persisted<T>
+    ///
+    /// There is no deadline while the lease lives: etcd refusing writes for a while (a
+    /// `NOSPACE` alarm until an operator compacts) must not leave the claim held with the
+    /// result dropped. Unreachable etcd ends the lease, and with it the retries.
+    async fn persist_or_refused<T, F, Fut>(&self, claim: &Claim<'_>, mut call: F) -> Persisted<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let deadline = Instant::now() + Duration::from_secs(60);
         let mut delay = Duration::from_millis(50);
         loop {
             match call().await {
@@ -644,14 +650,15 @@ impl Worker {
                     tracing::error!(error = %why, "etcd refused the request");
                     return Persisted::Refused(why);
                 }
-                Err(e) if Instant::now() < deadline => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "etcd call failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "etcd call kept failing; giving up on this job");
-                    return Persisted::GaveUp;
+                    tracing::warn!(error = %e, retry_in = ?delay, "etcd call failed; retrying");
+                    let pause = tokio::time::sleep(delay);
+                    if let Err(stop) = self.unless_stopped(claim, pause).await {
+                        tracing::error!(error = %format!("{e:#}"), ?stop,
+                            "etcd call failed and the claim can no longer be ours; giving up on this job");
+                        return Persisted::GaveUp;
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }
@@ -682,7 +689,7 @@ enum Persisted<T> {
     Done(T),
     /// etcd refused the request itself; why, as etcd put it.
     Refused(String),
-    /// The call kept failing for a minute, or the runtime is shutting down.
+    /// The call failed and the claim's lease was lost or the drain's hard stop came.
     GaveUp,
 }
 
