@@ -93,35 +93,127 @@ async fn a_rejected_file_put_back_to_the_serving_build_is_active_again() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A deploy that moves a handler to a plugin under a new name (`a.wasm` added, `b.wasm` that
-/// served it removed): whichever file the watch looks at first, the handler ends up with the
-/// new plugin (rejected while the handler was still taken, it is tried again once it is free).
+fn rejections(plugin: &str) -> u64 {
+    esi_host::metrics::global()
+        .plugin_rejections
+        .get_or_create(&esi_host::metrics::labels([("plugin", plugin)]))
+        .get()
+}
+
+/// A deploy that moves a handler to a plugin under a new name (`incoming.wasm` added,
+/// `outgoing.wasm` that served it removed): whichever file the watch looks at first, the
+/// handler ends up with the new plugin, and no rejection is logged or counted on the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_moved_to_a_plugin_under_a_new_name_in_one_deploy_is_served_by_it() {
-    let dir = scripted_copies(&[("b", manifest(&[HANDLER], 2))]);
+    let dir = scripted_copies(&[("outgoing", manifest(&[HANDLER], 2))]);
     let registry = registry_on(&dir).await;
     let shutdown = CancellationToken::new();
     let watch = tokio::spawn(registry.clone().watch(shutdown.clone()));
     eventually("the watch catches up", || registry.checks() >= 2).await;
 
-    // `a` is looked at first (names are taken in order), while `b` still serves the handler.
-    let b = dir.join("b.wasm");
-    let staged = dir.join(".a.wasm.tmp");
-    std::fs::copy(&b, &staged).unwrap();
-    std::fs::write(dir.join("a.toml"), manifest(&[HANDLER], 2)).unwrap();
-    std::fs::rename(&staged, dir.join("a.wasm")).unwrap();
-    std::fs::remove_file(dir.join("b.toml")).unwrap();
-    std::fs::remove_file(&b).unwrap();
-    eventually("the handler is served by a", || {
-        registry.get(HANDLER).is_some_and(|p| p.name == "a")
+    // `incoming` is looked at first (names are taken in order, and its files change first),
+    // while `outgoing` still serves the handler.
+    let outgoing = dir.join("outgoing.wasm");
+    let staged = dir.join(".incoming.wasm.tmp");
+    std::fs::copy(&outgoing, &staged).unwrap();
+    std::fs::write(dir.join("incoming.toml"), manifest(&[HANDLER], 2)).unwrap();
+    std::fs::rename(&staged, dir.join("incoming.wasm")).unwrap();
+    std::fs::remove_file(dir.join("outgoing.toml")).unwrap();
+    std::fs::remove_file(&outgoing).unwrap();
+    eventually("the handler is served by incoming", || {
+        registry.get(HANDLER).is_some_and(|p| p.name == "incoming")
     })
     .await;
-    eventually("a is active", || {
-        registry.status("a").is_some_and(|s| s.state == "active")
+    eventually("incoming is active", || {
+        registry
+            .status("incoming")
+            .is_some_and(|s| s.state == "active")
     })
     .await;
-    assert!(registry.status("b").is_none());
+    assert!(registry.status("outgoing").is_none());
+    assert_eq!(rejections("incoming"), 0);
     shutdown.cancel();
     watch.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A plugin whose handler another plugin keeps serving is rejected once, saying which; other
+/// plugins' deploys do not load it again or count it again; it serves as soon as the handler
+/// is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_whose_handler_stays_taken_is_rejected_once_and_serves_once_it_is_free() {
+    let dir = scripted_copies(&[("holder", manifest(&[HANDLER], 2))]);
+    let registry = registry_on(&dir).await;
+    let shutdown = CancellationToken::new();
+    let watch = tokio::spawn(registry.clone().watch(shutdown.clone()));
+    eventually("the watch catches up", || registry.checks() >= 2).await;
+
+    let holder = dir.join("holder.wasm");
+    let original = std::fs::read(&holder).unwrap();
+    let staged = dir.join(".squatter.wasm.tmp");
+    std::fs::copy(&holder, &staged).unwrap();
+    std::fs::write(dir.join("squatter.toml"), manifest(&[HANDLER], 2)).unwrap();
+    std::fs::rename(&staged, dir.join("squatter.wasm")).unwrap();
+    eventually("squatter is rejected", || {
+        registry
+            .status("squatter")
+            .is_some_and(|s| s.state.contains("is already served by"))
+    })
+    .await;
+    assert_eq!(rejections("squatter"), 1);
+
+    // A new build of the holder changes the serving set but frees nothing.
+    let first_build = registry.get(HANDLER).unwrap().sha256.clone();
+    replace_file(&holder, &component_variant(&original, 1));
+    eventually("the holder's new build serves", || {
+        registry
+            .get(HANDLER)
+            .is_some_and(|p| p.name == "holder" && p.sha256 != first_build)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rejections("squatter"), 1);
+    assert!(registry.get(HANDLER).is_some_and(|p| p.name == "holder"));
+
+    // The holder goes: the squatter serves.
+    std::fs::remove_file(dir.join("holder.toml")).unwrap();
+    std::fs::remove_file(&holder).unwrap();
+    eventually("squatter serves", || {
+        registry.get(HANDLER).is_some_and(|p| p.name == "squatter")
+    })
+    .await;
+    eventually("squatter is active", || {
+        registry
+            .status("squatter")
+            .is_some_and(|s| s.state == "active")
+    })
+    .await;
+    assert_eq!(rejections("squatter"), 1);
+    shutdown.cancel();
+    watch.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A manifest that does not parse keeps its plugin's newest files rejected, even once the
+/// component is put back to the serving build: it is not taken for "no manifest".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_manifest_left_behind_after_a_rollback_stays_rejected() {
+    let dir = scripted_copies(&[("bare", manifest(&[HANDLER], 2))]);
+    std::fs::remove_file(dir.join("bare.toml")).unwrap();
+    let component = dir.join("bare.wasm");
+    let original = std::fs::read(&component).unwrap();
+    let registry = registry_on(&dir).await;
+    assert_eq!(registry.status("bare").unwrap().state, "active");
+
+    replace_file(&component, &component_variant(&original, 1));
+    replace_file(&dir.join("bare.toml"), b"[plugin\nhandlers = ");
+    registry.reload("bare").await;
+    let state = registry.status("bare").unwrap().state;
+    assert!(state.starts_with("rejected: ") && state.contains("bare.toml"), "{state}");
+
+    replace_file(&component, &original);
+    registry.reload("bare").await;
+    let state = registry.status("bare").unwrap().state;
+    assert!(state.starts_with("rejected: ") && state.contains("bare.toml"), "{state}");
     let _ = std::fs::remove_dir_all(&dir);
 }

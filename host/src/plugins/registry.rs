@@ -87,10 +87,10 @@ pub struct PluginRegistry {
     counts_changed: tokio::sync::Notify,
     /// Times a plugin's file was looked at for a change (each costs a read and a digest).
     checks: std::sync::atomic::AtomicU64,
-    /// Plugins whose newest build was rejected only because another plugin serves one of its
-    /// handlers: tried again when the set of serving plugins changes (a handler moved from
-    /// one plugin to another in one deploy frees it only once the other is reloaded).
-    blocked: Mutex<std::collections::BTreeSet<String>>,
+    /// Plugins whose newest build was refused only because another plugin serves one of its
+    /// handlers: tried again once that handler is free (a handler moved from one plugin to
+    /// another in one deploy is freed only when the other is reloaded).
+    blocked: Mutex<BTreeMap<String, Blocked>>,
 }
 
 impl std::fmt::Debug for PluginRegistry {
@@ -216,7 +216,7 @@ impl PluginRegistry {
     /// Loads (or removes) the plugin `name` from the directory and swaps it in, compiled by
     /// Cranelift (or taken from the compile cache).
     pub async fn reload(&self, name: &str) {
-        self.reload_as(name, false).await;
+        self.reload_as(name, false, Conflicts::Report).await;
     }
 
     /// As [`PluginRegistry::reload`], but a build the compile cache does not know serves at
@@ -224,19 +224,34 @@ impl PluginRegistry {
     /// changed again meanwhile, or `shutdown`). Jobs that started on the baseline code finish
     /// on it.
     pub async fn reload_fast(self: &Arc<Self>, name: &str, shutdown: &CancellationToken) {
-        if let Some(build) = self.reload_as(name, true).await {
+        self.reload_tiered(name, Conflicts::Report, shutdown).await;
+    }
+
+    async fn reload_tiered(
+        self: &Arc<Self>,
+        name: &str,
+        conflicts: Conflicts,
+        shutdown: &CancellationToken,
+    ) {
+        if let Some(build) = self.reload_as(name, true, conflicts).await {
             let (registry, name, shutdown) = (self.clone(), name.to_string(), shutdown.clone());
             tokio::spawn(async move { registry.optimize(&name, build, &shutdown).await });
         }
     }
 
     /// Returns the baseline build it swapped in, which is to be optimised.
-    async fn reload_as(&self, name: &str, tiered: bool) -> Option<BaselineBuild> {
+    async fn reload_as(
+        &self,
+        name: &str,
+        tiered: bool,
+        conflicts: Conflicts,
+    ) -> Option<BaselineBuild> {
         let _one_at_a_time = self.reloading.lock().await;
         let path = self.dir.join(format!("{name}.wasm"));
         if !path.exists() {
             self.checks
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            lock(&self.blocked).remove(name);
             self.remove(name).await;
             return None;
         }
@@ -249,6 +264,7 @@ impl PluginRegistry {
         if self.unchanged(&current, name, &path, digest.as_deref()) {
             // The same bytes and manifest already serve: nothing to compile. A newer file that
             // was rejected has been put back to the serving build: no longer rejected.
+            lock(&self.blocked).remove(name);
             self.clear_rejection(&current, name).await;
             return None;
         }
@@ -270,16 +286,35 @@ impl PluginRegistry {
             (None, _) => self.engine.load_tier(&path, tier).await,
         };
         let outcome = match loaded {
-            Ok(plugin) => {
-                let swapped = self.swap_in(&current, name, plugin);
-                let mut blocked = lock(&self.blocked);
-                if swapped.is_err() {
-                    blocked.insert(name.to_string());
-                } else {
-                    blocked.remove(name);
+            Ok(plugin) => match self.swap_in(&current, name, plugin) {
+                Ok(swapped) => {
+                    lock(&self.blocked).remove(name);
+                    Ok(swapped)
                 }
-                swapped
-            }
+                Err(conflict) => {
+                    let reason = conflict.to_string();
+                    let mut blocked = lock(&self.blocked);
+                    // Refused again for the same reason (a catch-up, an unrelated deploy):
+                    // already on record, so not logged and counted again.
+                    let known = blocked
+                        .get(name)
+                        .is_some_and(|b| b.reported && b.reason == reason);
+                    blocked.insert(
+                        name.to_string(),
+                        Blocked {
+                            handler: conflict.handler,
+                            reason: reason.clone(),
+                            reported: known || conflicts == Conflicts::Report,
+                        },
+                    );
+                    drop(blocked);
+                    if known || conflicts == Conflicts::Defer {
+                        // The burst may free the handler yet; reported at its end if not.
+                        return None;
+                    }
+                    Err(reason)
+                }
+            },
             Err(e) => {
                 lock(&self.blocked).remove(name);
                 Err(format!("{e:#}"))
@@ -310,23 +345,32 @@ impl PluginRegistry {
                 status_of(name, Some(&plugin), "active".into(), self.failures(name))
             }
             Err(reason) => {
-                tracing::error!(plugin = %name, path = %path.display(), %reason,
-                    "plugin rejected; the previous version (if any) keeps serving");
-                metrics::global()
-                    .plugin_rejections
-                    .get_or_create(&metrics::labels([("plugin", name)]))
-                    .inc();
-                let serving = current.by_name.get(name);
-                status_of(
-                    name,
-                    serving,
-                    format!("rejected: {reason}"),
-                    self.failures(name),
-                )
+                self.reject(&current, name, &reason).await;
+                return None;
             }
         };
         self.set_status(status).await;
         to_optimize
+    }
+
+    /// Records that the newest file of `name` was rejected for `reason`: the log, the metric
+    /// and the status (which keeps showing the version that still serves, if any).
+    async fn reject(&self, current: &PluginSet, name: &str, reason: &str) {
+        let path = self.dir.join(format!("{name}.wasm"));
+        tracing::error!(plugin = %name, path = %path.display(), %reason,
+            "plugin rejected; the previous version (if any) keeps serving");
+        metrics::global()
+            .plugin_rejections
+            .get_or_create(&metrics::labels([("plugin", name)]))
+            .inc();
+        let serving = current.by_name.get(name);
+        let status = status_of(
+            name,
+            serving,
+            format!("rejected: {reason}"),
+            self.failures(name),
+        );
+        self.set_status(status).await;
     }
 
     /// Compiles a baseline build of `name` with Cranelift and swaps it in if that build (its
@@ -377,8 +421,8 @@ impl PluginRegistry {
                 self.set_status(status).await;
             }
             Ok(None) => {}
-            Err(reason) => {
-                tracing::warn!(plugin = %name, %reason, "optimised code not swapped in");
+            Err(conflict) => {
+                tracing::warn!(plugin = %name, reason = %conflict, "optimised code not swapped in");
             }
         }
     }
@@ -417,7 +461,10 @@ impl PluginRegistry {
         let Some(serving) = current.by_name.get(name) else {
             return false;
         };
-        let manifest = Manifest::load_for(path).ok().flatten();
+        // A manifest that does not parse is a change: the load reports it.
+        let Ok(manifest) = Manifest::load_for(path) else {
+            return false;
+        };
         digest == Some(serving.sha256.as_str()) && manifest.unwrap_or_default() == *serving.manifest
     }
 
@@ -427,7 +474,7 @@ impl PluginRegistry {
         current: &PluginSet,
         name: &str,
         mut plugin: LoadedPlugin,
-    ) -> Result<Option<Arc<LoadedPlugin>>, String> {
+    ) -> Result<Option<Arc<LoadedPlugin>>, Conflict> {
         if let Some(old) = current.by_name.get(name) {
             if old.sha256 == plugin.sha256
                 && old.manifest == plugin.manifest
@@ -450,10 +497,10 @@ impl PluginRegistry {
             .iter()
             .find_map(|h| next.by_handler.get(h).map(|p| (h, p)))
         {
-            return Err(format!(
-                "handler {handler:?} is already served by {}",
-                other.path.display()
-            ));
+            return Err(Conflict {
+                handler: handler.clone(),
+                served_by: other.path.clone(),
+            });
         }
         let plugin = Arc::new(plugin);
         for h in &plugin.handlers {
@@ -572,25 +619,77 @@ impl PluginRegistry {
         names
     }
 
-    /// Reloads `names`; then, if the serving set changed, the plugins blocked by a handler
-    /// another plugin served.
+    /// Reloads `names`, then each plugin refused because its handler was taken whose
+    /// handler is free now. A refusal is reported only if the handler is still taken at the
+    /// end, so a handler moved between plugins in one deploy logs no rejection whichever
+    /// plugin is looked at first.
     async fn reload_burst(
         self: &Arc<Self>,
         names: std::collections::BTreeSet<String>,
         shutdown: &CancellationToken,
     ) {
-        let before = self.live.load_full();
         for name in &names {
-            self.reload_fast(name, shutdown).await;
+            self.reload_tiered(name, Conflicts::Defer, shutdown).await;
         }
-        if Arc::ptr_eq(&before, &self.live.load_full()) {
-            return;
+        // Each retry that succeeds may free another handler.
+        loop {
+            let live = self.live.load_full();
+            let freed = lock(&self.blocked)
+                .iter()
+                .find(|(_, b)| !live.by_handler.contains_key(&b.handler))
+                .map(|(name, _)| name.clone());
+            let Some(name) = freed else { break };
+            tracing::info!(plugin = %name, "the handler it was refused for is free now; loading it again");
+            lock(&self.blocked).remove(&name);
+            self.reload_tiered(&name, Conflicts::Defer, shutdown).await;
         }
-        let blocked: Vec<String> = lock(&self.blocked).iter().cloned().collect();
-        for name in blocked {
-            tracing::info!(plugin = %name, "the serving plugins changed; trying the plugin whose handler was taken again");
-            self.reload_fast(&name, shutdown).await;
+        let unreported: Vec<(String, String)> = lock(&self.blocked)
+            .iter_mut()
+            .filter(|(_, b)| !b.reported)
+            .map(|(name, b)| {
+                b.reported = true;
+                (name.clone(), b.reason.clone())
+            })
+            .collect();
+        let current = self.live.load_full();
+        for (name, reason) in unreported {
+            self.reject(&current, &name, &reason).await;
         }
+    }
+}
+
+/// A plugin refused because another plugin serves one of its handlers.
+#[derive(Debug)]
+struct Blocked {
+    /// The handler taken.
+    handler: String,
+    reason: String,
+    /// Whether the rejection was logged and published yet.
+    reported: bool,
+}
+
+/// Whether a reload reports a handler conflict at once or leaves it to the end of its burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conflicts {
+    Report,
+    Defer,
+}
+
+/// A build refused because another plugin serves one of its handlers.
+#[derive(Debug)]
+struct Conflict {
+    handler: String,
+    served_by: PathBuf,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "handler {:?} is already served by {}",
+            self.handler,
+            self.served_by.display()
+        )
     }
 }
 
