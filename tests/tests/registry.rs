@@ -209,11 +209,17 @@ async fn a_broken_manifest_left_behind_after_a_rollback_stays_rejected() {
     replace_file(&dir.join("bare.toml"), b"[plugin\nhandlers = ");
     registry.reload("bare").await;
     let state = registry.status("bare").unwrap().state;
-    assert!(state.starts_with("rejected: ") && state.contains("bare.toml"), "{state}");
+    assert!(
+        state.starts_with("rejected: ") && state.contains("bare.toml"),
+        "{state}"
+    );
 
     replace_file(&component, &original);
     registry.reload("bare").await;
     let state = registry.status("bare").unwrap().state;
-    assert!(state.starts_with("rejected: ") && state.contains("bare.toml"), "{state}");
+    assert!(
+        state.starts_with("rejected: ") && state.contains("bare.toml"),
+        "{state}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
