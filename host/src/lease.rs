@@ -172,14 +172,17 @@ pub async fn keep(store: Store, lease: Arc<HostLease>, ttl: Duration, shutdown: 
 
 /// Takes a new lease after `lost`, and revokes `lost` in case etcd still had it, so that no
 /// claim of the old term outlives the jobs we stopped.
-async fn replace_lost(store: &Store, lease: &HostLease, lost: &LeaseTerm, ttl: Duration) {
+async fn replace_lost(store: &Store, lease: &Arc<HostLease>, lost: &LeaseTerm, ttl: Duration) {
     let seconds = i64::try_from(ttl.as_secs()).unwrap_or(60).max(1);
     match store.grant_lease(seconds).await {
         Ok(new) => {
             let _ = store.revoke_lease(lost.id).await;
             lease.replace(new);
             tracing::warn!(old = lost.id, new, "continuing with a new lease");
-            lease.republish(store).await;
+            // In its own task: the puts (after any publish in flight) must not hold up the
+            // renewal of the new lease.
+            let (store, lease) = (store.clone(), lease.clone());
+            tokio::spawn(async move { lease.republish(&store).await });
         }
         Err(e) => tracing::warn!(error = %e, "cannot take a new lease yet; waiting for etcd"),
     }

@@ -184,7 +184,7 @@ async fn a_host_frozen_past_its_lease_cannot_publish_the_job_it_lost() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let refused = |log: &str| {
         log.contains("lost the claim before completing")
-            || log.contains("lost the claim before re-queueing (the fence refused it)")
+            || log.contains("lost the claim before handing the job back (the fence refused it)")
     };
     while !refused(&frozen.log()) {
         assert!(

@@ -828,8 +828,16 @@ impl JobManager {
                         tracing::debug!(job_id = %id, "job was accounted for meanwhile");
                         return;
                     }
-                    Err(e) if e.is_fenced() || e.is_refused() || Instant::now() >= give_up => {
-                        tracing::error!(job_id = %id, error = %e, "re-queue failed; the next manager start re-queues the job");
+                    Err(e) if e.is_fenced() => {
+                        tracing::info!(job_id = %id, "no longer the job manager; the new one re-queues the job");
+                        return;
+                    }
+                    Err(e) if e.is_refused() => {
+                        tracing::error!(job_id = %id, error = %e, "etcd refuses to re-queue the job; it stays out of every queue");
+                        return;
+                    }
+                    Err(e) if Instant::now() >= give_up => {
+                        tracing::error!(job_id = %id, error = %e, "re-queue kept failing; the next manager start re-queues the job");
                         return;
                     }
                     Err(e) => {

@@ -54,13 +54,14 @@ impl StoreError {
     /// `true` when etcd refused the request itself (over `--max-request-bytes`, more operations
     /// than `--max-txn-ops`, one key written twice): sending it again cannot succeed.
     /// "Too many requests" and "database space exceeded" share a status code with an
-    /// oversized message but pass with time, so they are not refusals.
+    /// oversized message, and "revision of auth store is old" (clusters with auth) the code
+    /// of a bad request, but they pass with time, so they are not refusals.
     pub fn is_refused(&self) -> bool {
         let Failure::Etcd(etcd_client::Error::GRpcStatus(status)) = &self.source else {
             return false;
         };
         match status.code() {
-            tonic::Code::InvalidArgument => true,
+            tonic::Code::InvalidArgument => !status.message().contains("auth store is old"),
             tonic::Code::ResourceExhausted => status.message().contains("larger than max"),
             _ => false,
         }

@@ -210,9 +210,7 @@ impl Worker {
                     Published::Refused(why) => {
                         self.plugins.count_failure(&plugin.name, "refused");
                         let message = format!(
-                            "etcd refused the transaction recording the job's result ({} \
-                             proposed writes): {why}",
-                            writes.len()
+                            "etcd refused the transaction recording the job's result: {why}"
                         );
                         self.finish_failed(claim, &record, &message).await;
                         false
@@ -407,7 +405,23 @@ impl Worker {
                 tracing::warn!("lost the claim before completing; the result is dropped");
                 Published::Done
             }
-            Persisted::Refused(why) => Published::Refused(why),
+            Persisted::Refused(why) => {
+                let written = |w: &GuardedWrite| w.value.as_ref().map_or(0, String::len);
+                Published::Refused(format!(
+                    "{why} (the transaction held the job state, {} bytes{}, and {} proposed \
+                     writes, {} bytes)",
+                    completion.job_state.len(),
+                    completion
+                        .state
+                        .as_ref()
+                        .map_or(String::new(), |(_, s)| format!(
+                            ", the resource's /state, {} bytes",
+                            s.len()
+                        )),
+                    writes.len(),
+                    writes.iter().map(written).sum::<usize>()
+                ))
+            }
         }
     }
 
@@ -429,19 +443,23 @@ impl Worker {
             attempts,
             ..record.clone()
         };
-        if self.requeue(claim, &next).await {
-            metrics::global()
-                .jobs_retried
-                .get_or_create(&metrics::labels([("handler", &record.handler)]))
-                .inc();
-        } else {
-            tracing::warn!("lost the claim before re-queueing");
+        match self.requeue(claim, &next).await {
+            Requeue::Done => {
+                metrics::global()
+                    .jobs_retried
+                    .get_or_create(&metrics::labels([("handler", &record.handler)]))
+                    .inc();
+            }
+            Requeue::RecordGone => {
+                tracing::info!("the job's record is gone (its workflow ended); claim dropped")
+            }
+            Requeue::ClaimLost => tracing::warn!("lost the claim before re-queueing"),
         }
     }
 
     /// Puts a claimed job back to ready with `record`, fenced by our reservation. A job whose
     /// record is gone (its workflow ended meanwhile) is not re-queued; its claim is dropped.
-    async fn requeue(&self, claim: &Claim<'_>, record: &JobRecord) -> bool {
+    async fn requeue(&self, claim: &Claim<'_>, record: &JobRecord) -> Requeue {
         let text = record.to_json();
         let done = self
             .persist(claim, || {
@@ -453,19 +471,24 @@ impl Worker {
                 )
             })
             .await;
-        if done == Some(false) {
+        match done {
+            Some(true) => Requeue::Done,
             // Refused: the claim is not ours any more (then this is a no-op), or the record
             // is gone and the claim would stay until our lease ends.
-            let dropped = self
-                .persist(claim, || {
-                    self.store.drop_claim(claim.job_id, claim.reservation)
-                })
-                .await;
-            if dropped == Some(true) {
-                tracing::info!("job record is gone (cancelled); dropped the claim");
+            Some(false) => {
+                let dropped = self
+                    .persist(claim, || {
+                        self.store.drop_claim(claim.job_id, claim.reservation)
+                    })
+                    .await;
+                if dropped == Some(true) {
+                    Requeue::RecordGone
+                } else {
+                    Requeue::ClaimLost
+                }
             }
+            None => Requeue::ClaimLost,
         }
-        done == Some(true)
     }
 
     /// Runs `work` unless the drain's hard stop or the loss of the claim's lease comes first.
@@ -486,20 +509,21 @@ impl Worker {
     /// lease loss the claim is usually gone already and the fence refuses the hand-back; the
     /// job manager re-queues the job instead.
     async fn hand_back(&self, claim: &Claim<'_>, record: &JobRecord, why: Stopped) {
-        let handed_back = self.requeue(claim, record).await;
-        match why {
-            Stopped::Drain => tracing::info!(handed_back, "job stopped by the drain"),
-            Stopped::PluginGone => tracing::warn!(
-                handed_back,
-                handler = %record.handler,
-                "the handler's plugin was removed as the job was claimed; job handed back"
-            ),
-            Stopped::LeaseLost if handed_back => {
-                tracing::warn!("lease lost: plugin call stopped, job handed back")
+        let outcome = match self.requeue(claim, record).await {
+            Requeue::Done => "job handed back",
+            Requeue::RecordGone => "the job's record is gone (its workflow ended); claim dropped",
+            // After a lease loss the claim is usually gone already; the job manager re-queues.
+            Requeue::ClaimLost => {
+                "lost the claim before handing the job back (the fence refused it)"
             }
-            Stopped::LeaseLost => tracing::warn!(
-                "lease lost: plugin call stopped; lost the claim before re-queueing (the fence refused it)"
+        };
+        match why {
+            Stopped::Drain => tracing::info!("job stopped by the drain: {outcome}"),
+            Stopped::PluginGone => tracing::warn!(
+                handler = %record.handler,
+                "the handler's plugin was removed as the job was claimed: {outcome}"
             ),
+            Stopped::LeaseLost => tracing::warn!("lease lost, plugin call stopped: {outcome}"),
         }
     }
 
@@ -691,6 +715,15 @@ enum Persisted<T> {
     Refused(String),
     /// The call failed and the claim's lease was lost or the drain's hard stop came.
     GaveUp,
+}
+
+/// What became of a re-queue ([`Worker::requeue`]).
+enum Requeue {
+    Done,
+    /// The job's record was gone, so its claim was dropped instead.
+    RecordGone,
+    /// The claim was not ours any more (or etcd could not be reached while it was).
+    ClaimLost,
 }
 
 /// How publishing a finished job went.
