@@ -93,6 +93,32 @@ async fn a_rejected_file_put_back_to_the_serving_build_is_active_again() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Deploys a copy of the component of `from` as the plugin `name`, with its manifest, the
+/// supported way: the manifest, then the component under a temporary name renamed into place.
+fn deploy_copy(dir: &Path, from: &str, name: &str) {
+    let staged = dir.join(format!(".{name}.wasm.tmp"));
+    std::fs::copy(dir.join(format!("{from}.wasm")), &staged).unwrap();
+    std::fs::write(dir.join(format!("{name}.toml")), manifest(&[HANDLER], 2)).unwrap();
+    std::fs::rename(&staged, dir.join(format!("{name}.wasm"))).unwrap();
+}
+
+fn remove_plugin(dir: &Path, name: &str) {
+    std::fs::remove_file(dir.join(format!("{name}.toml"))).unwrap();
+    std::fs::remove_file(dir.join(format!("{name}.wasm"))).unwrap();
+}
+
+/// Waits until `name` serves the scripted handler and its status says active.
+async fn serves_and_is_active(registry: &PluginRegistry, name: &str) {
+    eventually(&format!("the handler is served by {name}"), || {
+        registry.get(HANDLER).is_some_and(|p| p.name == name)
+    })
+    .await;
+    eventually(&format!("{name} is active"), || {
+        registry.status(name).is_some_and(|s| s.state == "active")
+    })
+    .await;
+}
+
 fn rejections(plugin: &str) -> u64 {
     esi_host::metrics::global()
         .plugin_rejections
@@ -113,23 +139,9 @@ async fn a_handler_moved_to_a_plugin_under_a_new_name_in_one_deploy_is_served_by
 
     // `incoming` is looked at first (names are taken in order, and its files change first),
     // while `outgoing` still serves the handler.
-    let outgoing = dir.join("outgoing.wasm");
-    let staged = dir.join(".incoming.wasm.tmp");
-    std::fs::copy(&outgoing, &staged).unwrap();
-    std::fs::write(dir.join("incoming.toml"), manifest(&[HANDLER], 2)).unwrap();
-    std::fs::rename(&staged, dir.join("incoming.wasm")).unwrap();
-    std::fs::remove_file(dir.join("outgoing.toml")).unwrap();
-    std::fs::remove_file(&outgoing).unwrap();
-    eventually("the handler is served by incoming", || {
-        registry.get(HANDLER).is_some_and(|p| p.name == "incoming")
-    })
-    .await;
-    eventually("incoming is active", || {
-        registry
-            .status("incoming")
-            .is_some_and(|s| s.state == "active")
-    })
-    .await;
+    deploy_copy(&dir, "outgoing", "incoming");
+    remove_plugin(&dir, "outgoing");
+    serves_and_is_active(&registry, "incoming").await;
     assert!(registry.status("outgoing").is_none());
     assert_eq!(rejections("incoming"), 0);
     shutdown.cancel();
@@ -150,10 +162,7 @@ async fn a_plugin_whose_handler_stays_taken_is_rejected_once_and_serves_once_it_
 
     let holder = dir.join("holder.wasm");
     let original = std::fs::read(&holder).unwrap();
-    let staged = dir.join(".squatter.wasm.tmp");
-    std::fs::copy(&holder, &staged).unwrap();
-    std::fs::write(dir.join("squatter.toml"), manifest(&[HANDLER], 2)).unwrap();
-    std::fs::rename(&staged, dir.join("squatter.wasm")).unwrap();
+    deploy_copy(&dir, "holder", "squatter");
     eventually("squatter is rejected", || {
         registry
             .status("squatter")
@@ -176,18 +185,8 @@ async fn a_plugin_whose_handler_stays_taken_is_rejected_once_and_serves_once_it_
     assert!(registry.get(HANDLER).is_some_and(|p| p.name == "holder"));
 
     // The holder goes: the squatter serves.
-    std::fs::remove_file(dir.join("holder.toml")).unwrap();
-    std::fs::remove_file(&holder).unwrap();
-    eventually("squatter serves", || {
-        registry.get(HANDLER).is_some_and(|p| p.name == "squatter")
-    })
-    .await;
-    eventually("squatter is active", || {
-        registry
-            .status("squatter")
-            .is_some_and(|s| s.state == "active")
-    })
-    .await;
+    remove_plugin(&dir, "holder");
+    serves_and_is_active(&registry, "squatter").await;
     assert_eq!(rejections("squatter"), 1);
     shutdown.cancel();
     watch.await.unwrap();

@@ -727,3 +727,66 @@ fn err(op: &'static str, key: &str, source: etcd_client::Error) -> StoreError {
         source: source.into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Failure, StoreError};
+    use tonic::{Code, Status};
+
+    fn error(code: Code, message: &str) -> StoreError {
+        StoreError {
+            op: "txn",
+            key: "/jobs/working/j".into(),
+            source: Failure::Etcd(etcd_client::Error::GRpcStatus(Status::new(code, message))),
+        }
+    }
+
+    #[test]
+    fn requests_etcd_can_never_take_are_refusals() {
+        for (code, message) in [
+            (
+                Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
+            ),
+            (
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+            ),
+            (Code::InvalidArgument, "etcdserver: request is too large"),
+            (
+                Code::ResourceExhausted,
+                "grpc: received message larger than max (3146000 vs. 2097152)",
+            ),
+        ] {
+            assert!(error(code, message).is_refused(), "{message}");
+        }
+    }
+
+    #[test]
+    fn failures_that_pass_with_time_are_not_refusals() {
+        for (code, message) in [
+            (Code::ResourceExhausted, "etcdserver: too many requests"),
+            (
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
+            ),
+            (
+                Code::InvalidArgument,
+                "etcdserver: revision of auth store is old",
+            ),
+            (Code::Unavailable, "etcdserver: leader changed"),
+            (Code::DeadlineExceeded, "etcdserver: request timed out"),
+        ] {
+            assert!(!error(code, message).is_refused(), "{message}");
+        }
+        let fenced = StoreError {
+            op: "txn",
+            key: "/leader".into(),
+            source: Failure::Fenced {
+                key: "/leader".into(),
+                expected: "me".into(),
+            },
+        };
+        assert!(!fenced.is_refused());
+    }
+}

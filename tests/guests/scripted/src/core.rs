@@ -170,10 +170,7 @@ impl Script {
             ("read", Value::String(target)) => record_ref(target)
                 .map(Script::Read)
                 .ok_or_else(|| bad("expected \"<kind> <resource_type> <resource_id>\"")),
-            ("read_many", Value::Array(targets)) => targets
-                .iter()
-                .map(|t| t.as_str().and_then(record_ref))
-                .collect::<Option<Vec<_>>>()
+            ("read_many", Value::Array(targets)) => record_refs(targets)
                 .map(Script::ReadMany)
                 .ok_or_else(|| bad("expected a list of \"<kind> <resource_type> <resource_id>\"")),
             ("write", Value::String(target)) => record_ref(target)
@@ -182,10 +179,7 @@ impl Script {
             ("write_stale", Value::String(target)) => record_ref(target)
                 .map(Script::WriteStale)
                 .ok_or_else(|| bad("expected \"<kind> <resource_type> <resource_id>\"")),
-            ("write", Value::Array(targets)) => targets
-                .iter()
-                .map(|t| t.as_str().and_then(record_ref))
-                .collect::<Option<Vec<_>>>()
+            ("write", Value::Array(targets)) => record_refs(targets)
                 .map(Script::Write)
                 .ok_or_else(|| bad("expected a list of \"<kind> <resource_type> <resource_id>\"")),
             _ => Err(bad("unknown script")),
@@ -195,6 +189,14 @@ impl Script {
 
 fn small(n: &serde_json::Number) -> Option<u32> {
     n.as_u64().and_then(|n| u32::try_from(n).ok())
+}
+
+/// A list of [`record_ref`]s; `None` if any is not one.
+fn record_refs(targets: &[Value]) -> Option<Vec<RecordRef>> {
+    targets
+        .iter()
+        .map(|t| t.as_str().and_then(record_ref))
+        .collect()
 }
 
 /// `"<kind> <resource_type> <resource_id>"`, kinds named as in the WIT (`vlan-pool`, ...).
