@@ -2,7 +2,7 @@
 
 use esi_host::keys::{Queue, Record};
 use esi_host::seed::{self, HA_INTERFACE_ID, PRIMARY_INTERFACE_ID};
-use esi_tests::TestEnv;
+use esi_tests::{plugin_dir_with_test_guests, seed_ha_interface_body, TestEnv};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,5 +227,59 @@ async fn a_resource_without_any_template_is_read_complete() {
         state,
         json!({"state": {"worker_state": "READ_COMPLETE"}, "version": 3, "error": ""})
     );
+    host.shutdown().await;
+}
+
+/// A config so big that its workflow would not fit one etcd transaction (each of its two
+/// job records carries the body) fails with its key and size named, instead of being refused
+/// by etcd on every try, which stopped every workflow planned after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_too_big_for_its_workflow_fails_and_the_resources_after_it_go_on() {
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    // A second job per ha_interface: the scripted guest, which just completes.
+    env.put_template(
+        "ha_interface_scripted_worker",
+        "scripted_worker",
+        "",
+        json!({}),
+    )
+    .await
+    .unwrap();
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
+    let mut config = env.host_config();
+    config.plugin_dir = plugin_dir_with_test_guests();
+    let host = esi_host::Host::start(config).await.unwrap();
+
+    let big_id = "0f0f0f0f-0000-4000-8000-000000000009";
+    let mut body = seed_ha_interface_body(big_id);
+    // 800 KB: the config fits etcd's 1.5 MiB request limit, two job records do not.
+    body["description"] = json!("x".repeat(800_000));
+    env.put_config("ha_interface", big_id, &body, 1)
+        .await
+        .unwrap();
+    let small_id = "0f0f0f0f-0000-4000-8000-00000000000a";
+    env.put_config(
+        "ha_interface",
+        small_id,
+        &seed_ha_interface_body(small_id),
+        1,
+    )
+    .await
+    .unwrap();
+
+    let state = wait_failed(&env, "ha_interface", big_id).await;
+    let error = state["error"].as_str().unwrap();
+    assert!(
+        error.contains(&env.key(Record::Config, "ha_interface", big_id))
+            && error.contains("2 job records")
+            && error.contains("over the 1400000 bytes"),
+        "{error}"
+    );
+    assert_eq!(state["state"]["worker_state"], "CREATE_FAILED");
+    let state = env.wait_completed("ha_interface", small_id).await.unwrap();
+    assert_eq!(state["state"]["worker_state"], "CREATE_COMPLETED");
     host.shutdown().await;
 }

@@ -501,3 +501,59 @@ async fn a_claim_whose_job_record_went_during_its_retry_backoff_is_dropped() {
     );
     host.shutdown().await;
 }
+
+/// A failed job's dependants are cancelled all at once, and before the failed job is
+/// cleaned up: a job manager that stops in between and rebuilds its view would otherwise find
+/// a dependant waiting on a job that is gone (which reads as finished) and release it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_jobs_dependants_are_cancelled_in_one_commit_before_it_is_cleaned() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let resource = new_resource_id();
+    let (first, second) =
+        put_two_job_workflow(&env, &resource, json!({"always": "permanent"}), "fail").await;
+    // A third job, after the second.
+    let (third, record) = job_record(
+        HANDLER,
+        "create",
+        RESOURCE_TYPE,
+        &resource,
+        1,
+        false,
+        true,
+        std::slice::from_ref(&second),
+        "fail",
+        input(&resource, None),
+    );
+    env.put_job(&third, &record, false).await.unwrap();
+    let host = TestHost::start(&env).await;
+
+    wait_failed(&env, &resource).await;
+    env.wait_jobs_drained().await.unwrap();
+    let first_record = env.job_key(Queue::All, &first);
+    // Every key is gone by now: take every event the watch has for them.
+    let seen = recorder.for_a_while(Duration::from_millis(500)).await;
+    let deleted_at = |key: &str| {
+        seen.iter()
+            .find_map(|c| match c {
+                Change::Delete {
+                    key: k, revision, ..
+                } if k == key => Some(*revision),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{key} was never deleted"))
+    };
+    let cancelled: Vec<i64> = [&second, &third]
+        .into_iter()
+        .flat_map(|id| [Queue::All, Queue::Waiting].map(|q| deleted_at(&env.job_key(q, id))))
+        .collect();
+    assert!(
+        cancelled.iter().all(|r| *r == cancelled[0]),
+        "the dependants were cancelled in several commits: {cancelled:?}"
+    );
+    assert!(
+        cancelled[0] < deleted_at(&first_record),
+        "the failed job was cleaned before its dependants were cancelled"
+    );
+    host.shutdown().await;
+}

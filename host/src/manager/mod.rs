@@ -35,6 +35,11 @@ use crate::store::{Change, Events, Kv, Store, StoreError, Watch, WatchError};
 /// Queued transactions that make the manager send a batch before reading further.
 const MAX_PENDING: usize = 64;
 
+/// Bytes of job records one workflow may write. Its transaction must fit etcd's
+/// `--max-request-bytes` (1,572,864 by default) with its keys; a workflow over this fails its
+/// resource with a clear error instead of being refused by etcd on every try.
+const MAX_WORKFLOW_BYTES: usize = 1_400_000;
+
 /// Watch changes gathered into one burst at most (from responses etcd already delivered).
 const MAX_BURST: usize = 512;
 
@@ -43,10 +48,6 @@ const MAX_BURST: usize = 512;
 /// releases instead of costing a commit of their own; when nothing else comes, they go
 /// after this long.
 const CLEANUP_LINGER: Duration = Duration::from_millis(100);
-
-/// How long the re-queue of an orphaned job is retried through etcd errors. A manager that
-/// lost etcd for longer rebuilds its view when it is back, and re-queues orphans then.
-const ORPHAN_REQUEUE_PATIENCE: Duration = Duration::from_secs(300);
 
 /// How long a vanished claim waits before the manager checks whether its job is accounted
 /// for. A completion deletes the claim and writes the finished key in one transaction, but
@@ -180,6 +181,9 @@ impl JobManager {
         if let Some(batch) = self.in_flight.take() {
             let _ = batch.await;
         }
+        // A rebuild of the queues may end a workflow and plan its resource's next one: with
+        // the templates, not with none (which would read as "no work": READ_COMPLETE).
+        self.load_templates().await?;
         let jobs_revision = self.rebuild_jobs().await?;
         self.settle().await?;
         let config_revision = self.rebuild_configs().await?;
@@ -354,6 +358,20 @@ impl JobManager {
         Ok(revision)
     }
 
+    /// Loads every heat template (again at [`JobManager::rebuild_configs`], at its revision).
+    async fn load_templates(&mut self) -> anyhow::Result<()> {
+        let Some(schema) = self.schemas.get(HEAT_TEMPLATE).cloned() else {
+            return Ok(());
+        };
+        let prefix = self.store.keys().record(Record::Config, &schema, "");
+        let (kvs, _) = self.store.list(&prefix).await?;
+        self.templates.clear();
+        for kv in &kvs {
+            self.on_template(kv);
+        }
+        Ok(())
+    }
+
     /// Lists every config, templates first so that resources see them, and acts on each.
     async fn rebuild_configs(&mut self) -> anyhow::Result<i64> {
         let prefix = self.store.keys().config_watch_prefix();
@@ -509,7 +527,21 @@ impl JobManager {
             return Ok(());
         }
         let jobs = plan(schema, id, &config, action, &steps);
-        self.write_jobs(&jobs).await
+        let new = new_jobs(&jobs);
+        let size: usize = new.iter().map(|j| j.record.len()).sum();
+        if size > MAX_WORKFLOW_BYTES {
+            let message = format!(
+                "{}: the workflow's {} job records come to {size} bytes (each carries the \
+                 config's body), over the {MAX_WORKFLOW_BYTES} bytes one etcd transaction is \
+                 allowed here",
+                kv.key,
+                jobs.len()
+            );
+            return self
+                .write_failed(&state_key, action, config.version, &message)
+                .await;
+        }
+        self.write_jobs(&jobs, &new).await
     }
 
     /// The handlers' parts of a workflow. `Ok(Err(message))`: the resource fails with that
@@ -672,17 +704,8 @@ impl JobManager {
         Ok(())
     }
 
-    async fn write_jobs(&mut self, jobs: &[JobRecord]) -> anyhow::Result<()> {
-        let new: Vec<NewJob> = jobs
-            .iter()
-            .map(|r| NewJob {
-                id: r.job.id.clone(),
-                handler: r.handler.clone(),
-                record: r.to_json(),
-                ready: r.job.dependency.is_empty(),
-            })
-            .collect();
-        self.queue(self.store.workflow_txn(&new)).await?;
+    async fn write_jobs(&mut self, jobs: &[JobRecord], new: &[NewJob]) -> anyhow::Result<()> {
+        self.queue(self.store.workflow_txn(new)).await?;
         for r in jobs {
             self.index.insert(&r.job, r.job.dependency.is_empty());
             tracing::info!(job_id = %r.job.id, "job written");
@@ -754,10 +777,16 @@ impl JobManager {
         let clean = self
             .store
             .clean_finished_txn(&id, job_state.as_deref().map(|k| (k, kv.create_revision)));
-        self.queue_cleanup(clean).await?;
         match &failure {
-            Some(error) => self.cancel_dependants(&id, error).await?,
+            Some(error) => {
+                // Dependants are cancelled before the failed job is cleaned: a rebuild in
+                // between must not find them waiting on a job that is gone (which reads as
+                // finished) and release them.
+                self.cancel_dependants(&id, error).await?;
+                self.queue_cleanup(clean).await?;
+            }
             None => {
+                self.queue_cleanup(clean).await?;
                 for dependant in self.index.dependants(&id) {
                     if self.index.is_releasable(&dependant) {
                         self.release(&dependant).await?;
@@ -811,9 +840,9 @@ impl JobManager {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             // The compares make a repeat harmless (a re-queue that committed but whose answer
-            // was lost finds the ready key and does nothing), so a failure is retried rather
-            // than leaving the job in no queue until the next manager start.
-            let give_up = Instant::now() + ORPHAN_REQUEUE_PATIENCE;
+            // was lost finds the ready key and does nothing), so a failure is retried until
+            // it goes through or this manager's term ends (a fenced write), rather than
+            // leaving the job in no queue until the next manager start.
             let mut pause = Duration::from_millis(100);
             loop {
                 match store
@@ -836,10 +865,6 @@ impl JobManager {
                         tracing::error!(job_id = %id, error = %e, "etcd refuses to re-queue the job; it stays out of every queue");
                         return;
                     }
-                    Err(e) if Instant::now() >= give_up => {
-                        tracing::error!(job_id = %id, error = %e, "re-queue kept failing; the next manager start re-queues the job");
-                        return;
-                    }
                     Err(e) => {
                         tracing::warn!(job_id = %id, error = %e, retry_in = ?pause, "re-queue failed; retrying");
                         tokio::time::sleep(pause).await;
@@ -854,45 +879,60 @@ impl JobManager {
     /// Cancels every job that (transitively) depends on a failed job. A dependant of another
     /// resource gets a failed `/state` naming the dependency, since no worker will report
     /// for it; the failed job's own resource already has one.
+    ///
+    /// All of them go in one transaction, with those `/state` records, committed before the
+    /// failed job's clean-up (see [`Store::cancel_all`]).
     async fn cancel_dependants(&mut self, failed: &str, error: &str) -> anyhow::Result<()> {
         let failed_resource = failed
             .parse::<JobId>()
             .ok()
             .map(|j| (j.resource_type, j.resource_id));
+        let mut doomed: Vec<String> = Vec::new();
         let mut queue = vec![failed.to_string()];
         while let Some(id) = queue.pop() {
             for dependant in self.index.dependants(&id) {
-                tracing::info!(job_id = %dependant, cause = %id, %error, "job cancelled: a dependency failed");
-                self.settle().await?;
-                self.store.cancel(&dependant).await?;
-                if let Some(entry) = self.index.remove(&dependant) {
-                    if failed_resource.as_ref() != Some(&entry.resource) {
-                        let message = format!(
-                            "job {dependant} cancelled: its dependency {failed} failed: {error}"
-                        );
-                        self.fail_dependant(&dependant, &message).await?;
-                    }
-                    self.dirty.insert(entry.resource.clone());
+                if !doomed.contains(&dependant) {
+                    tracing::info!(job_id = %dependant, cause = %id, %error, "job cancelled: a dependency failed");
+                    doomed.push(dependant.clone());
+                    queue.push(dependant);
                 }
-                queue.push(dependant);
             }
         }
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let mut states = Vec::new();
+        for dependant in &doomed {
+            let Some(entry) = self.index.remove(dependant) else {
+                continue;
+            };
+            if failed_resource.as_ref() != Some(&entry.resource) {
+                let message =
+                    format!("job {dependant} cancelled: its dependency {failed} failed: {error}");
+                states.extend(self.failed_state_of(dependant, &message));
+            }
+            self.dirty.insert(entry.resource);
+        }
+        self.settle().await?;
+        for (key, _) in &states {
+            self.prefetched.remove(key);
+        }
+        self.store.cancel_all(&doomed, &states).await?;
         Ok(())
     }
 
-    async fn fail_dependant(&mut self, job_id: &str, message: &str) -> anyhow::Result<()> {
-        let Ok(id) = job_id.parse::<JobId>() else {
-            return Ok(());
-        };
-        let Some(schema) = self.schemas.get(&id.resource_type) else {
-            return Ok(());
-        };
+    /// The failed `/state` record of the resource of `job_id`, which no worker will report
+    /// for: its key and value.
+    fn failed_state_of(&self, job_id: &str, message: &str) -> Option<(String, String)> {
+        let id = job_id.parse::<JobId>().ok()?;
+        let schema = self.schemas.get(&id.resource_type)?;
         let state_key = self
             .store
             .keys()
             .record(Record::State, schema, &id.resource_id);
-        self.write_failed(&state_key, id.action, id.version, message)
-            .await
+        tracing::error!(key = %state_key, error = %message, "resource failed");
+        let state = StateRecord::bare(&id.action.failed_state(), id.version, message.to_string());
+        Some((state_key, state.to_json()))
     }
 
     async fn release(&mut self, id: &str) -> anyhow::Result<()> {
@@ -923,6 +963,18 @@ impl JobManager {
             None => self.on_config_deleted(&key).await,
         }
     }
+}
+
+/// The records of a planned workflow as they are written.
+fn new_jobs(jobs: &[JobRecord]) -> Vec<NewJob> {
+    jobs.iter()
+        .map(|r| NewJob {
+            id: r.job.id.clone(),
+            handler: r.handler.clone(),
+            record: r.to_json(),
+            ready: r.job.dependency.is_empty(),
+        })
+        .collect()
 }
 
 /// `first` and every response the watch already delivered after it, up to [`MAX_BURST`]

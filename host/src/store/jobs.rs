@@ -53,6 +53,9 @@ pub fn failed_marker(error: &str) -> String {
     serde_json::json!({ "failed": error }).to_string()
 }
 
+/// Operations in one cancellation transaction: below etcd's default `--max-txn-ops` (128).
+const CANCEL_OPS: usize = 120;
+
 /// A transaction built but not sent: run it with [`Store::batch`]. `what` names it in errors.
 pub struct PlannedTxn {
     what: String,
@@ -108,13 +111,16 @@ impl Store {
     /// nested transaction of one outer transaction (etcd >= 3.3), so each still succeeds or
     /// fails on its own compares while the batch costs one commit. Transactions in one batch
     /// must not touch the same key. If a batch is refused as a whole (etcd's limits on one
-    /// request), its transactions run one by one.
+    /// request), its transactions run one by one. One that etcd refuses on its own is
+    /// logged and skipped: sending it again cannot help, and failing the batch would stop
+    /// the job manager on it for good.
     pub async fn batch(&self, txns: Vec<PlannedTxn>) -> Result<()> {
         let mut txns = txns.into_iter().peekable();
         while txns.peek().is_some() {
             let chunk: Vec<PlannedTxn> = txns.by_ref().take(BATCH_TXNS).collect();
             if let [only] = chunk.as_slice() {
-                self.txn(&only.what, only.txn.clone()).await?;
+                self.txn_unless_refused(&only.what, only.txn.clone())
+                    .await?;
                 continue;
             }
             let what = format!("batch of {} starting with {}", chunk.len(), chunk[0].what);
@@ -126,12 +132,25 @@ impl Store {
                 Err(e) => {
                     tracing::debug!(error = %e, "batch refused; running its transactions one by one");
                     for PlannedTxn { what, txn } in chunk {
-                        self.txn(&what, txn).await?;
+                        self.txn_unless_refused(&what, txn).await?;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Sends `txn`; a refusal by etcd is logged, with what the transaction was for, and
+    /// skipped.
+    async fn txn_unless_refused(&self, what: &str, txn: Txn) -> Result<()> {
+        match self.txn(what, txn).await {
+            Err(e) if e.is_refused() => {
+                tracing::error!(error = %format!("{e:#}"), txn = %what,
+                    "etcd refuses this transaction as it is; it is skipped");
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        }
     }
 
     /// Claims a ready job: succeeds for exactly one claimer, because the working key must not
@@ -417,12 +436,30 @@ impl Store {
         }
     }
 
-    /// Cancels a job that has not started: removes its record and queue entries.
-    pub async fn cancel(&self, job_id: &str) -> Result<()> {
+    /// Cancels jobs that have not started (every dependant of a failed job): removes their
+    /// records and queue entries and puts the given failed `/state` records, in one
+    /// transaction. All at once matters: a rebuild takes a waiting job whose dependency is
+    /// gone for one whose dependency finished, so a dependant left behind by a partial
+    /// cancellation would run. Only more than [`CANCEL_OPS`] operations (some forty jobs)
+    /// take several transactions, in order.
+    pub async fn cancel_all(&self, job_ids: &[String], states: &[(String, String)]) -> Result<()> {
         let k = self.keys();
-        let ops = [Queue::All, Queue::Waiting, Queue::Ready]
-            .map(|q| TxnOp::delete(k.job(q, job_id), None));
-        self.txn(job_id, Txn::new().and_then(ops)).await?;
+        let mut ops: Vec<TxnOp> = job_ids
+            .iter()
+            .flat_map(|id| {
+                [Queue::All, Queue::Waiting, Queue::Ready]
+                    .map(|q| TxnOp::delete(k.job(q, id), None))
+            })
+            .collect();
+        ops.extend(
+            states
+                .iter()
+                .map(|(key, value)| TxnOp::put(key.as_str(), value.as_str(), None)),
+        );
+        let what = job_ids.first().map_or("cancellation", String::as_str);
+        for chunk in ops.chunks(CANCEL_OPS) {
+            self.txn(what, Txn::new().and_then(chunk.to_vec())).await?;
+        }
         Ok(())
     }
 }
