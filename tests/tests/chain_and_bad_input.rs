@@ -283,3 +283,35 @@ async fn a_config_too_big_for_its_workflow_fails_and_the_resources_after_it_go_o
     assert_eq!(state["state"]["worker_state"], "CREATE_COMPLETED");
     host.shutdown().await;
 }
+
+/// A heat template that does not parse fails the resources that need it, naming the
+/// template's key and field, instead of reading as "no template" (READ_COMPLETE); fixed, it
+/// serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_does_not_parse_fails_the_resources_needing_it() {
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    let host = env.start_host().await.unwrap();
+    let broken = json!({"id": "ha_interface_monitoring", "watch": [], "template_file": ""});
+    env.put_config("heat_template", "ha_interface_monitoring", &broken, 2)
+        .await
+        .unwrap();
+    let id = "0f0f0f0f-0000-4000-8000-00000000000b";
+    // The manager follows templates and resources with one watch: in the order written.
+    env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
+        .await
+        .unwrap();
+    let state = wait_failed(&env, "ha_interface", id).await;
+    let error = state["error"].as_str().unwrap();
+    assert!(
+        error.contains(&env.key(Record::Config, "ha_interface", id))
+            && error.contains(&env.key(Record::Config, "heat_template", "ha_interface_monitoring"))
+            && error.contains("body.handler"),
+        "{error}"
+    );
+    env.load_shipped_templates_named(&["ha_interface_monitoring"])
+        .await
+        .unwrap();
+    a_good_resource_still_completes(&env).await;
+    host.shutdown().await;
+}

@@ -103,6 +103,9 @@ pub struct JobManager {
     schemas: Arc<SchemaRegistry>,
     config: ManagerConfig,
     templates: HashMap<String, HeatTemplate>,
+    /// Heat templates that do not parse, by id (the key's), with why: a resource that
+    /// needs one fails naming it, instead of reading as having no template.
+    broken_templates: HashMap<String, String>,
     index: JobIndex,
     /// Resources waiting for a related config: missing (type, id) -> config keys to retry.
     deferred: HashMap<ResourceKey, HashSet<String>>,
@@ -135,6 +138,7 @@ impl JobManager {
             schemas,
             config,
             templates: HashMap::new(),
+            broken_templates: HashMap::new(),
             index: JobIndex::default(),
             deferred: HashMap::new(),
             dirty: HashSet::new(),
@@ -366,6 +370,7 @@ impl JobManager {
         let prefix = self.store.keys().record(Record::Config, &schema, "");
         let (kvs, _) = self.store.list(&prefix).await?;
         self.templates.clear();
+        self.broken_templates.clear();
         for kv in &kvs {
             self.on_template(kv);
         }
@@ -377,6 +382,7 @@ impl JobManager {
         let prefix = self.store.keys().config_watch_prefix();
         let (kvs, revision) = self.store.list(&prefix).await?;
         self.templates.clear();
+        self.broken_templates.clear();
         self.deferred.clear();
         let (templates, resources): (Vec<&Kv>, Vec<&Kv>) = kvs.iter().partition(|kv| {
             self.schema_of(&kv.key)
@@ -409,20 +415,25 @@ impl JobManager {
         }
     }
 
+    /// A heat template was written. It is kept under its key's id, which is what resources
+    /// look it up by and what a delete names.
     fn on_template(&mut self, kv: &Kv) {
+        let Some((_, id)) = self.schema_of(&kv.key) else {
+            return;
+        };
         let parsed = ConfigEnvelope::parse(&kv.key, &kv.value)
             .and_then(|envelope| HeatTemplate::from_envelope(&kv.key, &envelope));
         match parsed {
             Ok(t) => {
                 tracing::debug!(template = %t.id, handler = %t.handler, "heat template loaded");
-                self.templates.insert(t.id.clone(), t);
+                self.broken_templates.remove(&id);
+                self.templates.insert(id, t);
             }
             Err(e) => {
-                // Keep no stale copy: resources needing it fail with a clear error.
-                if let Some((_, id)) = self.schema_of(&kv.key) {
-                    self.templates.remove(&id);
-                }
-                tracing::error!(error = %e, "heat template ignored");
+                // Keep no stale copy: resources needing it fail with this error.
+                tracing::error!(error = %e, "heat template does not parse; resources needing it fail");
+                self.templates.remove(&id);
+                self.broken_templates.insert(id, e.to_string());
             }
         }
     }
@@ -433,6 +444,7 @@ impl JobManager {
         };
         if schema.id == HEAT_TEMPLATE {
             self.templates.remove(&id);
+            self.broken_templates.remove(&id);
             return Ok(());
         }
         let resource = (schema.id.clone(), id.clone());
@@ -555,10 +567,13 @@ impl JobManager {
     ) -> anyhow::Result<Result<Option<Vec<Step>>, String>> {
         let mut steps = Vec::new();
         for handler in handler_order(self.config.handlers.all()) {
-            let Some(template) = template_id(&handler, schema)
-                .and_then(|t| self.templates.get(&t))
-                .cloned()
-            else {
+            let Some(template_id) = template_id(&handler, schema) else {
+                continue;
+            };
+            if let Some(error) = self.broken_templates.get(&template_id) {
+                return Ok(Err(format!("{config_key}: {error}")));
+            }
+            let Some(template) = self.templates.get(&template_id).cloned() else {
                 continue;
             };
             if !self.config.handlers.contains(&template.handler) {
