@@ -315,3 +315,36 @@ async fn a_template_that_does_not_parse_fails_the_resources_needing_it() {
     a_good_resource_still_completes(&env).await;
     host.shutdown().await;
 }
+
+/// A resource whose template walks to a related resource whose config does not parse fails
+/// naming that config's key and field, instead of waiting for it without a `/state`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_related_config_that_does_not_parse_fails_the_resource_walking_to_it() {
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    let host = env.start_host().await.unwrap();
+    let router = "0f0f0f0f-0000-4000-8000-00000000000c";
+    env.put_config_raw(
+        "edge_router",
+        router,
+        r#"{"body": "{this is not json", "version": 1}"#,
+    )
+    .await
+    .unwrap();
+    let interface = "0f0f0f0f-0000-4000-8000-00000000000d";
+    let body = json!({"id": interface, "name": "xe-0/0/9", "device_id": router,
+                      "tenant_id": seed::TENANT_ID, "status": "PENDING_CREATE"});
+    env.put_config("er_physical_interface", interface, &body, 1)
+        .await
+        .unwrap();
+    let state = wait_failed(&env, "er_physical_interface", interface).await;
+    let error = state["error"].as_str().unwrap();
+    assert!(
+        error.contains(&env.key(Record::Config, "er_physical_interface", interface))
+            && error.contains(&env.key(Record::Config, "edge_router", router))
+            && error.contains("\"body\""),
+        "{error}"
+    );
+    a_good_resource_still_completes(&env).await;
+    host.shutdown().await;
+}

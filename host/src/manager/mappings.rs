@@ -46,6 +46,10 @@ pub enum ResolveError {
     /// The template or the resource is wrong; retrying will not help.
     #[error("parameter {param:?}: {problem}")]
     Invalid { param: String, problem: String },
+    /// A related resource's config, needed to resolve the parameters, does not parse; the
+    /// error names its key and field.
+    #[error("related config {0}")]
+    BadRelated(String),
 }
 
 /// Resolves every mapping of a template, in template order.

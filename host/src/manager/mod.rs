@@ -633,10 +633,12 @@ impl JobManager {
                 Err(ResolveError::NeedConfig {
                     resource_type,
                     resource_id,
-                }) => {
-                    let body = self.related_config(&resource_type, &resource_id).await?;
-                    loaded.0.insert((resource_type, resource_id), body);
-                }
+                }) => match self.related_config(&resource_type, &resource_id).await? {
+                    Ok(body) => {
+                        loaded.0.insert((resource_type, resource_id), body);
+                    }
+                    Err(bad) => return Ok(Err(ResolveError::BadRelated(bad))),
+                },
                 other => return Ok(other),
             }
         }
@@ -646,19 +648,23 @@ impl JobManager {
         }))
     }
 
+    /// The body of a related resource's config: `None` when it has none (yet), an error
+    /// naming the key and field when it does not parse (waiting for it would not help).
     async fn related_config(
         &self,
         resource_type: &str,
         id: &str,
-    ) -> anyhow::Result<Option<Map<String, Value>>> {
+    ) -> anyhow::Result<Result<Option<Map<String, Value>>, String>> {
         let Some(schema) = self.schemas.get(resource_type) else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
         let key = self.store.keys().record(Record::Config, schema, id);
         let Some(kv) = self.store.get(&key).await? else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
-        Ok(ConfigEnvelope::parse(&key, &kv.value).ok().map(|c| c.body))
+        Ok(ConfigEnvelope::parse(&key, &kv.value)
+            .map(|c| Some(c.body))
+            .map_err(|e| e.to_string()))
     }
 
     /// Queues a transaction for the next batch; a full batch is sent at once.
