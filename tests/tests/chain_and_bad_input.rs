@@ -2,7 +2,7 @@
 
 use esi_host::keys::{Queue, Record};
 use esi_host::seed::{self, HA_INTERFACE_ID, PRIMARY_INTERFACE_ID};
-use esi_tests::{plugin_dir_with_test_guests, seed_ha_interface_body, TestEnv};
+use esi_tests::{job_record, plugin_dir_with_test_guests, seed_ha_interface_body, TestEnv};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,5 +346,85 @@ async fn a_related_config_that_does_not_parse_fails_the_resource_walking_to_it()
         "{error}"
     );
     a_good_resource_still_completes(&env).await;
+    host.shutdown().await;
+}
+
+/// A job manager that starts with a failed workflow to clean up, whose resource's config
+/// changed meanwhile, plans the config's new version with the heat templates, as any other
+/// time: not as a resource without templates (READ_COMPLETE, no monitoring).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_whose_failed_workflow_is_cleaned_at_start_is_planned_with_its_templates() {
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
+    let id = "0f0f0f0f-0000-4000-8000-00000000000e";
+    let body = seed_ha_interface_body(id);
+    // What the previous manager left: version 1's workflow, its first job failed (its /state
+    // says so) and its second still waiting; and the config at version 2 by now.
+    let (first, record) = job_record(
+        "monitoring_worker",
+        "create",
+        "ha_interface",
+        id,
+        1,
+        true,
+        false,
+        &[],
+        "fail",
+        body.clone(),
+    );
+    env.put_job(&first, &record, false).await.unwrap();
+    env.store
+        .delete(&env.job_key(Queue::Waiting, &first))
+        .await
+        .unwrap();
+    env.store
+        .put(
+            &env.job_key(Queue::Finished, &first),
+            r#"{"failed": "scripted failure"}"#,
+        )
+        .await
+        .unwrap();
+    let (second, record) = job_record(
+        "monitoring_worker",
+        "create",
+        "ha_interface",
+        id,
+        1,
+        false,
+        true,
+        std::slice::from_ref(&first),
+        "fail",
+        body.clone(),
+    );
+    env.put_job(&second, &record, false).await.unwrap();
+    let failed = json!({"state": {"worker_state": "CREATE_FAILED"}, "version": 1,
+                        "error": "scripted failure"});
+    env.store
+        .put(
+            &env.key(Record::State, "ha_interface", id),
+            failed.to_string(),
+        )
+        .await
+        .unwrap();
+    env.put_config("ha_interface", id, &body, 2).await.unwrap();
+
+    let host = env.start_host().await.unwrap();
+    let state = env
+        .wait_for_state(
+            "ha_interface",
+            id,
+            std::time::Duration::from_secs(30),
+            |s| s["version"] == 2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        state["state"]["worker_state"], "MODIFY_COMPLETED",
+        "{state}"
+    );
+    assert!(state["state"]["state_monitoring"].is_string(), "{state}");
     host.shutdown().await;
 }
