@@ -557,3 +557,54 @@ async fn a_failed_jobs_dependants_are_cancelled_in_one_commit_before_it_is_clean
     );
     host.shutdown().await;
 }
+
+/// A failed job with two dependants of another resource (a workflow of two jobs waiting on
+/// it) fails that resource once: one `/state`, in the same commit as the cancellation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dependency_with_two_dependants_of_another_resource_fails_it_once() {
+    let env = TestEnv::new().await.unwrap();
+    let (upstream, downstream) = (new_resource_id(), new_resource_id());
+    for resource in [&upstream, &downstream] {
+        env.put_config(RESOURCE_TYPE, resource, &input(resource, None), 1)
+            .await
+            .unwrap();
+    }
+    let (first, record) = job_record(
+        HANDLER,
+        "create",
+        RESOURCE_TYPE,
+        &upstream,
+        1,
+        true,
+        true,
+        &[],
+        "fail",
+        input(&upstream, Some(json!({"always": "permanent"}))),
+    );
+    env.put_job(&first, &record, true).await.unwrap();
+    let mut previous = first.clone();
+    for (is_first, is_last) in [(true, false), (false, true)] {
+        let (id, record) = job_record(
+            HANDLER,
+            "create",
+            RESOURCE_TYPE,
+            &downstream,
+            1,
+            is_first,
+            is_last,
+            std::slice::from_ref(&previous),
+            "fail",
+            input(&downstream, None),
+        );
+        env.put_job(&id, &record, false).await.unwrap();
+        previous = id;
+    }
+    let host = TestHost::start(&env).await;
+
+    wait_failed(&env, &upstream).await;
+    let state = wait_failed(&env, &downstream).await;
+    let error = state["error"].as_str().unwrap();
+    assert!(error.contains(&first), "{error}");
+    env.wait_jobs_drained().await.unwrap();
+    host.shutdown().await;
+}

@@ -13,7 +13,7 @@ mod index;
 pub mod mappings;
 pub mod workflow;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -922,7 +922,9 @@ impl JobManager {
         if doomed.is_empty() {
             return Ok(());
         }
-        let mut states = Vec::new();
+        // One failed `/state` per resource (the first of its jobs found names the cause): a
+        // resource's later jobs would put the same key again, which etcd refuses.
+        let mut states: BTreeMap<String, String> = BTreeMap::new();
         for dependant in &doomed {
             let Some(entry) = self.index.remove(dependant) else {
                 continue;
@@ -930,14 +932,23 @@ impl JobManager {
             if failed_resource.as_ref() != Some(&entry.resource) {
                 let message =
                     format!("job {dependant} cancelled: its dependency {failed} failed: {error}");
-                states.extend(self.failed_state_of(dependant, &message));
+                if let Some((key, state)) = self.failed_state_of(dependant, &message) {
+                    states.entry(key).or_insert_with_key(|key| {
+                        tracing::error!(%key, error = %message, "resource failed");
+                        state
+                    });
+                }
             }
             self.dirty.insert(entry.resource);
         }
         self.settle().await?;
-        for (key, _) in &states {
+        for key in states.keys() {
             self.prefetched.remove(key);
         }
+        // Last found first: should the cancellation take several transactions, each one
+        // leaves no job behind that waits on a job already gone.
+        doomed.reverse();
+        let states: Vec<(String, String)> = states.into_iter().collect();
         self.store.cancel_all(&doomed, &states).await?;
         Ok(())
     }
@@ -951,7 +962,6 @@ impl JobManager {
             .store
             .keys()
             .record(Record::State, schema, &id.resource_id);
-        tracing::error!(key = %state_key, error = %message, "resource failed");
         let state = StateRecord::bare(&id.action.failed_state(), id.version, message.to_string());
         Some((state_key, state.to_json()))
     }

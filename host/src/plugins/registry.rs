@@ -643,6 +643,9 @@ impl PluginRegistry {
             lock(&self.blocked).remove(&name);
             self.reload_tiered(&name, Conflicts::Defer, shutdown).await;
         }
+        // Under the reload lock, like every other status change, so that neither an
+        // optimisation swapping in nor the failure-count republisher interleaves with it.
+        let _one_at_a_time = self.reloading.lock().await;
         let unreported: Vec<(String, String)> = lock(&self.blocked)
             .iter_mut()
             .filter(|(_, b)| !b.reported)
