@@ -22,6 +22,11 @@ pub struct LocalEtcd {
 impl LocalEtcd {
     /// Starts `etcd` from `PATH` and waits until it answers (up to 30 s).
     pub async fn start() -> anyhow::Result<LocalEtcd> {
+        LocalEtcd::start_with_args(&[]).await
+    }
+
+    /// As [`LocalEtcd::start`], with extra command-line flags (e.g. lower request limits).
+    pub async fn start_with_args(extra: &[&str]) -> anyhow::Result<LocalEtcd> {
         let data_dir = tempfile::Builder::new()
             .prefix("esi-etcd-")
             .tempdir()
@@ -44,6 +49,7 @@ impl LocalEtcd {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=esi-local={peer}"))
             .arg("--log-level=warn")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("etcd log")?)
             .stderr(log)

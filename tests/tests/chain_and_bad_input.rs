@@ -428,3 +428,62 @@ async fn a_resource_whose_failed_workflow_is_cleaned_at_start_is_planned_with_it
     assert!(state["state"]["state_monitoring"].is_string(), "{state}");
     host.shutdown().await;
 }
+
+/// On an etcd whose request limit is below what a workflow needs (`--max-request-bytes`
+/// lowered), the workflow etcd refuses fails its resource with etcd's answer, and the
+/// resources after it are planned and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_etcd_refuses_fails_its_resource_and_the_others_go_on() {
+    let etcd = esi_host::local_etcd::LocalEtcd::start_with_args(&["--max-request-bytes=300000"])
+        .await
+        .unwrap();
+    let env = TestEnv::on_cluster(&[etcd.endpoint().to_string()])
+        .await
+        .unwrap();
+    env.load_shipped_templates().await.unwrap();
+    env.put_template(
+        "ha_interface_scripted_worker",
+        "scripted_worker",
+        "",
+        json!({}),
+    )
+    .await
+    .unwrap();
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
+    let mut config = env.host_config();
+    config.plugin_dir = plugin_dir_with_test_guests();
+    let host = esi_host::Host::start(config).await.unwrap();
+
+    // 200 KB: under the manager's own limit, and the config fits etcd's 300 KB; its two job
+    // records do not.
+    let big_id = "0f0f0f0f-0000-4000-8000-00000000000f";
+    let mut body = seed_ha_interface_body(big_id);
+    body["description"] = json!("x".repeat(200_000));
+    env.put_config("ha_interface", big_id, &body, 1)
+        .await
+        .unwrap();
+    let small_id = "0f0f0f0f-0000-4000-8000-000000000010";
+    env.put_config(
+        "ha_interface",
+        small_id,
+        &seed_ha_interface_body(small_id),
+        1,
+    )
+    .await
+    .unwrap();
+
+    let state = wait_failed(&env, "ha_interface", big_id).await;
+    let error = state["error"].as_str().unwrap();
+    assert!(
+        error.contains(&env.key(Record::Config, "ha_interface", big_id))
+            && error.contains("etcd refused the transaction writing its workflow")
+            && error.contains("request is too large"),
+        "{error}"
+    );
+    let state = env.wait_completed("ha_interface", small_id).await.unwrap();
+    assert_eq!(state["state"]["worker_state"], "CREATE_COMPLETED");
+    host.shutdown().await;
+    etcd.stop().await;
+}

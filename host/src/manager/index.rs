@@ -110,6 +110,19 @@ impl JobIndex {
         v
     }
 
+    /// The ids of the jobs of `resource`, sorted.
+    pub fn ids_of(&self, resource: &ResourceKey) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .by_resource
+            .get(resource)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn has_jobs(&self, resource: &ResourceKey) -> bool {
         self.by_resource.contains_key(resource)
     }

@@ -29,7 +29,7 @@ use crate::keys::{Queue, Record};
 use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobId, JobRecord, StateRecord};
 use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
 use crate::store::jobs::NewJob;
-use crate::store::jobs::PlannedTxn;
+use crate::store::jobs::{PlannedTxn, RefusedWorkflow};
 use crate::store::{Change, Events, Kv, Store, StoreError, Watch, WatchError};
 
 /// Queued transactions that make the manager send a batch before reading further.
@@ -121,7 +121,7 @@ pub struct JobManager {
     /// The batch being committed while the manager plans the next one. Batches commit one
     /// after the other, and any other write waits for it ([`JobManager::settle`]), so etcd
     /// still sees the manager's writes in the order it made them.
-    in_flight: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Vec<RefusedWorkflow>>>>,
     /// `/state` records read for a burst of configs in one round trip, by key; consumed by
     /// the first evaluation of each, dropped when the manager writes that key or the burst
     /// is done.
@@ -284,7 +284,7 @@ impl JobManager {
                 }
                 committed = wait_for(&mut self.in_flight), if self.in_flight.is_some() => {
                     self.in_flight = None;
-                    committed?;
+                    self.fail_refused(committed?).await?;
                 }
             }
         }
@@ -703,14 +703,11 @@ impl JobManager {
         }
         self.send_cleanups();
         if let Some(batch) = self.in_flight.take() {
-            batch.await??;
+            self.fail_refused(batch.await??).await?;
         }
         let batch = std::mem::take(&mut self.pending);
         let store = self.store.clone();
-        self.in_flight = Some(tokio::spawn(async move {
-            store.batch(batch).await?;
-            Ok(())
-        }));
+        self.in_flight = Some(tokio::spawn(async move { Ok(store.batch(batch).await?) }));
         Ok(())
     }
 
@@ -720,7 +717,35 @@ impl JobManager {
         self.send_cleanups();
         self.flush().await?;
         if let Some(batch) = self.in_flight.take() {
-            batch.await??;
+            self.fail_refused(batch.await??).await?;
+        }
+        Ok(())
+    }
+
+    /// Workflows etcd refused to write (its request limits are below what they need): their
+    /// jobs leave the index and their resources fail with etcd's answer. The `/state` is put
+    /// at once, not queued: nothing else is queued for a resource without jobs.
+    async fn fail_refused(&mut self, refused: Vec<RefusedWorkflow>) -> anyhow::Result<()> {
+        for RefusedWorkflow { first_job, error } in refused {
+            let Ok(job) = first_job.parse::<JobId>() else {
+                continue;
+            };
+            let resource = (job.resource_type.clone(), job.resource_id.clone());
+            for id in self.index.ids_of(&resource) {
+                self.index.remove(&id);
+            }
+            let Some(schema) = self.schemas.get(&job.resource_type).cloned() else {
+                continue;
+            };
+            let keys = self.store.keys();
+            let config_key = keys.record(Record::Config, &schema, &job.resource_id);
+            let state_key = keys.record(Record::State, &schema, &job.resource_id);
+            let message =
+                format!("{config_key}: etcd refused the transaction writing its workflow: {error}");
+            tracing::error!(key = %state_key, error = %message, "resource failed");
+            let state = StateRecord::bare(&job.action.failed_state(), job.version, message);
+            self.prefetched.remove(&state_key);
+            self.store.put(&state_key, state.to_json()).await?;
         }
         Ok(())
     }
@@ -1021,13 +1046,13 @@ fn burst(watch: &mut Watch, first: Vec<Change>) -> Result<Vec<Change>, WatchErro
     Ok(changes)
 }
 
-/// Waits for the batch being committed.
+/// Waits for the batch being committed; answers with the workflows etcd refused.
 async fn wait_for(
-    batch: &mut Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-) -> anyhow::Result<()> {
+    batch: &mut Option<tokio::task::JoinHandle<anyhow::Result<Vec<RefusedWorkflow>>>>,
+) -> anyhow::Result<Vec<RefusedWorkflow>> {
     match batch {
         Some(handle) => handle.await?,
-        None => Ok(()),
+        None => Ok(Vec::new()),
     }
 }
 

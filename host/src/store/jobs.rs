@@ -60,6 +60,16 @@ const CANCEL_OPS: usize = 120;
 pub struct PlannedTxn {
     what: String,
     txn: Txn,
+    /// For a workflow's transaction, its first job's id.
+    workflow: Option<String>,
+}
+
+/// A workflow transaction etcd refused on its own in a [`Store::batch`] (its limits on one
+/// request are below what the workflow needs): the workflow's first job and etcd's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedWorkflow {
+    pub first_job: String,
+    pub error: String,
 }
 
 /// Transactions per outer transaction of a [`Store::batch`]: below etcd's default
@@ -70,7 +80,7 @@ impl Store {
     /// Writes a whole workflow at once. The compare on the first job's `/jobs/all` key makes a
     /// repeated write (a retry after a lost response) a no-op instead of a duplicate.
     pub async fn write_workflow(&self, jobs: &[NewJob]) -> Result<bool> {
-        let Some(PlannedTxn { what, txn }) = self.workflow_txn(jobs) else {
+        let Some(PlannedTxn { what, txn, .. }) = self.workflow_txn(jobs) else {
             return Ok(true);
         };
         Ok(self.txn(&what, txn).await?.succeeded())
@@ -104,6 +114,7 @@ impl Store {
         Some(PlannedTxn {
             what: first.id.clone(),
             txn,
+            workflow: Some(first.id.clone()),
         })
     }
 
@@ -113,14 +124,15 @@ impl Store {
     /// must not touch the same key. If a batch is refused as a whole (etcd's limits on one
     /// request), its transactions run one by one. One that etcd refuses on its own is
     /// logged and skipped: sending it again cannot help, and failing the batch would stop
-    /// the job manager on it for good.
-    pub async fn batch(&self, txns: Vec<PlannedTxn>) -> Result<()> {
+    /// the job manager on it for good. The refused workflows come back, so that their
+    /// resources can fail.
+    pub async fn batch(&self, txns: Vec<PlannedTxn>) -> Result<Vec<RefusedWorkflow>> {
+        let mut refused = Vec::new();
         let mut txns = txns.into_iter().peekable();
         while txns.peek().is_some() {
             let chunk: Vec<PlannedTxn> = txns.by_ref().take(BATCH_TXNS).collect();
             if let [only] = chunk.as_slice() {
-                self.txn_unless_refused(&only.what, only.txn.clone())
-                    .await?;
+                self.txn_unless_refused(only, &mut refused).await?;
                 continue;
             }
             let what = format!("batch of {} starting with {}", chunk.len(), chunk[0].what);
@@ -131,22 +143,33 @@ impl Store {
                 Err(e) if e.is_fenced() => return Err(e),
                 Err(e) => {
                     tracing::debug!(error = %e, "batch refused; running its transactions one by one");
-                    for PlannedTxn { what, txn } in chunk {
-                        self.txn_unless_refused(&what, txn).await?;
+                    for planned in &chunk {
+                        self.txn_unless_refused(planned, &mut refused).await?;
                     }
                 }
             }
         }
-        Ok(())
+        Ok(refused)
     }
 
-    /// Sends `txn`; a refusal by etcd is logged, with what the transaction was for, and
-    /// skipped.
-    async fn txn_unless_refused(&self, what: &str, txn: Txn) -> Result<()> {
-        match self.txn(what, txn).await {
+    /// Sends `planned`; a refusal by etcd is logged, with what the transaction was for, and
+    /// skipped (a workflow's is added to `refused`).
+    async fn txn_unless_refused(
+        &self,
+        planned: &PlannedTxn,
+        refused: &mut Vec<RefusedWorkflow>,
+    ) -> Result<()> {
+        match self.txn(&planned.what, planned.txn.clone()).await {
             Err(e) if e.is_refused() => {
-                tracing::error!(error = %format!("{e:#}"), txn = %what,
+                let error = format!("{e:#}");
+                tracing::error!(%error, txn = %planned.what,
                     "etcd refuses this transaction as it is; it is skipped");
+                if let Some(first_job) = &planned.workflow {
+                    refused.push(RefusedWorkflow {
+                        first_job: first_job.clone(),
+                        error,
+                    });
+                }
                 Ok(())
             }
             other => other.map(|_| ()),
@@ -385,7 +408,7 @@ impl Store {
     /// equals the finished key's create revision, both written by the completion
     /// transaction); a newer workflow's job state is left alone.
     pub async fn clean_finished(&self, job_id: &str, job_state: Option<(&str, i64)>) -> Result<()> {
-        let PlannedTxn { what, txn } = self.clean_finished_txn(job_id, job_state);
+        let PlannedTxn { what, txn, .. } = self.clean_finished_txn(job_id, job_state);
         self.txn(&what, txn).await?;
         Ok(())
     }
@@ -411,12 +434,13 @@ impl Store {
         PlannedTxn {
             what: job_id.to_string(),
             txn,
+            workflow: None,
         }
     }
 
     /// Moves a waiting job to ready, once: the waiting key must still exist.
     pub async fn release(&self, job_id: &str, handler: &str) -> Result<bool> {
-        let PlannedTxn { what, txn } = self.release_txn(job_id, handler);
+        let PlannedTxn { what, txn, .. } = self.release_txn(job_id, handler);
         Ok(self.txn(&what, txn).await?.succeeded())
     }
 
@@ -433,6 +457,7 @@ impl Store {
         PlannedTxn {
             what: job_id.to_string(),
             txn,
+            workflow: None,
         }
     }
 
