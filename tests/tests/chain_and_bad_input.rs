@@ -236,8 +236,20 @@ async fn a_resource_without_any_template_is_read_complete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_too_big_for_its_workflow_fails_and_the_resources_after_it_go_on() {
     let env = TestEnv::new().await.unwrap();
+    // 800 KB: the config fits etcd's 1.5 MiB request limit, two job records do not.
+    let error = big_then_small_ha_interface(&env, 800_000).await;
+    assert!(
+        error.contains("2 job records") && error.contains("over the 1400000 bytes"),
+        "{error}"
+    );
+}
+
+/// Puts an ha_interface whose body carries `padding` more bytes, then a normal one, on a
+/// host where each ha_interface's workflow has two jobs (monitoring, then the scripted
+/// guest). The first must fail naming its config key, the second complete; returns the
+/// first's error.
+async fn big_then_small_ha_interface(env: &TestEnv, padding: usize) -> String {
     env.load_shipped_templates().await.unwrap();
-    // A second job per ha_interface: the scripted guest, which just completes.
     env.put_template(
         "ha_interface_scripted_worker",
         "scripted_worker",
@@ -255,8 +267,7 @@ async fn a_config_too_big_for_its_workflow_fails_and_the_resources_after_it_go_o
 
     let big_id = "0f0f0f0f-0000-4000-8000-000000000009";
     let mut body = seed_ha_interface_body(big_id);
-    // 800 KB: the config fits etcd's 1.5 MiB request limit, two job records do not.
-    body["description"] = json!("x".repeat(800_000));
+    body["description"] = json!("x".repeat(padding));
     env.put_config("ha_interface", big_id, &body, 1)
         .await
         .unwrap();
@@ -270,18 +281,17 @@ async fn a_config_too_big_for_its_workflow_fails_and_the_resources_after_it_go_o
     .await
     .unwrap();
 
-    let state = wait_failed(&env, "ha_interface", big_id).await;
-    let error = state["error"].as_str().unwrap();
+    let state = wait_failed(env, "ha_interface", big_id).await;
+    assert_eq!(state["state"]["worker_state"], "CREATE_FAILED");
+    let error = state["error"].as_str().unwrap().to_string();
     assert!(
-        error.contains(&env.key(Record::Config, "ha_interface", big_id))
-            && error.contains("2 job records")
-            && error.contains("over the 1400000 bytes"),
+        error.contains(&env.key(Record::Config, "ha_interface", big_id)),
         "{error}"
     );
-    assert_eq!(state["state"]["worker_state"], "CREATE_FAILED");
     let state = env.wait_completed("ha_interface", small_id).await.unwrap();
     assert_eq!(state["state"]["worker_state"], "CREATE_COMPLETED");
     host.shutdown().await;
+    error
 }
 
 /// A heat template that does not parse fails the resources that need it, naming the
@@ -440,50 +450,13 @@ async fn a_workflow_etcd_refuses_fails_its_resource_and_the_others_go_on() {
     let env = TestEnv::on_cluster(&[etcd.endpoint().to_string()])
         .await
         .unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_template(
-        "ha_interface_scripted_worker",
-        "scripted_worker",
-        "",
-        json!({}),
-    )
-    .await
-    .unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
-    let mut config = env.host_config();
-    config.plugin_dir = plugin_dir_with_test_guests();
-    let host = esi_host::Host::start(config).await.unwrap();
-
     // 200 KB: under the manager's own limit, and the config fits etcd's 300 KB; its two job
     // records do not.
-    let big_id = "0f0f0f0f-0000-4000-8000-00000000000f";
-    let mut body = seed_ha_interface_body(big_id);
-    body["description"] = json!("x".repeat(200_000));
-    env.put_config("ha_interface", big_id, &body, 1)
-        .await
-        .unwrap();
-    let small_id = "0f0f0f0f-0000-4000-8000-000000000010";
-    env.put_config(
-        "ha_interface",
-        small_id,
-        &seed_ha_interface_body(small_id),
-        1,
-    )
-    .await
-    .unwrap();
-
-    let state = wait_failed(&env, "ha_interface", big_id).await;
-    let error = state["error"].as_str().unwrap();
+    let error = big_then_small_ha_interface(&env, 200_000).await;
     assert!(
-        error.contains(&env.key(Record::Config, "ha_interface", big_id))
-            && error.contains("etcd refused the transaction writing its workflow")
+        error.contains("etcd refused the transaction writing its workflow")
             && error.contains("request is too large"),
         "{error}"
     );
-    let state = env.wait_completed("ha_interface", small_id).await.unwrap();
-    assert_eq!(state["state"]["worker_state"], "CREATE_COMPLETED");
-    host.shutdown().await;
     etcd.stop().await;
 }

@@ -401,9 +401,13 @@ async fn a_failed_job_with_on_failure_fail_cancels_the_rest_of_its_workflow() {
     host.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_dependency_fails_a_dependant_of_another_resource_with_a_clear_error() {
-    let env = TestEnv::new().await.unwrap();
+/// Two resources with configs: `upstream`, whose one job fails for good, and `downstream`,
+/// whose workflow of `jobs` chained jobs waits on it. Returns the resources, the failing job
+/// and the downstream jobs in order.
+async fn put_failing_upstream_and_downstream(
+    env: &TestEnv,
+    jobs: usize,
+) -> (String, String, String, Vec<String>) {
     let (upstream, downstream) = (new_resource_id(), new_resource_id());
     for resource in [&upstream, &downstream] {
         env.put_config(RESOURCE_TYPE, resource, &input(resource, None), 1)
@@ -423,26 +427,39 @@ async fn a_failed_dependency_fails_a_dependant_of_another_resource_with_a_clear_
         input(&upstream, Some(json!({"always": "permanent"}))),
     );
     env.put_job(&first, &record, true).await.unwrap();
-    let (second, record) = job_record(
-        HANDLER,
-        "create",
-        RESOURCE_TYPE,
-        &downstream,
-        1,
-        true,
-        true,
-        std::slice::from_ref(&first),
-        "fail",
-        input(&downstream, None),
-    );
-    env.put_job(&second, &record, false).await.unwrap();
+    let mut chain: Vec<String> = Vec::new();
+    for n in 0..jobs {
+        let previous = chain.last().unwrap_or(&first).clone();
+        let (id, record) = job_record(
+            HANDLER,
+            "create",
+            RESOURCE_TYPE,
+            &downstream,
+            1,
+            n == 0,
+            n + 1 == jobs,
+            std::slice::from_ref(&previous),
+            "fail",
+            input(&downstream, None),
+        );
+        env.put_job(&id, &record, false).await.unwrap();
+        chain.push(id);
+    }
+    (upstream, downstream, first, chain)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dependency_fails_a_dependant_of_another_resource_with_a_clear_error() {
+    let env = TestEnv::new().await.unwrap();
+    let (upstream, downstream, first, chain) = put_failing_upstream_and_downstream(&env, 1).await;
+    let second = &chain[0];
     let host = TestHost::start(&env).await;
 
     wait_failed(&env, &upstream).await;
     let state = wait_failed(&env, &downstream).await;
     let error = state["error"].as_str().unwrap();
     assert!(
-        error.contains(&second)
+        error.contains(second.as_str())
             && error.contains(&first)
             && error.contains("scripted permanent failure"),
         "{error}"
@@ -563,42 +580,7 @@ async fn a_failed_jobs_dependants_are_cancelled_in_one_commit_before_it_is_clean
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_dependency_with_two_dependants_of_another_resource_fails_it_once() {
     let env = TestEnv::new().await.unwrap();
-    let (upstream, downstream) = (new_resource_id(), new_resource_id());
-    for resource in [&upstream, &downstream] {
-        env.put_config(RESOURCE_TYPE, resource, &input(resource, None), 1)
-            .await
-            .unwrap();
-    }
-    let (first, record) = job_record(
-        HANDLER,
-        "create",
-        RESOURCE_TYPE,
-        &upstream,
-        1,
-        true,
-        true,
-        &[],
-        "fail",
-        input(&upstream, Some(json!({"always": "permanent"}))),
-    );
-    env.put_job(&first, &record, true).await.unwrap();
-    let mut previous = first.clone();
-    for (is_first, is_last) in [(true, false), (false, true)] {
-        let (id, record) = job_record(
-            HANDLER,
-            "create",
-            RESOURCE_TYPE,
-            &downstream,
-            1,
-            is_first,
-            is_last,
-            std::slice::from_ref(&previous),
-            "fail",
-            input(&downstream, None),
-        );
-        env.put_job(&id, &record, false).await.unwrap();
-        previous = id;
-    }
+    let (upstream, downstream, first, _) = put_failing_upstream_and_downstream(&env, 2).await;
     let host = TestHost::start(&env).await;
 
     wait_failed(&env, &upstream).await;
