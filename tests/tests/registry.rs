@@ -119,6 +119,32 @@ async fn serves_and_is_active(registry: &PluginRegistry, name: &str) {
     .await;
 }
 
+/// The registry's directory watch, running once it has caught up with the directory.
+struct Watching {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watching {
+    async fn start(registry: &Arc<PluginRegistry>) -> Watching {
+        let checked = registry.checks();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(registry.clone().watch(shutdown.clone()));
+        // The catch-up looks at each plugin once more.
+        let plugins = registry.statuses().len() as u64;
+        eventually("the watch catches up", || {
+            registry.checks() >= checked + plugins
+        })
+        .await;
+        Watching { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
 fn rejections(plugin: &str) -> u64 {
     esi_host::metrics::global()
         .plugin_rejections
@@ -133,9 +159,7 @@ fn rejections(plugin: &str) -> u64 {
 async fn a_handler_moved_to_a_plugin_under_a_new_name_in_one_deploy_is_served_by_it() {
     let dir = scripted_copies(&[("outgoing", manifest(&[HANDLER], 2))]);
     let registry = registry_on(&dir).await;
-    let shutdown = CancellationToken::new();
-    let watch = tokio::spawn(registry.clone().watch(shutdown.clone()));
-    eventually("the watch catches up", || registry.checks() >= 2).await;
+    let watch = Watching::start(&registry).await;
 
     // `incoming` is looked at first (names are taken in order, and its files change first),
     // while `outgoing` still serves the handler.
@@ -144,8 +168,7 @@ async fn a_handler_moved_to_a_plugin_under_a_new_name_in_one_deploy_is_served_by
     serves_and_is_active(&registry, "incoming").await;
     assert!(registry.status("outgoing").is_none());
     assert_eq!(rejections("incoming"), 0);
-    shutdown.cancel();
-    watch.await.unwrap();
+    watch.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -156,9 +179,7 @@ async fn a_handler_moved_to_a_plugin_under_a_new_name_in_one_deploy_is_served_by
 async fn a_plugin_whose_handler_stays_taken_is_rejected_once_and_serves_once_it_is_free() {
     let dir = scripted_copies(&[("holder", manifest(&[HANDLER], 2))]);
     let registry = registry_on(&dir).await;
-    let shutdown = CancellationToken::new();
-    let watch = tokio::spawn(registry.clone().watch(shutdown.clone()));
-    eventually("the watch catches up", || registry.checks() >= 2).await;
+    let watch = Watching::start(&registry).await;
 
     let holder = dir.join("holder.wasm");
     let original = std::fs::read(&holder).unwrap();
@@ -188,8 +209,7 @@ async fn a_plugin_whose_handler_stays_taken_is_rejected_once_and_serves_once_it_
     remove_plugin(&dir, "holder");
     serves_and_is_active(&registry, "squatter").await;
     assert_eq!(rejections("squatter"), 1);
-    shutdown.cancel();
-    watch.await.unwrap();
+    watch.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -734,18 +734,21 @@ impl JobManager {
             for id in self.index.ids_of(&resource) {
                 self.index.remove(&id);
             }
-            let Some(schema) = self.schemas.get(&job.resource_type).cloned() else {
+            let Some(schema) = self.schemas.get(&job.resource_type) else {
                 continue;
             };
-            let keys = self.store.keys();
-            let config_key = keys.record(Record::Config, &schema, &job.resource_id);
-            let state_key = keys.record(Record::State, &schema, &job.resource_id);
+            let config_key = self
+                .store
+                .keys()
+                .record(Record::Config, schema, &job.resource_id);
             let message =
                 format!("{config_key}: etcd refused the transaction writing its workflow: {error}");
+            let Some((state_key, state)) = self.failed_state_of(&first_job, &message) else {
+                continue;
+            };
             tracing::error!(key = %state_key, error = %message, "resource failed");
-            let state = StateRecord::bare(&job.action.failed_state(), job.version, message);
             self.prefetched.remove(&state_key);
-            self.store.put(&state_key, state.to_json()).await?;
+            self.store.put(&state_key, state).await?;
         }
         Ok(())
     }

@@ -450,9 +450,7 @@ impl Worker {
                     .get_or_create(&metrics::labels([("handler", &record.handler)]))
                     .inc();
             }
-            Requeue::RecordGone => {
-                tracing::info!("the job's record is gone (its workflow ended); claim dropped")
-            }
+            Requeue::RecordGone => tracing::info!("{RECORD_GONE}"),
             Requeue::ClaimLost => tracing::warn!("lost the claim before re-queueing"),
         }
     }
@@ -511,7 +509,7 @@ impl Worker {
     async fn hand_back(&self, claim: &Claim<'_>, record: &JobRecord, why: Stopped) {
         let outcome = match self.requeue(claim, record).await {
             Requeue::Done => "job handed back",
-            Requeue::RecordGone => "the job's record is gone (its workflow ended); claim dropped",
+            Requeue::RecordGone => RECORD_GONE,
             // After a lease loss the claim is usually gone already; the job manager re-queues.
             Requeue::ClaimLost => {
                 "lost the claim before handing the job back (the fence refused it)"
@@ -716,6 +714,9 @@ enum Persisted<T> {
     /// The call failed and the claim's lease was lost or the drain's hard stop came.
     GaveUp,
 }
+
+/// Said of a re-queue refused because the job's record was gone.
+const RECORD_GONE: &str = "the job's record is gone (its workflow ended); claim dropped";
 
 /// What became of a re-queue ([`Worker::requeue`]).
 enum Requeue {
