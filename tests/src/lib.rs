@@ -5,6 +5,7 @@
 //! seeing each other's keys; without it the test starts a private etcd process. Either way the
 //! server is a real etcd.
 
+pub mod proxy;
 pub mod scripted;
 
 use std::path::{Path, PathBuf};

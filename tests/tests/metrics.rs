@@ -1,12 +1,16 @@
 //! `/metrics`, `/healthz` and `/readyz` (issue 7). Metrics are process-wide, so this file runs
-//! one host at a time and each test its own counts: the tests run one after another.
+//! one host at a time and each test its own counts: the tests run one after another. Also: a
+//! completion whose answer is lost in transit is still counted, once.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use esi_host::keys::Record;
 use esi_host::local_etcd::LocalEtcd;
+use esi_host::metrics;
 use esi_host::store::counters::StoreCounters;
-use esi_tests::scripted::{completed_output, put_scripted_job, TIMEOUT};
+use esi_tests::proxy::AnswerLosingProxy;
+use esi_tests::scripted::{completed_output, put_scripted_job, RESOURCE_TYPE, TIMEOUT};
 use esi_tests::{plugin_dir_with_test_guests, TestEnv};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -189,4 +193,60 @@ async fn readyz_turns_unready_while_etcd_is_down_and_ready_when_it_is_back() {
     wait_for(200).await;
     host.shutdown().await;
     etcd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_whose_answer_was_lost_is_counted_once() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let env = TestEnv::new().await.unwrap();
+    let proxy = AnswerLosingProxy::start(&env.endpoint).await.unwrap();
+    let mut config = env.worker_only_config();
+    config.etcd_endpoints = vec![proxy.endpoint()];
+    config.plugin_dir = plugin_dir_with_test_guests();
+    // No lease keep-alive falls in the second the test waits for the completion.
+    config.lease_ttl = Duration::from_secs(60);
+    config.compile_cache = None;
+    let host = esi_host::Host::start(config).await.unwrap();
+    let completed = || {
+        metrics::global()
+            .jobs_completed
+            .get_or_create(&metrics::labels([
+                ("handler", "scripted_worker"),
+                ("action", "create"),
+            ]))
+            .get()
+    };
+    // The cut loses the answer to the next request the host sends. That is the completion,
+    // unless an HTTP/2 keep-alive ping goes first: then try again with another job.
+    for _ in 0..5 {
+        let before = completed();
+        let mut changes = env.record_changes().await.unwrap();
+        let resource = put_scripted_job(&env, Some(json!({"wait_once_ms": 1000}))).await;
+        changes.until_claimed(env.keys(), TIMEOUT).await.unwrap();
+        proxy.arm();
+        proxy.wait_cut().await;
+        // The host cannot reach etcd for a while: a /state here was written by the request
+        // whose answer was lost.
+        let state_key = env.key(Record::State, RESOURCE_TYPE, &resource);
+        let committed = env.get_json(&state_key).await.unwrap().is_some();
+        assert_eq!(
+            completed_output(&env, &resource).await,
+            json!({"attempts": 0})
+        );
+        if !committed {
+            continue;
+        }
+        // The retry finds the claim gone while the host's lease lives: the host's own
+        // completion ended it, so the job counts as completed, once.
+        let deadline = Instant::now() + TIMEOUT;
+        while completed() < before + 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(completed(), before + 1, "the completion is counted");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(completed(), before + 1, "and counted once");
+        host.shutdown().await;
+        return;
+    }
+    panic!("in 5 tries, the lost answer was never the completion's");
 }

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use esi_host::keys::Queue;
-use esi_host::store::jobs::{Claimed, Completion, CompletionOutcome, GuardedWrite, NewJob};
+use esi_host::store::jobs::{
+    ClaimFate, Claimed, Completion, CompletionOutcome, GuardedWrite, NewJob,
+};
 use esi_host::store::{Change, Events};
 use esi_tests::TestEnv;
 
@@ -182,6 +184,65 @@ async fn a_claim_reads_prefetched_keys_at_its_revision_present_or_absent() {
         other => panic!("expected the claim with its reads, got {other:?}"),
     }
     assert_eq!(env.store.counters().snapshot().get, gets_before);
+    env.store.revoke_lease(lease).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_fate_tells_a_claim_we_ended_from_one_that_may_have_expired() {
+    let env = TestEnv::new().await.unwrap();
+    let (ours, expired) = (
+        ready_job(&env, "fate-ours").await,
+        ready_job(&env, "fate-expired").await,
+    );
+    let lease = env.store.grant_lease(30).await.unwrap();
+    let other = env.store.grant_lease(30).await.unwrap();
+    for (job, lease) in [(&ours, lease), (&expired, other)] {
+        assert!(matches!(
+            env.store.claim(&job.id, "res-1", lease, &[]).await.unwrap(),
+            Claimed::Ours { .. }
+        ));
+        assert_eq!(
+            env.store.claim_fate(&job.id, "res-1", lease).await.unwrap(),
+            ClaimFate::Held
+        );
+    }
+
+    // Our completion commits; a retry of it (its answer lost) finds the claim gone, and the
+    // fate says our own transaction ended it.
+    let job_state_key = env.job_key(Queue::All, "fate-ours-state");
+    let completion = Completion {
+        job_id: &ours.id,
+        reservation: "res-1",
+        job_state_key: &job_state_key,
+        job_state: "{}".into(),
+        state: None,
+        writes: &[],
+    };
+    assert_eq!(
+        env.store.complete(&completion).await.unwrap(),
+        CompletionOutcome::Completed
+    );
+    assert_eq!(
+        env.store.complete(&completion).await.unwrap(),
+        CompletionOutcome::LostClaim
+    );
+    assert_eq!(
+        env.store
+            .claim_fate(&ours.id, "res-1", lease)
+            .await
+            .unwrap(),
+        ClaimFate::EndedByUs
+    );
+
+    // A claim whose lease ended: its working key went with the lease, so nobody can tell.
+    env.store.revoke_lease(other).await.unwrap();
+    assert_eq!(
+        env.store
+            .claim_fate(&expired.id, "res-1", other)
+            .await
+            .unwrap(),
+        ClaimFate::Unknown
+    );
     env.store.revoke_lease(lease).await.unwrap();
 }
 

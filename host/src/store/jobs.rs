@@ -47,6 +47,20 @@ pub enum CompletionOutcome {
     Conflict,
 }
 
+/// What a claim came to, asked by a worker whose fenced transaction went unanswered
+/// ([`Store::claim_fate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimFate {
+    /// The working key still holds our reservation: nothing of ours that ends a claim
+    /// committed.
+    Held,
+    /// The working key is gone while our lease lives: one of our own fenced transactions
+    /// removed it (nothing else removes a working key before its lease ends).
+    EndedByUs,
+    /// The working key is gone and so is our lease: it may have expired first.
+    Unknown,
+}
+
 /// The value `/jobs/finished/<id>` holds for a job that failed with `on_failure: fail`.
 /// (A successful job's finished value is `""`, as in the original protocol.)
 pub fn failed_marker(error: &str) -> String {
@@ -277,6 +291,27 @@ impl Store {
             CompletionOutcome::Conflict
         } else {
             CompletionOutcome::LostClaim
+        })
+    }
+
+    /// What became of our claim on `job_id`. For a worker whose completion (or failure)
+    /// transaction failed in transit, so that a retry found the claim gone: did the earlier
+    /// attempt commit? The working key is read before the lease is asked about: a lease alive
+    /// after the key was seen gone was alive when it went, so the key did not expire with it.
+    pub async fn claim_fate(
+        &self,
+        job_id: &str,
+        reservation: &str,
+        lease: i64,
+    ) -> Result<ClaimFate> {
+        let working = self.get(&self.keys().job(Queue::Working, job_id)).await?;
+        if working.is_some_and(|kv| kv.value == reservation.as_bytes()) {
+            return Ok(ClaimFate::Held);
+        }
+        Ok(if self.lease_ttl(lease).await? > 0 {
+            ClaimFate::EndedByUs
+        } else {
+            ClaimFate::Unknown
         })
     }
 

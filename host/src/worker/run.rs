@@ -15,7 +15,7 @@ use crate::plugins::host_api::{key_of, relative_key, versioned, writable, Record
 use crate::plugins::LoadedPlugin;
 use crate::protocol::{Job, JobId, JobRecord, OnFailure, StateRecord};
 use crate::retry::backoff;
-use crate::store::jobs::{Claimed, Completion, CompletionOutcome, GuardedWrite};
+use crate::store::jobs::{ClaimFate, Claimed, Completion, CompletionOutcome, GuardedWrite};
 use crate::store::{Kv, StoreError};
 
 /// Writes one completion may propose. etcd takes at most `--max-txn-ops` (default 128)
@@ -76,6 +76,7 @@ impl Worker {
         let claim = Claim {
             job_id,
             reservation: &reservation,
+            lease: term.id,
             lease_lost: term.lost().clone(),
             claimed_at: Instant::now(),
         };
@@ -386,10 +387,21 @@ impl Worker {
             state,
             writes,
         };
-        match self
-            .persist_or_refused(claim, || self.store.complete(&completion))
-            .await
-        {
+        let (persisted, unanswered) = self
+            .persist_tracked(claim, || self.store.complete(&completion))
+            .await;
+        let persisted = match persisted {
+            Persisted::Done(CompletionOutcome::LostClaim) | Persisted::GaveUp
+                if unanswered && self.ended_by_us(claim).await =>
+            {
+                tracing::info!(
+                    "an earlier try of the completion committed; etcd's answer to it was lost"
+                );
+                Persisted::Done(CompletionOutcome::Completed)
+            }
+            persisted => persisted,
+        };
+        match persisted {
             Persisted::Done(CompletionOutcome::Completed) => {
                 tracing::info!("job completed");
                 // A failed job whose workflow goes on (`ignore`) carries its dead-job record
@@ -598,8 +610,8 @@ impl Worker {
         let state_key = keys.record(Record::State, schema, &id.resource_id);
         let job_state_key = keys.record(Record::JobState, schema, &id.resource_id);
         let state = StateRecord::bare(&worker_state, id.version, message.to_string()).to_json();
-        let done = self
-            .persist_or_refused(claim, || {
+        let (done, unanswered) = self
+            .persist_tracked(claim, || {
                 self.store.fail_workflow(
                     claim.job_id,
                     claim.reservation,
@@ -612,6 +624,14 @@ impl Worker {
             .await;
         match done {
             Persisted::Done(true) => {}
+            Persisted::Done(false) | Persisted::GaveUp
+                if unanswered && self.ended_by_us(claim).await =>
+            {
+                tracing::info!(
+                    "an earlier try of recording the failure committed; etcd's answer to it \
+                     was lost"
+                );
+            }
             Persisted::Refused(why) => {
                 let message = format!("{message}; then etcd refused to record the failure: {why}");
                 self.end_without_state(claim, &message).await;
@@ -658,30 +678,65 @@ impl Worker {
     /// There is no deadline while the lease lives: etcd refusing writes for a while (a
     /// `NOSPACE` alarm until an operator compacts) must not leave the claim held with the
     /// result dropped. Unreachable etcd ends the lease, and with it the retries.
-    async fn persist_or_refused<T, F, Fut>(&self, claim: &Claim<'_>, mut call: F) -> Persisted<T>
+    async fn persist_or_refused<T, F, Fut>(&self, claim: &Claim<'_>, call: F) -> Persisted<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        self.persist_tracked(claim, call).await.0
+    }
+
+    /// [`Worker::persist_or_refused`], also saying whether a try failed in transit before
+    /// the last: a transaction whose answer was lost may have committed all the same, and
+    /// then the next try finds the claim gone ([`Worker::ended_by_us`] tells).
+    async fn persist_tracked<T, F, Fut>(
+        &self,
+        claim: &Claim<'_>,
+        mut call: F,
+    ) -> (Persisted<T>, bool)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
         let mut delay = Duration::from_millis(50);
+        let mut unanswered = false;
         loop {
             match call().await {
-                Ok(v) => return Persisted::Done(v),
+                Ok(v) => return (Persisted::Done(v), unanswered),
                 Err(e) if e.is_refused() => {
                     let why = format!("{e:#}");
                     tracing::error!(error = %why, "etcd refused the request");
-                    return Persisted::Refused(why);
+                    return (Persisted::Refused(why), unanswered);
                 }
                 Err(e) => {
+                    unanswered = true;
                     tracing::warn!(error = %e, retry_in = ?delay, "etcd call failed; retrying");
                     let pause = tokio::time::sleep(delay);
                     if let Err(stop) = self.unless_stopped(claim, pause).await {
                         tracing::error!(error = %format!("{e:#}"), ?stop,
                             "etcd call failed and the claim can no longer be ours; giving up on this job");
-                        return Persisted::GaveUp;
+                        return (Persisted::GaveUp, unanswered);
                     }
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
+            }
+        }
+    }
+
+    /// Whether one of our own transactions ended the claim though its answer was lost
+    /// ([`Store::claim_fate`](crate::store::Store::claim_fate)); `false` when etcd cannot
+    /// tell or cannot be asked.
+    async fn ended_by_us(&self, claim: &Claim<'_>) -> bool {
+        let fate = self
+            .store
+            .claim_fate(claim.job_id, claim.reservation, claim.lease)
+            .await;
+        match fate {
+            Ok(fate) => fate == ClaimFate::EndedByUs,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"),
+                    "could not ask etcd whether an unanswered try committed");
+                false
             }
         }
     }
@@ -757,6 +812,8 @@ fn bounded(message: &str) -> std::borrow::Cow<'_, str> {
 struct Claim<'a> {
     job_id: &'a str,
     reservation: &'a str,
+    /// The lease the claim is bound to.
+    lease: i64,
     /// Cancelled when the lease the claim is bound to is lost.
     lease_lost: tokio_util::sync::CancellationToken,
     claimed_at: Instant,
