@@ -213,6 +213,43 @@ async fn a_plugin_whose_handler_stays_taken_is_rejected_once_and_serves_once_it_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A plugin refused because another plugin holds its handler names the plugin that holds
+/// it now, also after the holder was replaced by a third plugin taking the same handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_names_the_handlers_holder_after_the_holder_is_replaced() {
+    let dir = scripted_copies(&[("incumbent", manifest(&[HANDLER], 2))]);
+    let registry = registry_on(&dir).await;
+    let watch = Watching::start(&registry).await;
+    let names = |holder: &str| {
+        let holder = dir.join(format!("{holder}.wasm")).display().to_string();
+        move |state: &str| state.contains("is already served by") && state.ends_with(&holder)
+    };
+    deploy_copy(&dir, "incumbent", "usurper");
+    let held_by_incumbent = names("incumbent");
+    eventually("usurper is rejected, naming the incumbent", || {
+        registry
+            .status("usurper")
+            .is_some_and(|s| held_by_incumbent(&s.state))
+    })
+    .await;
+
+    // One deploy replaces the incumbent with `heir`, which takes the handler first (the freed
+    // handler goes to the first blocked plugin by name, and "heir" < "usurper").
+    deploy_copy(&dir, "incumbent", "heir");
+    remove_plugin(&dir, "incumbent");
+    serves_and_is_active(&registry, "heir").await;
+    let held_by_heir = names("heir");
+    eventually("usurper's rejection names the heir", || {
+        registry
+            .status("usurper")
+            .is_some_and(|s| held_by_heir(&s.state))
+    })
+    .await;
+    assert_eq!(rejections("usurper"), 2, "a new holder is a new rejection");
+    watch.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A manifest that does not parse keeps its plugin's newest files rejected, even once the
 /// component is put back to the serving build: it is not taken for "no manifest".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -298,12 +298,11 @@ impl PluginRegistry {
                     // already on record, so not logged and counted again.
                     let known = blocked
                         .get(name)
-                        .is_some_and(|b| b.reported && b.reason == reason);
+                        .is_some_and(|b| b.reported && b.conflict.to_string() == reason);
                     blocked.insert(
                         name.to_string(),
                         Blocked {
-                            handler: conflict.handler,
-                            reason: reason.clone(),
+                            conflict,
                             reported: known || conflicts == Conflicts::Report,
                         },
                     );
@@ -636,7 +635,7 @@ impl PluginRegistry {
             let live = self.live.load_full();
             let freed = lock(&self.blocked)
                 .iter()
-                .find(|(_, b)| !live.by_handler.contains_key(&b.handler))
+                .find(|(_, b)| !live.by_handler.contains_key(&b.conflict.handler))
                 .map(|(name, _)| name.clone());
             let Some(name) = freed else { break };
             tracing::info!(plugin = %name, "the handler it was refused for is free now; loading it again");
@@ -646,15 +645,23 @@ impl PluginRegistry {
         // Under the reload lock, like every other status change, so that neither an
         // optimisation swapping in nor the failure-count republisher interleaves with it.
         let _one_at_a_time = self.reloading.lock().await;
+        let current = self.live.load_full();
         let unreported: Vec<(String, String)> = lock(&self.blocked)
             .iter_mut()
-            .filter(|(_, b)| !b.reported)
-            .map(|(name, b)| {
-                b.reported = true;
-                (name.clone(), b.reason.clone())
+            .filter_map(|(name, b)| {
+                // The handler changed hands in this burst (its holder went, another plugin
+                // took it): the rejection names the plugin that holds it now.
+                let holder = current.by_handler.get(&b.conflict.handler);
+                if let Some(holder) = holder.filter(|h| h.path != b.conflict.served_by) {
+                    b.conflict.served_by = holder.path.clone();
+                    b.reported = false;
+                }
+                (!b.reported).then(|| {
+                    b.reported = true;
+                    (name.clone(), b.conflict.to_string())
+                })
             })
             .collect();
-        let current = self.live.load_full();
         for (name, reason) in unreported {
             self.reject(&current, &name, &reason).await;
         }
@@ -664,9 +671,8 @@ impl PluginRegistry {
 /// A plugin refused because another plugin serves one of its handlers.
 #[derive(Debug)]
 struct Blocked {
-    /// The handler taken.
-    handler: String,
-    reason: String,
+    /// The handler taken, and by which plugin.
+    conflict: Conflict,
     /// Whether the rejection was logged and published yet.
     reported: bool,
 }
