@@ -41,6 +41,8 @@ pub struct HostConfig {
     /// attempt, with jitter, up to `requeue_backoff_max`.
     pub requeue_backoff: Duration,
     pub requeue_backoff_max: Duration,
+    /// etcd's `--max-request-bytes`: the job manager plans its writes to fit it.
+    pub etcd_max_request_bytes: usize,
     pub worker: WorkerConfig,
     pub limits: Limits,
     /// Watch the plugin directory and swap in new or changed plugins while running.
@@ -65,6 +67,7 @@ impl HostConfig {
             drain_timeout: Duration::from_secs(25),
             requeue_backoff: Duration::from_millis(500),
             requeue_backoff_max: Duration::from_secs(30),
+            etcd_max_request_bytes: crate::store::jobs::ETCD_DEFAULT_MAX_REQUEST_BYTES,
             worker: WorkerConfig::default(),
             limits: Limits::default(),
             hot_reload: true,
@@ -168,6 +171,7 @@ impl Host {
                 handlers,
                 requeue_backoff: config.requeue_backoff,
                 requeue_backoff_max: config.requeue_backoff_max,
+                max_request_bytes: config.etcd_max_request_bytes,
             };
             let (store, schemas, lease) = (store.clone(), schemas.clone(), lease.clone());
             // Every manager write compares the election key with our id (a fencing token), so

@@ -285,6 +285,10 @@ struct RunArgs {
     /// Longest re-queue delay, in milliseconds (default 30000).
     #[arg(long)]
     requeue_backoff_max_ms: Option<u64>,
+    /// etcd's --max-request-bytes (default 1572864, etcd's own): the job manager fails a
+    /// resource whose workflow would not fit and cuts its batches of writes to fit.
+    #[arg(long)]
+    etcd_max_request_bytes: Option<u64>,
     /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9464.
     #[arg(long)]
     metrics_addr: Option<String>,
@@ -312,6 +316,7 @@ impl RunArgs {
             retry_backoff_max_ms: self.retry_backoff_max_ms,
             requeue_backoff_ms: self.requeue_backoff_ms,
             requeue_backoff_max_ms: self.requeue_backoff_max_ms,
+            etcd_max_request_bytes: self.etcd_max_request_bytes,
             metrics_addr: self.metrics_addr.clone(),
         }
     }

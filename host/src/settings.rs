@@ -72,6 +72,7 @@ pub struct RunSettings {
     pub retry_backoff_max_ms: Option<u64>,
     pub requeue_backoff_ms: Option<u64>,
     pub requeue_backoff_max_ms: Option<u64>,
+    pub etcd_max_request_bytes: Option<u64>,
     pub metrics_addr: Option<String>,
 }
 
@@ -117,6 +118,7 @@ impl RunSettings {
             retry_backoff_max_ms,
             requeue_backoff_ms,
             requeue_backoff_max_ms,
+            etcd_max_request_bytes,
             metrics_addr
         )
     }
@@ -202,6 +204,15 @@ impl RunSettings {
             self.requeue_backoff_max_ms,
             30_000,
         )?;
+        let default_request = crate::store::jobs::ETCD_DEFAULT_MAX_REQUEST_BYTES as u64;
+        let request_bytes = in_range(
+            "etcd_max_request_bytes",
+            self.etcd_max_request_bytes,
+            default_request,
+            65_536,
+            1 << 30,
+        )?;
+        config.etcd_max_request_bytes = usize::try_from(request_bytes).unwrap_or(usize::MAX);
         if let Some(addr) = self.metrics_addr {
             let parsed: SocketAddr = addr.parse().map_err(|e| {
                 invalid(
@@ -258,6 +269,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_parses_with_every_setting_known() {
+        let text = include_str!("../../packaging/esi-host.toml");
+        let file = parse(text).unwrap();
+        assert_eq!(file.etcd_max_request_bytes, Some(1_572_864));
+    }
+
+    #[test]
     fn unknown_settings_and_wrong_types_are_named_with_the_file() {
         let e = parse("concurency = 4\n").unwrap_err();
         assert!(
@@ -284,6 +302,16 @@ mod tests {
         assert_eq!(config.lease_ttl, Duration::from_secs(30));
         assert_eq!(config.drain_timeout, Duration::from_secs(25));
         assert!(config.hot_reload);
+        assert_eq!(
+            config.etcd_max_request_bytes, 1_572_864,
+            "etcd's own default"
+        );
+        let file = RunSettings {
+            etcd_max_request_bytes: Some(10 << 20),
+            ..base()
+        };
+        let config = file.into_host_config().unwrap();
+        assert_eq!(config.etcd_max_request_bytes, 10 << 20);
     }
 
     #[test]
@@ -309,6 +337,13 @@ mod tests {
                     ..base()
                 },
                 "`metrics_addr`",
+            ),
+            (
+                RunSettings {
+                    etcd_max_request_bytes: Some(1000),
+                    ..base()
+                },
+                "`etcd_max_request_bytes`",
             ),
             (
                 RunSettings {

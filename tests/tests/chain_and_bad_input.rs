@@ -2,6 +2,7 @@
 
 use esi_host::keys::{Queue, Record};
 use esi_host::seed::{self, HA_INTERFACE_ID, PRIMARY_INTERFACE_ID};
+use esi_host::store::jobs::ETCD_DEFAULT_MAX_REQUEST_BYTES;
 use esi_tests::{job_record, plugin_dir_with_test_guests, seed_ha_interface_body, TestEnv};
 use serde_json::{json, Value};
 
@@ -237,18 +238,24 @@ async fn a_resource_without_any_template_is_read_complete() {
 async fn a_config_too_big_for_its_workflow_fails_and_the_resources_after_it_go_on() {
     let env = TestEnv::new().await.unwrap();
     // 800 KB: the config fits etcd's 1.5 MiB request limit, two job records do not.
-    let error = big_then_small_ha_interface(&env, 800_000).await;
+    let error = big_then_small_ha_interface(&env, 800_000, ETCD_DEFAULT_MAX_REQUEST_BYTES).await;
     assert!(
-        error.contains("2 job records") && error.contains("over the 1400000 bytes"),
+        error.contains("2 job records")
+            && error.contains("over the 1399792 bytes")
+            && error.contains("etcd_max_request_bytes, 1572864"),
         "{error}"
     );
 }
 
 /// Puts an ha_interface whose body carries `padding` more bytes, then a normal one, on a
-/// host where each ha_interface's workflow has two jobs (monitoring, then the scripted
-/// guest). The first must fail naming its config key, the second complete; returns the
-/// first's error.
-async fn big_then_small_ha_interface(env: &TestEnv, padding: usize) -> String {
+/// host (told etcd's request limit is `max_request_bytes`) where each ha_interface's
+/// workflow has two jobs (monitoring, then the scripted guest). The first must fail naming
+/// its config key, the second complete; returns the first's error.
+async fn big_then_small_ha_interface(
+    env: &TestEnv,
+    padding: usize,
+    max_request_bytes: usize,
+) -> String {
     env.load_shipped_templates().await.unwrap();
     env.put_template(
         "ha_interface_scripted_worker",
@@ -263,6 +270,7 @@ async fn big_then_small_ha_interface(env: &TestEnv, padding: usize) -> String {
         .unwrap();
     let mut config = env.host_config();
     config.plugin_dir = plugin_dir_with_test_guests();
+    config.etcd_max_request_bytes = max_request_bytes;
     let host = esi_host::Host::start(config).await.unwrap();
 
     let big_id = "0f0f0f0f-0000-4000-8000-000000000009";
@@ -450,12 +458,32 @@ async fn a_workflow_etcd_refuses_fails_its_resource_and_the_others_go_on() {
     let env = TestEnv::on_cluster(&[etcd.endpoint().to_string()])
         .await
         .unwrap();
-    // 200 KB: under the manager's own limit, and the config fits etcd's 300 KB; its two job
-    // records do not.
-    let error = big_then_small_ha_interface(&env, 200_000).await;
+    // 200 KB: under the manager's own limit (the host is not told of etcd's), and the
+    // config fits etcd's 300 KB; its two job records do not.
+    let error = big_then_small_ha_interface(&env, 200_000, ETCD_DEFAULT_MAX_REQUEST_BYTES).await;
     assert!(
         error.contains("etcd refused the transaction writing its workflow")
             && error.contains("request is too large"),
+        "{error}"
+    );
+    etcd.stop().await;
+}
+
+/// A host told etcd's lowered request limit (`etcd_max_request_bytes`) fails the workflow
+/// that would not fit before sending it, naming the size and the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_told_etcds_request_limit_fails_a_workflow_over_it_before_sending_it() {
+    let etcd = esi_host::local_etcd::LocalEtcd::start_with_args(&["--max-request-bytes=300000"])
+        .await
+        .unwrap();
+    let env = TestEnv::on_cluster(&[etcd.endpoint().to_string()])
+        .await
+        .unwrap();
+    let error = big_then_small_ha_interface(&env, 200_000, 300_000).await;
+    assert!(
+        error.contains("2 job records")
+            && error.contains("over the 267000 bytes")
+            && error.contains("etcd_max_request_bytes, 300000"),
         "{error}"
     );
     etcd.stop().await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use esi_host::keys::Queue;
 use esi_host::store::jobs::{
     ClaimFate, Claimed, Completion, CompletionOutcome, GuardedWrite, NewJob,
+    ETCD_DEFAULT_MAX_REQUEST_BYTES,
 };
 use esi_host::store::{Change, Events};
 use esi_tests::TestEnv;
@@ -244,6 +245,43 @@ async fn claim_fate_tells_a_claim_we_ended_from_one_that_may_have_expired() {
         ClaimFate::Unknown
     );
     env.store.revoke_lease(lease).await.unwrap();
+}
+
+/// Workflows that together exceed etcd's request limit go in batches cut to fit it: no
+/// batch is refused and sent again one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_large_workflows_is_cut_to_fit_etcds_request_limit() {
+    let env = TestEnv::new().await.unwrap();
+    // 20 workflows of ~100 KB: ~2 MB, over etcd's default 1.5 MiB in one request.
+    let padding = "x".repeat(100_000);
+    let jobs: Vec<NewJob> = (0..20)
+        .map(|i| NewJob {
+            id: format!("large-{i:02}"),
+            handler: "monitoring_worker".into(),
+            record: format!(r#"["monitoring_worker",{{"pad":"{padding}"}},0]"#),
+            ready: true,
+        })
+        .collect();
+    let planned = jobs
+        .iter()
+        .map(|job| env.store.workflow_txn(std::slice::from_ref(job)).unwrap())
+        .collect();
+    let txns_before = env.store.counters().snapshot().txn;
+    let refused = env
+        .store
+        .batch(planned, ETCD_DEFAULT_MAX_REQUEST_BYTES)
+        .await
+        .unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(
+        env.store.counters().snapshot().txn - txns_before,
+        2,
+        "two requests, none refused"
+    );
+    for job in &jobs {
+        let found = env.store.get(&env.job_key(Queue::Ready, &job.id)).await;
+        assert!(found.unwrap().is_some(), "{} is ready", job.id);
+    }
 }
 
 /// Writes a ready job `id` (a one-job workflow) and returns it.

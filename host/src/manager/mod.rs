@@ -29,16 +29,11 @@ use crate::keys::{Queue, Record};
 use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobId, JobRecord, StateRecord};
 use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
 use crate::store::jobs::NewJob;
-use crate::store::jobs::{PlannedTxn, RefusedWorkflow};
+use crate::store::jobs::{request_budget, PlannedTxn, RefusedWorkflow};
 use crate::store::{Change, Events, Kv, Store, StoreError, Watch, WatchError};
 
 /// Queued transactions that make the manager send a batch before reading further.
 const MAX_PENDING: usize = 64;
-
-/// Bytes of job records one workflow may write. Its transaction must fit etcd's
-/// `--max-request-bytes` (1,572,864 by default) with its keys; a workflow over this fails its
-/// resource with a clear error instead of being refused by etcd on every try.
-const MAX_WORKFLOW_BYTES: usize = 1_400_000;
 
 /// Watch changes gathered into one burst at most (from responses etcd already delivered).
 const MAX_BURST: usize = 512;
@@ -95,6 +90,10 @@ pub struct ManagerConfig {
     /// First delay before a job whose worker died goes back to ready; doubles per attempt.
     pub requeue_backoff: Duration,
     pub requeue_backoff_max: Duration,
+    /// etcd's `--max-request-bytes`. A workflow whose job records take more than
+    /// [`request_budget`] of it fails its resource with a clear error instead of being
+    /// refused by etcd on every try; batches of writes are cut to fit it.
+    pub max_request_bytes: usize,
 }
 
 /// The job manager. Run it with [`JobManager::run`].
@@ -541,13 +540,16 @@ impl JobManager {
         let jobs = plan(schema, id, &config, action, &steps);
         let new = new_jobs(&jobs);
         let size: usize = new.iter().map(|j| j.record.len()).sum();
-        if size > MAX_WORKFLOW_BYTES {
+        let budget = request_budget(self.config.max_request_bytes);
+        if size > budget {
             let message = format!(
                 "{}: the workflow's {} job records come to {size} bytes (each carries the \
-                 config's body), over the {MAX_WORKFLOW_BYTES} bytes one etcd transaction is \
-                 allowed here",
+                 config's body), over the {budget} bytes planned for one etcd transaction \
+                 (89% of etcd_max_request_bytes, {}; raise it together with etcd's \
+                 --max-request-bytes)",
                 kv.key,
-                jobs.len()
+                jobs.len(),
+                self.config.max_request_bytes
             );
             return self
                 .write_failed(&state_key, action, config.version, &message)
@@ -707,7 +709,10 @@ impl JobManager {
         }
         let batch = std::mem::take(&mut self.pending);
         let store = self.store.clone();
-        self.in_flight = Some(tokio::spawn(async move { Ok(store.batch(batch).await?) }));
+        let max_bytes = self.config.max_request_bytes;
+        self.in_flight = Some(tokio::spawn(async move {
+            Ok(store.batch(batch, max_bytes).await?)
+        }));
         Ok(())
     }
 

@@ -76,6 +76,21 @@ pub struct PlannedTxn {
     txn: Txn,
     /// For a workflow's transaction, its first job's id.
     workflow: Option<String>,
+    /// The keys and values it writes or compares, in bytes: what it adds to a request.
+    bytes: usize,
+}
+
+/// What each operation adds to a request beyond its key and value (field tags, lengths,
+/// options), rounded up.
+const OP_OVERHEAD_BYTES: usize = 16;
+
+/// etcd's own default `--max-request-bytes`.
+pub const ETCD_DEFAULT_MAX_REQUEST_BYTES: usize = 1_572_864;
+
+/// Of etcd's request limit, the share the keys and values of one request are planned to
+/// take; the rest is room for what an estimate leaves out.
+pub fn request_budget(max_request_bytes: usize) -> usize {
+    max_request_bytes / 100 * 89
 }
 
 /// A workflow transaction etcd refused on its own in a [`Store::batch`] (its limits on one
@@ -87,8 +102,28 @@ pub struct RefusedWorkflow {
 }
 
 /// Transactions per outer transaction of a [`Store::batch`]: below etcd's default
-/// `--max-txn-ops` (128), and small enough to stay far under its request size limit.
+/// `--max-txn-ops` (128).
 const BATCH_TXNS: usize = 64;
+
+/// `txns` in order, cut into batches of at most [`BATCH_TXNS`] whose bytes stay within
+/// `budget` (a transaction over it on its own goes alone).
+fn batches(txns: Vec<PlannedTxn>, budget: usize) -> Vec<Vec<PlannedTxn>> {
+    let mut batches: Vec<Vec<PlannedTxn>> = Vec::new();
+    let mut bytes = 0;
+    for txn in txns {
+        match batches.last_mut() {
+            Some(last) if last.len() < BATCH_TXNS && bytes + txn.bytes <= budget => {
+                bytes += txn.bytes;
+                last.push(txn);
+            }
+            _ => {
+                bytes = txn.bytes;
+                batches.push(vec![txn]);
+            }
+        }
+    }
+    batches
+}
 
 impl Store {
     /// Writes a whole workflow at once. The compare on the first job's `/jobs/all` key makes a
@@ -105,18 +140,18 @@ impl Store {
         let first = jobs.first()?;
         let k = self.keys();
         let mut ops = Vec::with_capacity(jobs.len() * 2);
+        let mut bytes = 0;
         for job in jobs {
             let queue = if job.ready {
                 Queue::Ready
             } else {
                 Queue::Waiting
             };
-            ops.push(TxnOp::put(
-                k.job(Queue::All, &job.id),
-                job.record.clone(),
-                None,
-            ));
-            ops.push(TxnOp::put(k.job(queue, &job.id), job.handler.clone(), None));
+            let (all, queued) = (k.job(Queue::All, &job.id), k.job(queue, &job.id));
+            bytes += all.len() + job.record.len() + queued.len() + job.handler.len();
+            bytes += 2 * OP_OVERHEAD_BYTES;
+            ops.push(TxnOp::put(all, job.record.clone(), None));
+            ops.push(TxnOp::put(queued, job.handler.clone(), None));
         }
         let txn = Txn::new()
             .when([Compare::version(
@@ -129,6 +164,7 @@ impl Store {
             what: first.id.clone(),
             txn,
             workflow: Some(first.id.clone()),
+            bytes,
         })
     }
 
@@ -139,12 +175,15 @@ impl Store {
     /// request), its transactions run one by one. One that etcd refuses on its own is
     /// logged and skipped: sending it again cannot help, and failing the batch would stop
     /// the job manager on it for good. The refused workflows come back, so that their
-    /// resources can fail.
-    pub async fn batch(&self, txns: Vec<PlannedTxn>) -> Result<Vec<RefusedWorkflow>> {
+    /// resources can fail. Batches are cut to fit `max_request_bytes` (etcd's
+    /// `--max-request-bytes`), so that large workflows do not cost a refused request first.
+    pub async fn batch(
+        &self,
+        txns: Vec<PlannedTxn>,
+        max_request_bytes: usize,
+    ) -> Result<Vec<RefusedWorkflow>> {
         let mut refused = Vec::new();
-        let mut txns = txns.into_iter().peekable();
-        while txns.peek().is_some() {
-            let chunk: Vec<PlannedTxn> = txns.by_ref().take(BATCH_TXNS).collect();
+        for chunk in batches(txns, request_budget(max_request_bytes)) {
             if let [only] = chunk.as_slice() {
                 self.txn_unless_refused(only, &mut refused).await?;
                 continue;
@@ -470,6 +509,7 @@ impl Store {
             what: job_id.to_string(),
             txn,
             workflow: None,
+            bytes: small_txn_bytes(k, job_id, job_state.map_or(0, |(key, _)| key.len())),
         }
     }
 
@@ -493,6 +533,7 @@ impl Store {
             what: job_id.to_string(),
             txn,
             workflow: None,
+            bytes: small_txn_bytes(k, job_id, handler.len()),
         }
     }
 
@@ -527,6 +568,12 @@ impl Store {
 
 /// One transaction carrying `txns`, each nested one deciding on its own compares (etcd >= 3.3):
 /// one commit for all of them. etcd refuses it if two of them write the same key.
+/// The bytes of a clean-up or release of `job_id`: a few operations on its job keys, plus
+/// `extra`.
+fn small_txn_bytes(keys: &crate::keys::Keys, job_id: &str, extra: usize) -> usize {
+    4 * (keys.job(Queue::Waiting, job_id).len() + OP_OVERHEAD_BYTES) + extra
+}
+
 pub(super) fn nested(txns: impl IntoIterator<Item = Txn>) -> Txn {
     Txn::new().and_then(txns.into_iter().map(TxnOp::txn).collect::<Vec<_>>())
 }
@@ -555,4 +602,56 @@ fn still_ours(responses: &[TxnOpResponse], reservation: &str) -> bool {
             .is_some_and(|kv| kv.value() == reservation.as_bytes()),
         _ => false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(what: &str, bytes: usize) -> PlannedTxn {
+        PlannedTxn {
+            what: what.to_string(),
+            txn: Txn::new(),
+            workflow: None,
+            bytes,
+        }
+    }
+
+    fn cut(sizes: &[usize], budget: usize) -> Vec<Vec<String>> {
+        let txns = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &bytes)| planned(&i.to_string(), bytes))
+            .collect();
+        batches(txns, budget)
+            .into_iter()
+            .map(|b| b.into_iter().map(|t| t.what).collect())
+            .collect()
+    }
+
+    #[test]
+    fn batches_keep_order_and_stay_within_the_byte_budget() {
+        assert_eq!(
+            cut(&[400, 400, 400, 100, 900], 1000),
+            [vec!["0", "1"], vec!["2", "3"], vec!["4"]]
+        );
+        // One over the budget on its own goes alone; the next starts a new batch.
+        assert_eq!(
+            cut(&[10, 5000, 10], 1000),
+            [vec!["0"], vec!["1"], vec!["2"]]
+        );
+        assert!(cut(&[], 1000).is_empty());
+    }
+
+    #[test]
+    fn batches_hold_at_most_batch_txns_transactions() {
+        let sizes = vec![1; BATCH_TXNS * 2 + 1];
+        let lengths: Vec<usize> = cut(&sizes, usize::MAX).iter().map(Vec::len).collect();
+        assert_eq!(lengths, [BATCH_TXNS, BATCH_TXNS, 1]);
+    }
+
+    #[test]
+    fn the_request_budget_leaves_room_below_etcds_limit() {
+        assert_eq!(request_budget(ETCD_DEFAULT_MAX_REQUEST_BYTES), 1_399_792);
+    }
 }
