@@ -195,58 +195,106 @@ async fn readyz_turns_unready_while_etcd_is_down_and_ready_when_it_is_back() {
     etcd.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_completion_whose_answer_was_lost_is_counted_once() {
-    let _one_at_a_time = SERIAL.lock().await;
-    let env = TestEnv::new().await.unwrap();
+/// A worker-only host reaching etcd through a proxy that can lose one answer, with a lease
+/// long enough that no keep-alive falls in a test's window.
+async fn host_behind_answer_losing_proxy(env: &TestEnv) -> (esi_host::Host, AnswerLosingProxy) {
     let proxy = AnswerLosingProxy::start(&env.endpoint).await.unwrap();
     let mut config = env.worker_only_config();
     config.etcd_endpoints = vec![proxy.endpoint()];
     config.plugin_dir = plugin_dir_with_test_guests();
-    // No lease keep-alive falls in the second the test waits for the completion.
     config.lease_ttl = Duration::from_secs(60);
     config.compile_cache = None;
-    let host = esi_host::Host::start(config).await.unwrap();
-    let completed = || {
-        metrics::global()
-            .jobs_completed
-            .get_or_create(&metrics::labels([
-                ("handler", "scripted_worker"),
-                ("action", "create"),
-            ]))
-            .get()
-    };
-    // The cut loses the answer to the next request the host sends. That is the completion,
-    // unless an HTTP/2 keep-alive ping goes first: then try again with another job.
+    (esi_host::Host::start(config).await.unwrap(), proxy)
+}
+
+/// Runs scripted jobs until the answer lost is the one to the request the job's script
+/// leads to once claimed: `landed` (asked while the host cannot reach etcd) says whether that
+/// request committed. Each job must complete. Returns the `counter` values before and after
+/// the job whose lost request committed. The cut loses the answer to the next request the
+/// host sends; an HTTP/2 keep-alive ping may go first, hence the tries.
+async fn lose_the_answer_of(
+    env: &TestEnv,
+    proxy: &AnswerLosingProxy,
+    script: serde_json::Value,
+    landed: impl AsyncFn(&str) -> bool,
+    counter: impl Fn() -> u64,
+) -> (u64, u64) {
     for _ in 0..5 {
-        let before = completed();
+        let before = counter();
         let mut changes = env.record_changes().await.unwrap();
-        let resource = put_scripted_job(&env, Some(json!({"wait_once_ms": 1000}))).await;
+        let resource = put_scripted_job(env, Some(script.clone())).await;
         changes.until_claimed(env.keys(), TIMEOUT).await.unwrap();
         proxy.arm();
         proxy.wait_cut().await;
-        // The host cannot reach etcd for a while: a /state here was written by the request
-        // whose answer was lost.
-        let state_key = env.key(Record::State, RESOURCE_TYPE, &resource);
-        let committed = env.get_json(&state_key).await.unwrap().is_some();
-        assert_eq!(
-            completed_output(&env, &resource).await,
-            json!({"attempts": 0})
-        );
+        let committed = landed(&resource).await;
+        completed_output(env, &resource).await;
         if !committed {
             continue;
         }
         // The retry finds the claim gone while the host's lease lives: the host's own
-        // completion ended it, so the job counts as completed, once.
+        // request ended it. Counted once, however long we look.
         let deadline = Instant::now() + TIMEOUT;
-        while completed() < before + 1 && Instant::now() < deadline {
+        while counter() == before && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(completed(), before + 1, "the completion is counted");
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(completed(), before + 1, "and counted once");
-        host.shutdown().await;
-        return;
+        return (before, counter());
     }
-    panic!("in 5 tries, the lost answer was never the completion's");
+    panic!("in 5 tries, the lost answer was never the one aimed at");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_whose_answer_was_lost_is_counted_once() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let env = TestEnv::new().await.unwrap();
+    let (host, proxy) = host_behind_answer_losing_proxy(&env).await;
+    // The plugin asks to run again in a second: the completion is the next request.
+    let state_written = async |resource: &str| {
+        let state_key = env.key(Record::State, RESOURCE_TYPE, resource);
+        env.get_json(&state_key).await.unwrap().is_some()
+    };
+    let completed = || {
+        let labels = metrics::labels([("handler", "scripted_worker"), ("action", "create")]);
+        metrics::global()
+            .jobs_completed
+            .get_or_create(&labels)
+            .get()
+    };
+    let (before, after) = lose_the_answer_of(
+        &env,
+        &proxy,
+        json!({"wait_once_ms": 1000}),
+        state_written,
+        completed,
+    )
+    .await;
+    assert_eq!(after, before + 1, "the completion is counted, once");
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_requeue_answer_was_lost_is_counted_once() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let env = TestEnv::new().await.unwrap();
+    let (host, proxy) = host_behind_answer_losing_proxy(&env).await;
+    // The first attempt fails retryably; after the retry backoff (500 ms by default) the
+    // re-queue is the next request.
+    let requeued = async |_: &str| {
+        let ready = env.keys().queue_prefix(esi_host::keys::Queue::Ready);
+        env.store.count(&ready).await.unwrap() == 1
+    };
+    let retried = || {
+        let labels = metrics::labels([("handler", "scripted_worker")]);
+        metrics::global().jobs_retried.get_or_create(&labels).get()
+    };
+    let (before, after) = lose_the_answer_of(
+        &env,
+        &proxy,
+        json!({"fail_retryable_until_attempt": 1}),
+        requeued,
+        retried,
+    )
+    .await;
+    assert_eq!(after, before + 1, "the retry is counted, once");
+    host.shutdown().await;
 }

@@ -471,8 +471,8 @@ impl Worker {
     /// record is gone (its workflow ended meanwhile) is not re-queued; its claim is dropped.
     async fn requeue(&self, claim: &Claim<'_>, record: &JobRecord) -> Requeue {
         let text = record.to_json();
-        let done = self
-            .persist(claim, || {
+        let (done, unanswered) = self
+            .persist_tracked(claim, || {
                 self.store.requeue(
                     claim.job_id,
                     claim.reservation,
@@ -481,8 +481,18 @@ impl Worker {
                 )
             })
             .await;
+        let done = match done {
+            Persisted::Done(done) => Some(done),
+            Persisted::Refused(_) | Persisted::GaveUp => None,
+        };
         match done {
             Some(true) => Requeue::Done,
+            Some(false) | None if unanswered && self.ended_by_us(claim).await => {
+                tracing::info!(
+                    "an earlier try of the re-queue committed; etcd's answer to it was lost"
+                );
+                Requeue::Done
+            }
             // Refused: the claim is not ours any more (then this is a no-op), or the record
             // is gone and the claim would stay until our lease ends.
             Some(false) => {
