@@ -69,9 +69,11 @@ impl AnswerLosingProxy {
     }
 
     /// Waits until the armed cut happened; then, for [`PAUSE_AFTER_CUT`], no client reaches
-    /// etcd through the proxy.
-    pub async fn wait_cut(&self) {
-        self.shared.cut.notified().await;
+    /// etcd through the proxy. Panics if no client sent anything within `timeout`.
+    pub async fn wait_cut(&self, timeout: Duration) {
+        tokio::time::timeout(timeout, self.shared.cut.notified())
+            .await
+            .expect("no client sent anything through the armed proxy");
     }
 }
 

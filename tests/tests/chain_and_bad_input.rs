@@ -447,17 +447,23 @@ async fn a_resource_whose_failed_workflow_is_cleaned_at_start_is_planned_with_it
     host.shutdown().await;
 }
 
-/// On an etcd whose request limit is below what a workflow needs (`--max-request-bytes`
-/// lowered), the workflow etcd refuses fails its resource with etcd's answer, and the
-/// resources after it are planned and run.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workflow_etcd_refuses_fails_its_resource_and_the_others_go_on() {
+/// A private etcd started with `--max-request-bytes=300000`, and a test environment on it.
+async fn etcd_taking_300_kb_requests() -> (esi_host::local_etcd::LocalEtcd, TestEnv) {
     let etcd = esi_host::local_etcd::LocalEtcd::start_with_args(&["--max-request-bytes=300000"])
         .await
         .unwrap();
     let env = TestEnv::on_cluster(&[etcd.endpoint().to_string()])
         .await
         .unwrap();
+    (etcd, env)
+}
+
+/// On an etcd whose request limit is below what a workflow needs (`--max-request-bytes`
+/// lowered), the workflow etcd refuses fails its resource with etcd's answer, and the
+/// resources after it are planned and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_etcd_refuses_fails_its_resource_and_the_others_go_on() {
+    let (etcd, env) = etcd_taking_300_kb_requests().await;
     // 200 KB: under the manager's own limit (the host is not told of etcd's), and the
     // config fits etcd's 300 KB; its two job records do not.
     let error = big_then_small_ha_interface(&env, 200_000, ETCD_DEFAULT_MAX_REQUEST_BYTES).await;
@@ -473,12 +479,7 @@ async fn a_workflow_etcd_refuses_fails_its_resource_and_the_others_go_on() {
 /// that would not fit before sending it, naming the size and the setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_told_etcds_request_limit_fails_a_workflow_over_it_before_sending_it() {
-    let etcd = esi_host::local_etcd::LocalEtcd::start_with_args(&["--max-request-bytes=300000"])
-        .await
-        .unwrap();
-    let env = TestEnv::on_cluster(&[etcd.endpoint().to_string()])
-        .await
-        .unwrap();
+    let (etcd, env) = etcd_taking_300_kb_requests().await;
     let error = big_then_small_ha_interface(&env, 200_000, 300_000).await;
     assert!(
         error.contains("2 job records")

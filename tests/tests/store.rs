@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use esi_host::keys::Queue;
+use esi_host::keys::{Queue, Record};
 use esi_host::store::jobs::{
     ClaimFate, Claimed, Completion, CompletionOutcome, GuardedWrite, NewJob,
     ETCD_DEFAULT_MAX_REQUEST_BYTES,
@@ -139,12 +139,22 @@ async fn a_claim_brings_the_record_back_and_only_one_claimer_wins() {
         gets_before,
         "no extra read"
     );
-    // A retry with the same reservation (its first answer lost) is still ours; another
-    // claimer is refused.
-    assert!(matches!(
-        env.store.claim(&job.id, "res-1", lease, &[]).await.unwrap(),
-        Claimed::OursUnread
-    ));
+    // A retry with the same reservation (its first answer lost) is still ours, bound to the
+    // lease of the try that won, even if the retry was made under another; another claimer
+    // is refused.
+    let other = env.store.grant_lease(30).await.unwrap();
+    for retry_lease in [lease, other] {
+        match env
+            .store
+            .claim(&job.id, "res-1", retry_lease, &[])
+            .await
+            .unwrap()
+        {
+            Claimed::OursUnread { lease: bound } => assert_eq!(bound, lease),
+            other => panic!("expected the claim won earlier, got {other:?}"),
+        }
+    }
+    env.store.revoke_lease(other).await.unwrap();
     assert!(matches!(
         env.store.claim(&job.id, "res-2", lease, &[]).await.unwrap(),
         Claimed::Taken
@@ -210,7 +220,7 @@ async fn claim_fate_tells_a_claim_we_ended_from_one_that_may_have_expired() {
 
     // Our completion commits; a retry of it (its answer lost) finds the claim gone, and the
     // fate says our own transaction ended it.
-    let job_state_key = env.job_key(Queue::All, "fate-ours-state");
+    let job_state_key = env.key(Record::JobState, "ha_router", "fate-ours");
     let completion = Completion {
         job_id: &ours.id,
         reservation: "res-1",

@@ -539,12 +539,13 @@ impl JobManager {
         }
         let jobs = plan(schema, id, &config, action, &steps);
         let new = new_jobs(&jobs);
-        let size: usize = new.iter().map(|j| j.record.len()).sum();
+        let size = self.store.workflow_bytes(&new);
         let budget = request_budget(self.config.max_request_bytes);
         if size > budget {
             let message = format!(
-                "{}: the workflow's {} job records come to {size} bytes (each carries the \
-                 config's body), over the {budget} bytes planned for one etcd transaction \
+                "{}: the workflow's {} job records and their keys come to {size} bytes (each \
+                 record carries the config's body), over the {budget} bytes planned for one \
+                 etcd transaction \
                  (89% of etcd_max_request_bytes, {}; raise it together with etcd's \
                  --max-request-bytes)",
                 kv.key,

@@ -76,7 +76,8 @@ pub struct PlannedTxn {
     txn: Txn,
     /// For a workflow's transaction, its first job's id.
     workflow: Option<String>,
-    /// The keys and values it writes or compares, in bytes: what it adds to a request.
+    /// About what it adds to a request, in bytes: its keys and values, and a little per
+    /// operation.
     bytes: usize,
 }
 
@@ -140,18 +141,18 @@ impl Store {
         let first = jobs.first()?;
         let k = self.keys();
         let mut ops = Vec::with_capacity(jobs.len() * 2);
-        let mut bytes = 0;
         for job in jobs {
             let queue = if job.ready {
                 Queue::Ready
             } else {
                 Queue::Waiting
             };
-            let (all, queued) = (k.job(Queue::All, &job.id), k.job(queue, &job.id));
-            bytes += all.len() + job.record.len() + queued.len() + job.handler.len();
-            bytes += 2 * OP_OVERHEAD_BYTES;
-            ops.push(TxnOp::put(all, job.record.clone(), None));
-            ops.push(TxnOp::put(queued, job.handler.clone(), None));
+            ops.push(TxnOp::put(
+                k.job(Queue::All, &job.id),
+                job.record.clone(),
+                None,
+            ));
+            ops.push(TxnOp::put(k.job(queue, &job.id), job.handler.clone(), None));
         }
         let txn = Txn::new()
             .when([Compare::version(
@@ -164,8 +165,22 @@ impl Store {
             what: first.id.clone(),
             txn,
             workflow: Some(first.id.clone()),
-            bytes,
+            bytes: self.workflow_bytes(jobs),
         })
+    }
+
+    /// About what the transaction writing `jobs` adds to a request, in bytes: each job's
+    /// record, handler and two keys, the compare, and a little per operation.
+    pub fn workflow_bytes(&self, jobs: &[NewJob]) -> usize {
+        let k = self.keys();
+        let job_bytes = |job: &NewJob| {
+            let keys = k.job(Queue::All, &job.id).len() + k.job(Queue::Waiting, &job.id).len();
+            keys + job.record.len() + job.handler.len() + 2 * OP_OVERHEAD_BYTES
+        };
+        let compare = jobs.first().map_or(0, |first| {
+            k.job(Queue::All, &first.id).len() + OP_OVERHEAD_BYTES
+        });
+        compare + jobs.iter().map(job_bytes).sum::<usize>()
     }
 
     /// Runs independent transactions in as few round trips as possible: each becomes a
@@ -275,7 +290,7 @@ impl Store {
                 _ => None,
             });
             let Some(Some(record)) = reads.next() else {
-                return Ok(Claimed::OursUnread);
+                return Ok(Claimed::OursUnread { lease });
             };
             let prefetched = prefetch
                 .iter()
@@ -286,10 +301,9 @@ impl Store {
         }
         // A retry of a claim that committed but whose answer was lost finds its own
         // reservation in the working key: the job is ours.
-        Ok(if still_ours(&responses, reservation) {
-            Claimed::OursUnread
-        } else {
-            Claimed::Taken
+        Ok(match still_ours_under(&responses, reservation) {
+            Some(lease) => Claimed::OursUnread { lease },
+            None => Claimed::Taken,
         })
     }
 
@@ -326,11 +340,13 @@ impl Store {
         if resp.succeeded() {
             return Ok(CompletionOutcome::Completed);
         }
-        Ok(if still_ours(&resp.op_responses(), c.reservation) {
-            CompletionOutcome::Conflict
-        } else {
-            CompletionOutcome::LostClaim
-        })
+        Ok(
+            if still_ours_under(&resp.op_responses(), c.reservation).is_some() {
+                CompletionOutcome::Conflict
+            } else {
+                CompletionOutcome::LostClaim
+            },
+        )
     }
 
     /// What became of our claim on `job_id`. For a worker whose completion (or failure)
@@ -509,7 +525,7 @@ impl Store {
             what: job_id.to_string(),
             txn,
             workflow: None,
-            bytes: small_txn_bytes(k, job_id, job_state.map_or(0, |(key, _)| key.len())),
+            bytes: small_txn_bytes(k, job_id, job_state.map_or(0, |(key, _)| 2 * key.len())),
         }
     }
 
@@ -566,14 +582,14 @@ impl Store {
     }
 }
 
-/// One transaction carrying `txns`, each nested one deciding on its own compares (etcd >= 3.3):
-/// one commit for all of them. etcd refuses it if two of them write the same key.
-/// The bytes of a clean-up or release of `job_id`: a few operations on its job keys, plus
-/// `extra`.
+/// The bytes of a clean-up or release of `job_id`: at most four operations on its job keys,
+/// plus `extra` (the job state key, twice, or the handler).
 fn small_txn_bytes(keys: &crate::keys::Keys, job_id: &str, extra: usize) -> usize {
     4 * (keys.job(Queue::Waiting, job_id).len() + OP_OVERHEAD_BYTES) + extra
 }
 
+/// One transaction carrying `txns`, each nested one deciding on its own compares (etcd >= 3.3):
+/// one commit for all of them. etcd refuses it if two of them write the same key.
 pub(super) fn nested(txns: impl IntoIterator<Item = Txn>) -> Txn {
     Txn::new().and_then(txns.into_iter().map(TxnOp::txn).collect::<Vec<_>>())
 }
@@ -590,17 +606,22 @@ pub enum Claimed {
         record: Option<Kv>,
         prefetched: Vec<(String, Option<Kv>)>,
     },
-    /// Ours (an earlier attempt whose answer was lost committed), record not read.
-    OursUnread,
+    /// Ours (an earlier attempt whose answer was lost committed), record not read; the
+    /// working key is bound to `lease`, which may be an earlier lease of the host's than
+    /// the one this attempt was made with.
+    OursUnread { lease: i64 },
 }
 
-fn still_ours(responses: &[TxnOpResponse], reservation: &str) -> bool {
-    responses.iter().any(|r| match r {
+/// The lease of the working key in `responses` (a claim's `or_else` read), if the key holds
+/// `reservation`.
+fn still_ours_under(responses: &[TxnOpResponse], reservation: &str) -> Option<i64> {
+    responses.iter().find_map(|r| match r {
         TxnOpResponse::Get(get) => get
             .kvs()
             .first()
-            .is_some_and(|kv| kv.value() == reservation.as_bytes()),
-        _ => false,
+            .filter(|kv| kv.value() == reservation.as_bytes())
+            .map(|kv| kv.lease()),
+        _ => None,
     })
 }
 

@@ -23,6 +23,9 @@ use crate::store::{Kv, StoreError};
 /// room for a cluster run with a lower limit.
 pub const MAX_PROPOSED_WRITES: usize = 64;
 
+/// How long [`Worker::ended_by_us`] waits for etcd.
+const FATE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Runs of one attempt whose proposed writes conflicted, in a row, before the attempt counts
 /// as failed (retried later, with backoff, like any failed attempt). Contention on one record
 /// makes a few conflicts normal; a plugin that always proposes a stale revision must not spin
@@ -61,18 +64,26 @@ impl Worker {
         let reservation = reservation.to_string();
         let term = self.lease.term();
         let prefetch = self.read_hints.keys_for(handler);
-        let (found, prefetched) = match self
-            .store
-            .claim(job_id, &reservation, term.id, &prefetch)
-            .await?
-        {
-            Claimed::Taken => {
-                tracing::debug!("claimed by another worker");
-                return Ok(());
-            }
-            Claimed::Ours { record, prefetched } => (Some(record), prefetched),
-            Claimed::OursUnread => (None, Vec::new()),
-        };
+        let (found, prefetched) =
+            match self
+                .store
+                .claim(job_id, &reservation, term.id, &prefetch)
+                .await?
+            {
+                Claimed::Taken => {
+                    tracing::debug!("claimed by another worker");
+                    return Ok(());
+                }
+                Claimed::Ours { record, prefetched } => (Some(record), prefetched),
+                Claimed::OursUnread { lease } if lease != term.id => {
+                    // Won by a try made before the host replaced its lease: the claim ends with
+                    // that lease, and the job manager re-queues the job.
+                    tracing::warn!(claim_lease = lease, lease = term.id,
+                    "claimed under a lease this host no longer holds; leaving the job to expire");
+                    return Ok(());
+                }
+                Claimed::OursUnread { .. } => (None, Vec::new()),
+            };
         let claim = Claim {
             job_id,
             reservation: &reservation,
@@ -387,12 +398,12 @@ impl Worker {
             state,
             writes,
         };
-        let (persisted, unanswered) = self
-            .persist_tracked(claim, || self.store.complete(&completion))
+        let persisted = self
+            .persist_or_refused(claim, || self.store.complete(&completion))
             .await;
         let persisted = match persisted {
             Persisted::Done(CompletionOutcome::LostClaim) | Persisted::GaveUp
-                if unanswered && self.ended_by_us(claim).await =>
+                if self.ended_by_us(claim).await =>
             {
                 tracing::info!(
                     "an earlier try of the completion committed; etcd's answer to it was lost"
@@ -471,8 +482,8 @@ impl Worker {
     /// record is gone (its workflow ended meanwhile) is not re-queued; its claim is dropped.
     async fn requeue(&self, claim: &Claim<'_>, record: &JobRecord) -> Requeue {
         let text = record.to_json();
-        let (done, unanswered) = self
-            .persist_tracked(claim, || {
+        let done = self
+            .persist_or_refused(claim, || {
                 self.store.requeue(
                     claim.job_id,
                     claim.reservation,
@@ -487,7 +498,7 @@ impl Worker {
         };
         match done {
             Some(true) => Requeue::Done,
-            Some(false) | None if unanswered && self.ended_by_us(claim).await => {
+            Some(false) | None if self.ended_by_us(claim).await => {
                 tracing::info!(
                     "an earlier try of the re-queue committed; etcd's answer to it was lost"
                 );
@@ -620,8 +631,8 @@ impl Worker {
         let state_key = keys.record(Record::State, schema, &id.resource_id);
         let job_state_key = keys.record(Record::JobState, schema, &id.resource_id);
         let state = StateRecord::bare(&worker_state, id.version, message.to_string()).to_json();
-        let (done, unanswered) = self
-            .persist_tracked(claim, || {
+        let done = self
+            .persist_or_refused(claim, || {
                 self.store.fail_workflow(
                     claim.job_id,
                     claim.reservation,
@@ -634,9 +645,7 @@ impl Worker {
             .await;
         match done {
             Persisted::Done(true) => {}
-            Persisted::Done(false) | Persisted::GaveUp
-                if unanswered && self.ended_by_us(claim).await =>
-            {
+            Persisted::Done(false) | Persisted::GaveUp if self.ended_by_us(claim).await => {
                 tracing::info!(
                     "an earlier try of recording the failure committed; etcd's answer to it \
                      was lost"
@@ -688,44 +697,27 @@ impl Worker {
     /// There is no deadline while the lease lives: etcd refusing writes for a while (a
     /// `NOSPACE` alarm until an operator compacts) must not leave the claim held with the
     /// result dropped. Unreachable etcd ends the lease, and with it the retries.
-    async fn persist_or_refused<T, F, Fut>(&self, claim: &Claim<'_>, call: F) -> Persisted<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        self.persist_tracked(claim, call).await.0
-    }
-
-    /// [`Worker::persist_or_refused`], also saying whether a try failed in transit before
-    /// the last: a transaction whose answer was lost may have committed all the same, and
-    /// then the next try finds the claim gone ([`Worker::ended_by_us`] tells).
-    async fn persist_tracked<T, F, Fut>(
-        &self,
-        claim: &Claim<'_>,
-        mut call: F,
-    ) -> (Persisted<T>, bool)
+    async fn persist_or_refused<T, F, Fut>(&self, claim: &Claim<'_>, mut call: F) -> Persisted<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
         let mut delay = Duration::from_millis(50);
-        let mut unanswered = false;
         loop {
             match call().await {
-                Ok(v) => return (Persisted::Done(v), unanswered),
+                Ok(v) => return Persisted::Done(v),
                 Err(e) if e.is_refused() => {
                     let why = format!("{e:#}");
                     tracing::error!(error = %why, "etcd refused the request");
-                    return (Persisted::Refused(why), unanswered);
+                    return Persisted::Refused(why);
                 }
                 Err(e) => {
-                    unanswered = true;
                     tracing::warn!(error = %e, retry_in = ?delay, "etcd call failed; retrying");
                     let pause = tokio::time::sleep(delay);
                     if let Err(stop) = self.unless_stopped(claim, pause).await {
                         tracing::error!(error = %format!("{e:#}"), ?stop,
                             "etcd call failed and the claim can no longer be ours; giving up on this job");
-                        return (Persisted::GaveUp, unanswered);
+                        return Persisted::GaveUp;
                     }
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
@@ -733,19 +725,26 @@ impl Worker {
         }
     }
 
-    /// Whether one of our own transactions ended the claim though its answer was lost
-    /// ([`Store::claim_fate`](crate::store::Store::claim_fate)); `false` when etcd cannot
-    /// tell or cannot be asked.
+    /// For a transaction ending the claim that found it gone: whether one of our own
+    /// transactions ended it, one whose answer was lost (in transit, or with a group commit
+    /// sent again one by one): [`Store::claim_fate`](crate::store::Store::claim_fate).
+    /// `false` when etcd cannot tell, or cannot be asked within [`FATE_TIMEOUT`] (a
+    /// draining host must not wait on an unreachable etcd). Only a log line and a counter
+    /// follow from the answer.
     async fn ended_by_us(&self, claim: &Claim<'_>) -> bool {
         let fate = self
             .store
-            .claim_fate(claim.job_id, claim.reservation, claim.lease)
-            .await;
-        match fate {
-            Ok(fate) => fate == ClaimFate::EndedByUs,
-            Err(e) => {
+            .claim_fate(claim.job_id, claim.reservation, claim.lease);
+        match tokio::time::timeout(FATE_TIMEOUT, fate).await {
+            Ok(Ok(fate)) => fate == ClaimFate::EndedByUs,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %format!("{e:#}"),
                     "could not ask etcd whether an unanswered try committed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?FATE_TIMEOUT,
+                    "etcd did not say in time whether an unanswered try committed");
                 false
             }
         }
