@@ -1,10 +1,13 @@
 //! A TCP proxy in front of etcd that can lose one answer: the request goes through and etcd
 //! acts on it, but the connection is closed before the reply reaches the client, as when a
 //! network path fails mid-call. The client sees a transport error and cannot tell whether
-//! its request was applied.
+//! its request was applied. It can also lose one request on its way to etcd.
+//!
+//! Armed, it acts on the next write of at least [`MIN_AIMED_BYTES`] a client sends: smaller
+//! ones (HTTP/2 pings and window updates, lease keep-alives on their open stream) pass.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +22,21 @@ const APPLY_TIME: Duration = Duration::from_millis(200);
 /// reach etcd before the test has looked at what the lost request did.
 const PAUSE_AFTER_CUT: Duration = Duration::from_millis(500);
 
+/// The smallest client write an armed proxy acts on: a new unary call (its headers and
+/// message) is larger.
+const MIN_AIMED_BYTES: usize = 100;
+
+/// What an armed proxy loses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Nothing: not armed.
+    None = 0,
+    /// The answer: the request reaches etcd.
+    Answer = 1,
+    /// The request: etcd never sees it.
+    Request = 2,
+}
+
 pub struct AnswerLosingProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -27,8 +45,8 @@ pub struct AnswerLosingProxy {
 
 struct Shared {
     upstream: SocketAddr,
-    /// Set: the next bytes any client sends are forwarded and their answer lost.
-    armed: AtomicBool,
+    /// A [`Loss`]: what to lose of the next request any client sends.
+    armed: AtomicU8,
     /// Held while new connections wait (after a cut).
     accepting: Mutex<()>,
     /// Notified once the armed cut happened.
@@ -46,7 +64,7 @@ impl AnswerLosingProxy {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             upstream,
-            armed: AtomicBool::new(false),
+            armed: AtomicU8::new(Loss::None as u8),
             accepting: Mutex::new(()),
             cut: Notify::new(),
         });
@@ -63,9 +81,18 @@ impl AnswerLosingProxy {
         format!("http://{}", self.addr)
     }
 
-    /// Loses the answer to whatever a client sends next.
+    /// Loses the answer to the request a client sends next.
     pub fn arm(&self) {
-        self.shared.armed.store(true, Ordering::SeqCst);
+        self.shared
+            .armed
+            .store(Loss::Answer as u8, Ordering::SeqCst);
+    }
+
+    /// Loses the request a client sends next, before it reaches etcd.
+    pub fn arm_to_lose_request(&self) {
+        self.shared
+            .armed
+            .store(Loss::Request as u8, Ordering::SeqCst);
     }
 
     /// Waits until the armed cut happened; then, for [`PAUSE_AFTER_CUT`], no client reaches
@@ -127,14 +154,22 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let cut = shared.armed.swap(false, Ordering::SeqCst);
-        if cut {
+        let loss = if n >= MIN_AIMED_BYTES {
+            match shared.armed.swap(Loss::None as u8, Ordering::SeqCst) {
+                1 => Loss::Answer,
+                2 => Loss::Request,
+                _ => Loss::None,
+            }
+        } else {
+            Loss::None
+        };
+        if loss != Loss::None {
             losing.store(true, Ordering::SeqCst);
         }
-        if server_write.write_all(&buf[..n]).await.is_err() {
+        if loss != Loss::Request && server_write.write_all(&buf[..n]).await.is_err() {
             break;
         }
-        if cut {
+        if loss != Loss::None {
             let _paused = shared.accepting.lock().await;
             tokio::time::sleep(APPLY_TIME).await;
             answers.abort();

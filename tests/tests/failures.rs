@@ -13,6 +13,7 @@ use std::time::Duration;
 use esi_host::keys::{Queue, Record};
 use esi_host::store::Change;
 use esi_host::{Host, HostConfig};
+use esi_tests::proxy::AnswerLosingProxy;
 use esi_tests::{job_record, plugin_dir_with_test_guests, TestEnv};
 use serde_json::{json, Value};
 
@@ -287,6 +288,64 @@ async fn a_plugin_call_running_when_the_lease_is_lost_is_stopped_and_its_job_run
     );
     env.wait_jobs_drained().await.unwrap();
     host.shutdown().await;
+}
+
+/// The job manager's re-queue of a job whose claim vanished is lost on its way to etcd (the
+/// connection breaks as it is sent): the manager sends it again, and the job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_requeue_lost_on_its_way_to_etcd_is_sent_again() {
+    let env = TestEnv::new().await.unwrap();
+    let resource = new_resource_id();
+    // A config at the job's version, so that the manager plans nothing of its own.
+    env.put_config(RESOURCE_TYPE, &resource, &input(&resource, None), 1)
+        .await
+        .unwrap();
+    let (id, record) = single_job(&resource, Some(json!({"spin_until_attempt": 1})));
+    // Written before the manager starts: it learns of jobs it did not write from etcd.
+    env.put_job(&id, &record, true).await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+
+    // The manager (no plugins) reaches etcd through the proxy; its re-queue waits 1-2 s.
+    let proxy = AnswerLosingProxy::start(&env.endpoint).await.unwrap();
+    let mut config = env.host_config();
+    config.etcd_endpoints = vec![proxy.endpoint()];
+    config.plugin_dir = std::env::temp_dir().join(format!("esi-no-plugins-{resource}"));
+    std::fs::create_dir_all(&config.plugin_dir).unwrap();
+    config.external_handlers = vec![HANDLER.into()];
+    config.lease_ttl = Duration::from_secs(60);
+    config.requeue_backoff = Duration::from_secs(2);
+    let manager = Host::start(config).await.unwrap();
+    let worker = TestHost::start_with(&env, |config| {
+        config.run_manager = false;
+        config.limits.call_deadline = Duration::from_secs(600);
+    })
+    .await;
+
+    let working = env.job_key(Queue::Working, &id);
+    let changes = recorder.until_claimed(env.keys(), TIMEOUT).await.unwrap();
+    let lease = changes
+        .iter()
+        .find_map(|c| match c {
+            Change::Put(kv) if kv.key == working => Some(kv.lease),
+            _ => None,
+        })
+        .expect("the claim is recorded");
+    // The claim vanishes with its lease; the manager reads the job's record 250 ms later,
+    // then waits at least a second before re-queueing it: the request lost is the re-queue.
+    env.store.revoke_lease(lease).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.arm_to_lose_request();
+    proxy.wait_cut(TIMEOUT).await;
+    let ready = env.job_key(Queue::Ready, &id);
+    assert!(
+        env.store.get(&ready).await.unwrap().is_none(),
+        "the lost re-queue did not reach etcd"
+    );
+
+    let state = env.wait_completed(RESOURCE_TYPE, &resource).await.unwrap();
+    assert_eq!(scripted_output(&state), json!({"attempts": 1}));
+    worker.shutdown().await;
+    manager.shutdown().await;
 }
 
 /// Two jobs of one resource: the first follows `first_script` with `on_failure`, the second
