@@ -18,6 +18,7 @@ use crate::manager::{election, JobManager, ManagerConfig, ServedHandlers};
 use crate::plugins::{Limits, PluginEngine, PluginRegistry};
 use crate::schema::SchemaRegistry;
 use crate::store::Store;
+use crate::worker::hints::PlannedParams;
 use crate::worker::{Worker, WorkerConfig};
 
 /// Everything a host needs to start.
@@ -162,6 +163,8 @@ impl Host {
             ttl,
             keeper_stop.clone(),
         ));
+        // Params of the jobs planned here, for this host's worker to read with its claims.
+        let planned = Arc::new(PlannedParams::default());
         if config.run_manager {
             let handlers = ServedHandlers {
                 external: config.external_handlers.iter().cloned().collect(),
@@ -172,6 +175,7 @@ impl Host {
                 requeue_backoff: config.requeue_backoff,
                 requeue_backoff_max: config.requeue_backoff_max,
                 max_request_bytes: config.etcd_max_request_bytes,
+                planned: Some(planned.clone()),
             };
             let (store, schemas, lease) = (store.clone(), schemas.clone(), lease.clone());
             // Every manager write compares the election key with our id (a fencing token), so
@@ -197,6 +201,7 @@ impl Host {
             plugins.clone(),
             config.worker.clone(),
             lease.clone(),
+            planned,
         );
         tasks.spawn(worker.clone().run(shutdown.clone()));
         plugins

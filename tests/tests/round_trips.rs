@@ -2,7 +2,9 @@
 //!
 //! - records a handler's jobs keep reading are read with the claim (`worker::hints`): the heat
 //!   template and, when every resource watches the same interfaces, their `/state`s cost a job
-//!   no round trip of its own, and what the plugin sees is still as fresh as a read;
+//!   no round trip of its own, and what the plugin sees is still as fresh as a read; nor do
+//!   the `/state`s of interfaces each resource has for itself, named by its job's params,
+//!   when the job manager that planned the job runs in the worker's process;
 //! - clean-ups of finished jobs ride with the job manager's next batch instead of costing a
 //!   commit each.
 //!
@@ -81,6 +83,62 @@ async fn reads_repeated_by_jobs_come_with_the_claim_and_stay_fresh() {
     assert!(
         seen.contains("DOWN"),
         "the job saw a stale interface state: {seen}"
+    );
+    host.shutdown().await;
+}
+
+/// Writes ha_interface `id` watching interfaces of its own (both up) and waits for its
+/// `/state`; returns its `state_monitoring` text.
+async fn monitor_own_interfaces(env: &TestEnv, id: &str, n: usize) -> String {
+    let (primary, secondary) = (
+        format!("00000000-0000-4000-8000-0000000f1{n:03}"),
+        format!("00000000-0000-4000-8000-0000000f2{n:03}"),
+    );
+    for interface in [&primary, &secondary] {
+        let up = serde_json::json!({"interface": "ACTIVE"});
+        env.put_monitoring_state("er_physical_interface", interface, &up)
+            .await
+            .unwrap();
+    }
+    let mut body = seed_ha_interface_body(id);
+    body["primary_interface_id"] = primary.into();
+    body["secondary_interface_id"] = secondary.into();
+    env.put_config("ha_interface", id, &body, 1).await.unwrap();
+    let state = env.wait_completed("ha_interface", id).await.unwrap();
+    state["state"]["state_monitoring"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no state_monitoring text in {state}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_jobs_params_name_come_with_the_claim() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (env, host) = monitoring_host().await;
+    // Two jobs teach the worker that monitoring jobs read the states of the interfaces their
+    // params name; here no two resources share one.
+    for i in 0..2 {
+        let id = format!("00000000-0000-4000-8000-00000000f00{i}");
+        let seen = monitor_own_interfaces(&env, &id, i).await;
+        assert!(!seen.contains("DOWN"), "{seen}");
+    }
+
+    let totals = StoreCounters::process_totals();
+    let (before, own_before) = (totals.snapshot(), env.store.counters().snapshot());
+    const JOBS: u64 = 4;
+    for i in 0..JOBS as usize {
+        let id = format!("00000000-0000-4000-8000-00000000f10{i}");
+        let seen = monitor_own_interfaces(&env, &id, 10 + i).await;
+        assert!(!seen.contains("DOWN"), "{seen}");
+    }
+    let gets = totals.snapshot().since(&before).get
+        - env.store.counters().snapshot().since(&own_before).get;
+    // Per resource, the job manager reads its `/state` once; without the params' records in
+    // the claim, each job adds the plugin's read of its two interface states.
+    assert!(
+        gets <= JOBS,
+        "the host made {gets} reads for {JOBS} jobs: the interface states did not come with \
+         the claims"
     );
     host.shutdown().await;
 }

@@ -31,6 +31,7 @@ use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
 use crate::store::jobs::NewJob;
 use crate::store::jobs::{request_budget, PlannedTxn, RefusedWorkflow};
 use crate::store::{Change, Events, Kv, Store, StoreError, Watch, WatchError};
+use crate::worker::hints::PlannedParams;
 
 /// Queued transactions that make the manager send a batch before reading further.
 const MAX_PENDING: usize = 64;
@@ -94,6 +95,9 @@ pub struct ManagerConfig {
     /// [`request_budget`] of it fails its resource with a clear error instead of being
     /// refused by etcd on every try; batches of writes are cut to fit it.
     pub max_request_bytes: usize,
+    /// Where the worker of this process learns the params of the jobs planned here, so that
+    /// its claim can read the records they name (`None`: no worker here).
+    pub planned: Option<Arc<PlannedParams>>,
 }
 
 /// The job manager. Run it with [`JobManager::run`].
@@ -762,6 +766,9 @@ impl JobManager {
     async fn write_jobs(&mut self, jobs: &[JobRecord], new: &[NewJob]) -> anyhow::Result<()> {
         self.queue(self.store.workflow_txn(new)).await?;
         for r in jobs {
+            if let Some(planned) = &self.config.planned {
+                planned.insert(&r.job.id, r.job.param_resources());
+            }
             self.index.insert(&r.job, r.job.dependency.is_empty());
             tracing::info!(job_id = %r.job.id, "job written");
         }

@@ -100,6 +100,17 @@ pub struct Param {
     pub resources: Vec<ResourceRef>,
 }
 
+impl Job {
+    /// The `(resource_type, resource_id)` of every resource its params name, in order.
+    pub fn param_resources(&self) -> Vec<(String, String)> {
+        self.params
+            .iter()
+            .flat_map(|p| &p.resources)
+            .map(|r| (r.resource_type.clone(), r.resource_id.clone()))
+            .collect()
+    }
+}
+
 /// The job object (second element of the `/jobs/all` array).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {

@@ -6,7 +6,7 @@
 //! worker can win, and every write after it is fenced by a compare on our reservation value,
 //! so a worker whose lease expired can run a job to the end but cannot publish its result.
 
-mod hints;
+pub mod hints;
 mod run;
 
 pub(crate) use run::to_wit_job;
@@ -67,6 +67,8 @@ pub struct Worker {
     pub(crate) hard_stop: CancellationToken,
     /// Records each handler's jobs keep reading, read with the claim.
     pub(crate) read_hints: hints::ReadHints,
+    /// The params of jobs this process's job manager planned (see [`hints`]).
+    pub(crate) planned: Arc<hints::PlannedParams>,
 }
 
 impl Worker {
@@ -77,6 +79,7 @@ impl Worker {
         plugins: Arc<PluginRegistry>,
         config: WorkerConfig,
         lease: Arc<HostLease>,
+        planned: Arc<hints::PlannedParams>,
     ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
         Arc::new(Worker {
@@ -91,6 +94,7 @@ impl Worker {
             stop_claiming: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             read_hints: hints::ReadHints::default(),
+            planned,
         })
     }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
+use super::hints::ParamKeys;
 use super::Worker;
 use crate::keys::{Queue, Record};
 use crate::metrics;
@@ -63,7 +64,11 @@ impl Worker {
         }
         let reservation = reservation.to_string();
         let term = self.lease.term();
-        let prefetch = self.read_hints.keys_for(handler);
+        let params = match self.planned.take(job_id) {
+            Some(resources) => self.param_keys(&resources),
+            None => ParamKeys::default(),
+        };
+        let prefetch = self.read_hints.keys_for(handler, &params);
         let (found, prefetched) =
             match self
                 .store
@@ -183,7 +188,9 @@ impl Worker {
                 Ok(answer) => answer,
                 Err(stop) => return self.hand_back(claim, &record, stop).await,
             };
-            self.read_hints.record(&record.handler, access.take_reads());
+            let params = self.param_keys(&job.param_resources());
+            self.read_hints
+                .record(&record.handler, access.take_reads(), &params);
             let verdict = match answer {
                 Ok(Ok(wit::Outcome::Wait(millis))) => {
                     tracing::debug!(millis, "plugin asked to run again later");
@@ -723,6 +730,21 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The keys of the records of `resources` (a job's param resources) a plugin may read;
+    /// resources of unknown types have none.
+    fn param_keys(&self, resources: &[(String, String)]) -> ParamKeys {
+        let keys = self.store.keys();
+        ParamKeys::new(|family| {
+            resources
+                .iter()
+                .filter_map(|(resource_type, id)| {
+                    let schema = self.schemas.get(resource_type)?;
+                    Some(keys.record(family, schema, id))
+                })
+                .collect()
+        })
     }
 
     /// For a transaction ending the claim that found it gone: whether one of our own
