@@ -49,11 +49,37 @@ async fn monitor(env: &TestEnv, id: &str) -> String {
 async fn reads_repeated_by_jobs_come_with_the_claim_and_stay_fresh() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (env, host) = monitoring_host().await;
+    shared_reads_come_with_the_claim(&env).await;
+    host.shutdown().await;
+}
 
+/// As above, with the worker in another process than the job manager: it does not know the
+/// jobs' params before claiming them, and still reads what every job reads with the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_job_manager_still_reads_shared_records_with_the_claim() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
+    let manager = env.start_manager_only().await.unwrap();
+    let worker = esi_host::Host::start(env.worker_only_config())
+        .await
+        .unwrap();
+    shared_reads_come_with_the_claim(&env).await;
+    worker.shutdown().await;
+    manager.shutdown().await;
+}
+
+/// Teaches the worker with two resources watching the seed's interfaces, then checks that
+/// four more cost no read of their own beyond the job manager's, and that a prefetched
+/// value is as fresh as a read.
+async fn shared_reads_come_with_the_claim(env: &TestEnv) {
     // Two jobs teach the worker what monitoring jobs read: the template and the two
     // interface states every resource below shares.
     for i in 0..2 {
-        let seen = monitor(&env, &format!("00000000-0000-4000-8000-00000000a00{i}")).await;
+        let seen = monitor(env, &format!("00000000-0000-4000-8000-00000000a00{i}")).await;
         assert!(!seen.contains("DOWN"), "{seen}");
     }
 
@@ -62,7 +88,7 @@ async fn reads_repeated_by_jobs_come_with_the_claim_and_stay_fresh() {
     let (before, own_before) = (totals.snapshot(), env.store.counters().snapshot());
     const JOBS: u64 = 4;
     for i in 0..JOBS {
-        let seen = monitor(&env, &format!("00000000-0000-4000-8000-00000000b00{i}")).await;
+        let seen = monitor(env, &format!("00000000-0000-4000-8000-00000000b00{i}")).await;
         assert!(!seen.contains("DOWN"), "{seen}");
     }
     let gets = totals.snapshot().since(&before).get
@@ -79,12 +105,11 @@ async fn reads_repeated_by_jobs_come_with_the_claim_and_stay_fresh() {
     env.put_interface_states(Some("DOWN"), Some("ACTIVE"))
         .await
         .unwrap();
-    let seen = monitor(&env, "00000000-0000-4000-8000-00000000c000").await;
+    let seen = monitor(env, "00000000-0000-4000-8000-00000000c000").await;
     assert!(
         seen.contains("DOWN"),
         "the job saw a stale interface state: {seen}"
     );
-    host.shutdown().await;
 }
 
 /// Writes ha_interface `id` watching interfaces of its own (both up) and waits for its

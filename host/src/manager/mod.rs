@@ -95,8 +95,9 @@ pub struct ManagerConfig {
     /// [`request_budget`] of it fails its resource with a clear error instead of being
     /// refused by etcd on every try; batches of writes are cut to fit it.
     pub max_request_bytes: usize,
-    /// Where the worker of this process learns the params of the jobs planned here, so that
-    /// its claim can read the records they name (`None`: no worker here).
+    /// Where the worker of this process learns the params of the jobs planned here for
+    /// handlers its plugins serve, so that its claim can read the records they name (`None`:
+    /// no worker here).
     pub planned: Option<Arc<PlannedParams>>,
 }
 
@@ -766,8 +767,17 @@ impl JobManager {
     async fn write_jobs(&mut self, jobs: &[JobRecord], new: &[NewJob]) -> anyhow::Result<()> {
         self.queue(self.store.workflow_txn(new)).await?;
         for r in jobs {
+            let served_here = |p: &Arc<crate::plugins::PluginRegistry>| p.serves(&r.handler);
             if let Some(planned) = &self.config.planned {
-                planned.insert(&r.job.id, r.job.param_resources());
+                if self
+                    .config
+                    .handlers
+                    .plugins
+                    .as_ref()
+                    .is_some_and(served_here)
+                {
+                    planned.insert(&r.job.id, r.job.param_resources());
+                }
             }
             self.index.insert(&r.job, r.job.dependency.is_empty());
             tracing::info!(job_id = %r.job.id, "job written");

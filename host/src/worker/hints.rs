@@ -14,8 +14,10 @@
 //! Keys that differ per job but follow from its params are learnt as such: a monitoring job
 //! reads the `/state` of each interface its params name. The claim can only read those if it
 //! knows the job's params before the job's record comes back with it; the job manager of the
-//! same process tells it ([`PlannedParams`]), so on a host running both roles the plugin's
-//! first call needs no round trip of its own. Elsewhere such keys are read as before.
+//! same process tells it ([`PlannedParams`]), so on the host whose manager planned the job
+//! (the elected one) the plugin's first call needs no round trip of its own. Other hosts
+//! learn and prefetch every key as before: a param-named read is also remembered as its key,
+//! so keys that every job reads (interfaces all resources watch) are still shared.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -130,12 +132,18 @@ impl PlannedParams {
         }
     }
 
-    /// The resources job `id`'s params name, forgotten here (`None`: not planned by this
-    /// process, or forgotten).
-    pub fn take(&self, id: &str) -> Option<Vec<(String, String)>> {
+    /// The resources job `id`'s params name (`None`: not planned by this process, or
+    /// forgotten).
+    pub fn get(&self, id: &str) -> Option<Vec<(String, String)>> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.by_job.get(id).cloned()
+    }
+
+    /// Forgets job `id` (claimed, here or elsewhere).
+    pub fn forget(&self, id: &str) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         // The id stays in `order` until it comes round; `by_job` is what counts.
-        inner.by_job.remove(id)
+        inner.by_job.remove(id);
     }
 }
 
@@ -163,25 +171,29 @@ impl ReadHints {
         seen.retain(|(_, count)| *count >= MIN_SEEN);
         seen.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
         let mut keys: Vec<String> = Vec::new();
+        let mut add = |key: &String| {
+            if keys.len() < MAX_KEYS && !keys.contains(key) {
+                keys.push(key.clone());
+            }
+        };
         for (read, _) in seen {
             match read {
-                Read::Key(key) => keys.push(key.clone()),
-                Read::OfParams(kind) => keys.extend(params.keys(*kind).iter().cloned()),
+                Read::Key(key) => add(key),
+                Read::OfParams(kind) => params.keys(*kind).iter().for_each(&mut add),
             }
         }
-        keys.dedup();
-        keys.truncate(MAX_KEYS);
         keys
     }
 
     /// Remembers what one job of `handler` read (each key once); `params` tells which of
-    /// those keys its params named.
+    /// those keys its params named (remembered both ways: as that family of the params'
+    /// resources, and as the key itself for claims that do not know a job's params).
     pub fn record(&self, handler: &str, reads: Vec<String>, params: &ParamKeys) {
         let mut reads: Vec<Read> = reads
             .into_iter()
-            .map(|key| match params.family_of(&key) {
-                Some(kind) => Read::OfParams(kind),
-                None => Read::Key(key),
+            .flat_map(|key| {
+                let of_params = params.family_of(&key).map(Read::OfParams);
+                of_params.into_iter().chain([Read::Key(key)])
             })
             .collect();
         reads.sort_unstable();
@@ -281,6 +293,23 @@ mod tests {
         );
         // A claim that does not know the job's params gets the shared keys only.
         assert_eq!(hints.keys_for("h", &ParamKeys::default()), keys(&["/t"]));
+    }
+
+    #[test]
+    fn param_named_keys_every_job_reads_are_still_shared_without_params() {
+        let hints = ReadHints::default();
+        let reads = || keys(&["/t", "/State/a"]);
+        hints.record("h", reads(), &params(&["a"]));
+        hints.record("h", reads(), &params(&["a"]));
+        assert_eq!(
+            hints.keys_for("h", &ParamKeys::default()),
+            keys(&["/State/a", "/t"])
+        );
+        // With the params, the same key comes once.
+        assert_eq!(
+            hints.keys_for("h", &params(&["a"])),
+            keys(&["/State/a", "/t"])
+        );
     }
 
     #[test]

@@ -64,17 +64,19 @@ impl Worker {
         }
         let reservation = reservation.to_string();
         let term = self.lease.term();
-        let params = match self.planned.take(job_id) {
+        let params = match self.planned.get(job_id) {
             Some(resources) => self.param_keys(&resources),
             None => ParamKeys::default(),
         };
         let prefetch = self.read_hints.keys_for(handler, &params);
+        // Kept until the claim is answered: a claim that fails in transit is tried again.
+        let claimed = self
+            .store
+            .claim(job_id, &reservation, term.id, &prefetch)
+            .await?;
+        self.planned.forget(job_id);
         let (found, prefetched) =
-            match self
-                .store
-                .claim(job_id, &reservation, term.id, &prefetch)
-                .await?
-            {
+            match claimed {
                 Claimed::Taken => {
                     tracing::debug!("claimed by another worker");
                     return Ok(());
@@ -166,6 +168,8 @@ impl Worker {
             ..access.clone()
         };
         let wit_job = to_wit_job(job, &job_state);
+        // Which of the plugin's reads its params named, for the claims of later jobs.
+        let params = self.param_keys(&job.param_resources());
         let started = Instant::now();
         let mut reruns = 0;
         let mut conflicts = 0;
@@ -188,7 +192,6 @@ impl Worker {
                 Ok(answer) => answer,
                 Err(stop) => return self.hand_back(claim, &record, stop).await,
             };
-            let params = self.param_keys(&job.param_resources());
             self.read_hints
                 .record(&record.handler, access.take_reads(), &params);
             let verdict = match answer {
@@ -739,6 +742,7 @@ impl Worker {
         ParamKeys::new(|family| {
             resources
                 .iter()
+                .filter(|(_, id)| !id.is_empty() && !id.contains('/'))
                 .filter_map(|(resource_type, id)| {
                     let schema = self.schemas.get(resource_type)?;
                     Some(keys.record(family, schema, id))
