@@ -169,7 +169,9 @@ impl ReadHints {
             }
         }
         seen.retain(|(_, count)| *count >= MIN_SEEN);
-        seen.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+        // Most often read first; at equal counts this job's own param-named records before
+        // keys other jobs happened to share, so that those cannot crowd them out.
+        seen.sort_by_key(|(read, count)| (std::cmp::Reverse(*count), matches!(read, Read::Key(_))));
         let mut keys: Vec<String> = Vec::new();
         let mut add = |key: &String| {
             if keys.len() < MAX_KEYS && !keys.contains(key) {
@@ -289,7 +291,7 @@ mod tests {
         hints.record("h", reads(&["c"]), &params(&["c", "d"]));
         assert_eq!(
             hints.keys_for("h", &params(&["e", "f"])),
-            keys(&["/t", "/State/e", "/State/f"])
+            keys(&["/State/e", "/State/f", "/t"])
         );
         // A claim that does not know the job's params gets the shared keys only.
         assert_eq!(hints.keys_for("h", &ParamKeys::default()), keys(&["/t"]));
