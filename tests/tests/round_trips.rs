@@ -35,14 +35,27 @@ async fn monitoring_host() -> (TestEnv, esi_host::Host) {
 
 /// Writes ha_interface `id` and waits for its `/state`; returns its `state_monitoring` text.
 async fn monitor(env: &TestEnv, id: &str) -> String {
-    env.put_config("ha_interface", id, &seed_ha_interface_body(id), 1)
-        .await
-        .unwrap();
+    monitor_body(env, id, seed_ha_interface_body(id)).await
+}
+
+/// Writes ha_interface `id` with `body` and waits for its `/state`; returns its
+/// `state_monitoring` text.
+async fn monitor_body(env: &TestEnv, id: &str, body: serde_json::Value) -> String {
+    env.put_config("ha_interface", id, &body, 1).await.unwrap();
     let state = env.wait_completed("ha_interface", id).await.unwrap();
     state["state"]["state_monitoring"]
         .as_str()
         .unwrap_or_else(|| panic!("no state_monitoring text in {state}"))
         .to_string()
+}
+
+/// Runs `jobs` and returns the etcd reads the host made meanwhile: the process's minus this
+/// test's own (its polls of `/state`).
+async fn host_reads_during(env: &TestEnv, jobs: impl AsyncFnOnce()) -> u64 {
+    let totals = StoreCounters::process_totals();
+    let (before, own_before) = (totals.snapshot(), env.store.counters().snapshot());
+    jobs().await;
+    totals.snapshot().since(&before).get - env.store.counters().snapshot().since(&own_before).get
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,16 +96,14 @@ async fn shared_reads_come_with_the_claim(env: &TestEnv) {
         assert!(!seen.contains("DOWN"), "{seen}");
     }
 
-    // The host's reads: the process's minus this test's own (its polls of `/state`).
-    let totals = StoreCounters::process_totals();
-    let (before, own_before) = (totals.snapshot(), env.store.counters().snapshot());
     const JOBS: u64 = 4;
-    for i in 0..JOBS {
-        let seen = monitor(env, &format!("00000000-0000-4000-8000-00000000b00{i}")).await;
-        assert!(!seen.contains("DOWN"), "{seen}");
-    }
-    let gets = totals.snapshot().since(&before).get
-        - env.store.counters().snapshot().since(&own_before).get;
+    let gets = host_reads_during(env, async || {
+        for i in 0..JOBS {
+            let seen = monitor(env, &format!("00000000-0000-4000-8000-00000000b00{i}")).await;
+            assert!(!seen.contains("DOWN"), "{seen}");
+        }
+    })
+    .await;
     // Per resource, the job manager reads its `/state` once; without the prefetch each job
     // adds the plugin's three reads (template, two interface states).
     assert!(
@@ -128,12 +139,7 @@ async fn monitor_own_interfaces(env: &TestEnv, id: &str, n: usize) -> String {
     let mut body = seed_ha_interface_body(id);
     body["primary_interface_id"] = primary.into();
     body["secondary_interface_id"] = secondary.into();
-    env.put_config("ha_interface", id, &body, 1).await.unwrap();
-    let state = env.wait_completed("ha_interface", id).await.unwrap();
-    state["state"]["state_monitoring"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no state_monitoring text in {state}"))
-        .to_string()
+    monitor_body(env, id, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,16 +154,15 @@ async fn records_a_jobs_params_name_come_with_the_claim() {
         assert!(!seen.contains("DOWN"), "{seen}");
     }
 
-    let totals = StoreCounters::process_totals();
-    let (before, own_before) = (totals.snapshot(), env.store.counters().snapshot());
     const JOBS: u64 = 4;
-    for i in 0..JOBS as usize {
-        let id = format!("00000000-0000-4000-8000-00000000f10{i}");
-        let seen = monitor_own_interfaces(&env, &id, 10 + i).await;
-        assert!(!seen.contains("DOWN"), "{seen}");
-    }
-    let gets = totals.snapshot().since(&before).get
-        - env.store.counters().snapshot().since(&own_before).get;
+    let gets = host_reads_during(&env, async || {
+        for i in 0..JOBS as usize {
+            let id = format!("00000000-0000-4000-8000-00000000f10{i}");
+            let seen = monitor_own_interfaces(&env, &id, 10 + i).await;
+            assert!(!seen.contains("DOWN"), "{seen}");
+        }
+    })
+    .await;
     // Per resource, the job manager reads its `/state` once; without the params' records in
     // the claim, each job adds the plugin's read of its two interface states.
     assert!(
