@@ -624,13 +624,18 @@ impl Fleet {
     }
 
     /// PUTs the configs at `rate` per second, each on its own task so that a slow PUT does
-    /// not hold back the next.
+    /// not hold back the next. Finished tasks are reaped as the run goes: a `JoinSet` keeps
+    /// a task's allocation until it is joined, and 10,000 unjoined writers added ~90 MiB to
+    /// the process's peak RSS, which the run reports as the host's.
     async fn write_paced(&self, resources: Vec<Resource>, rate: f64) -> anyhow::Result<SentMap> {
         let sent = Arc::new(Mutex::new(HashMap::with_capacity(resources.len())));
         let start = Instant::now();
         let mut tasks = JoinSet::new();
         for (i, r) in resources.into_iter().enumerate() {
             tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+            while let Some(done) = tasks.try_join_next() {
+                done.context("a config writer panicked")??;
+            }
             let (store, record) = (self.store.clone(), sent.clone());
             tasks.spawn(async move { put_config(&store, &record, r).await });
         }
