@@ -276,6 +276,11 @@ impl JobManager {
                 }
                 _ = tokio::time::sleep_until(grace_over.unwrap_or_else(Instant::now)),
                     if grace_over.is_some() => {
+                    // Finished keys already delivered first: under a burst the finished
+                    // watch can lag the working one by more than the grace, and a job whose
+                    // finished key waits there completed; looking at its claim would cost a
+                    // read and a re-queue its compares refuse.
+                    self.take_delivered_finished(finished).await?;
                     while let Some((at, _)) = self.vanished.front() {
                         if at.elapsed() < CLAIM_GRACE {
                             break;
@@ -292,6 +297,18 @@ impl JobManager {
                 }
             }
         }
+    }
+
+    /// Handles the finished jobs the watch has already delivered, without waiting for more.
+    async fn take_delivered_finished(&mut self, finished: &mut Watch) -> anyhow::Result<()> {
+        while let Some(changes) = finished.try_next() {
+            for change in burst(finished, changes?)? {
+                if let Change::Put(kv) = change {
+                    self.on_finished(&kv).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads the `/state` of every resource a burst of config changes may plan for, in one
