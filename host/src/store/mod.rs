@@ -101,11 +101,11 @@ impl Kv {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Put(Kv),
-    /// A deleted key, with the revision of the deletion and the value before it.
+    /// A deleted key, with the revision of the deletion. Watches do not ask for the value
+    /// before it: nothing needs it, and etcd would read it from its backend for every event.
     Delete {
         key: String,
         revision: i64,
-        prev: Option<Kv>,
     },
 }
 
@@ -236,7 +236,6 @@ fn change_of(event: &etcd_client::Event) -> Option<Change> {
         EventType::Delete => Change::Delete {
             key: String::from_utf8_lossy(kv.key()).into_owned(),
             revision: kv.mod_revision(),
-            prev: event.prev_kv().map(Kv::from_etcd),
         },
     })
 }
@@ -594,11 +593,9 @@ impl Store {
             .with_prefix()
             .with_start_revision(start_revision);
         options = match events {
-            Events::All => options.with_prev_key(),
+            Events::All => options,
             Events::Puts => options.with_filters([WatchFilterType::NoDelete]),
-            Events::Deletes => options
-                .with_prev_key()
-                .with_filters([WatchFilterType::NoPut]),
+            Events::Deletes => options.with_filters([WatchFilterType::NoPut]),
         };
         self.client()
             .watch(prefix, Some(options))
