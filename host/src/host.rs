@@ -202,6 +202,7 @@ impl Host {
             config.worker.clone(),
             lease.clone(),
             planned,
+            config.host_id.clone(),
         );
         tasks.spawn(worker.clone().run(shutdown.clone()));
         plugins

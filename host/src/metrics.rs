@@ -33,6 +33,7 @@ type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     registry: Registry,
     pub jobs_claimed: Family<Labels, Counter>,
+    pub claims_lost: Family<Labels, Counter>,
     pub jobs_completed: Family<Labels, Counter>,
     pub jobs_failed: Family<Labels, Counter>,
     pub jobs_retried: Family<Labels, Counter>,
@@ -60,6 +61,7 @@ impl Metrics {
         let histograms = || Histograms::new_with_constructor(seconds_histogram);
         let m = Metrics {
             jobs_claimed: Family::default(),
+            claims_lost: Family::default(),
             jobs_completed: Family::default(),
             jobs_failed: Family::default(),
             jobs_retried: Family::default(),
@@ -80,6 +82,12 @@ impl Metrics {
             "jobs_claimed",
             "Jobs claimed, by handler",
             m.jobs_claimed.clone(),
+        );
+        r.register(
+            "claims_lost",
+            "Claims sent for jobs another host had claimed first, by handler: each one a \
+             transaction etcd refused",
+            m.claims_lost.clone(),
         );
         r.register(
             "jobs_completed",

@@ -6,16 +6,16 @@
 //! worker can win, and every write after it is fenced by a compare on our reservation value,
 //! so a worker whose lease expired can run a job to the end but cannot publish its result.
 
+pub mod affinity;
 pub mod hints;
 mod run;
 
 pub(crate) use run::to_wit_job;
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -24,7 +24,9 @@ use crate::keys::Queue;
 use crate::lease::HostLease;
 use crate::plugins::{PluginEngine, PluginRegistry};
 use crate::schema::SchemaRegistry;
-use crate::store::{Change, Events, Kv, Store};
+use crate::store::{Change, Events, Kv, Store, Watch};
+
+use affinity::{Backlog, Peers};
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -49,6 +51,14 @@ impl Default for WorkerConfig {
     }
 }
 
+/// The next changes of `watch`, or never if there is none.
+async fn next_of(watch: &mut Option<Watch>) -> Result<Vec<Change>, crate::store::WatchError> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Claims and runs jobs for the handlers its plugins serve.
 pub struct Worker {
     pub(crate) store: Store,
@@ -69,9 +79,16 @@ pub struct Worker {
     pub(crate) read_hints: hints::ReadHints,
     /// The params of jobs this process's job manager planned (see [`hints`]).
     pub(crate) planned: Arc<hints::PlannedParams>,
+    /// This host's id, for its rank among the hosts serving a job's handler.
+    host_id: String,
+    /// The hosts serving what, from their plugin status records (see [`affinity`]).
+    peers: Mutex<Peers>,
+    /// Bumped when `peers` changes.
+    peers_changed: watch::Sender<()>,
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)] // one per shared part of the host; built once
     pub fn new(
         store: Store,
         schemas: Arc<SchemaRegistry>,
@@ -80,6 +97,7 @@ impl Worker {
         config: WorkerConfig,
         lease: Arc<HostLease>,
         planned: Arc<hints::PlannedParams>,
+        host_id: String,
     ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
         Arc::new(Worker {
@@ -95,26 +113,31 @@ impl Worker {
             hard_stop: CancellationToken::new(),
             read_hints: hints::ReadHints::default(),
             planned,
+            host_id,
+            peers: Mutex::new(Peers::default()),
+            peers_changed: watch::Sender::new(()),
         })
     }
 
     /// Watches the ready queue until `shutdown`, re-listing after any watch failure so that no
     /// ready job is missed.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let peers = tokio::spawn(self.clone().follow_peers(shutdown.clone()));
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             match self.clone().follow_ready_queue(&shutdown).await {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "worker: waiting for etcd");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
+        let _ = peers.await;
     }
 
     async fn follow_ready_queue(
@@ -125,23 +148,52 @@ impl Worker {
         let (ready, revision) = self.store.list(&prefix).await?;
         // Ready jobs this host may run, waiting for a slot. A job's task starts only once it
         // has a slot, so a backlog of thousands costs a key and a handler name each.
-        let mut backlog = VecDeque::new();
+        let mut backlog = Backlog::default();
         for kv in ready {
             self.offer(&mut backlog, kv);
         }
-        // Only new ready keys matter; a claim's delete of one would be an event for nothing.
+        // Only new ready keys matter; a claim's delete of one would be an event for nothing,
+        // unless other hosts serve too: then jobs ranked to them wait here, and their deletes
+        // say which ones they claimed.
         let mut watch = self
             .store
             .watch_events(&prefix, revision + 1, Events::Puts)
             .await?;
+        let mut deletes: Option<Watch> = None;
         let mut plugins_changed = self.plugins.subscribe();
+        let mut peers_changed = self.peers_changed.subscribe();
+        peers_changed.mark_changed();
         loop {
+            let due = backlog.next_due();
             let changes = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 changes = watch.next() => changes?,
-                slot = self.slots.clone().acquire_owned(), if !backlog.is_empty() => {
-                    if let (Ok(slot), Some((key, handler))) = (slot, backlog.pop_front()) {
+                slot = self.slots.clone().acquire_owned(), if backlog.has_ready() => {
+                    if let (Ok(slot), Some((key, handler))) = (slot, backlog.take()) {
                         self.start(&key, &handler, slot);
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()),
+                    if due.is_some() => {
+                    backlog.promote(Instant::now());
+                    continue;
+                }
+                gone = next_of(&mut deletes) => {
+                    for change in gone? {
+                        if let Change::Delete { key, revision, .. } = change {
+                            backlog.gone(&key, revision);
+                        }
+                    }
+                    continue;
+                }
+                Ok(()) = peers_changed.changed() => {
+                    let others = self.peers().has_others(&self.host_id);
+                    if others && deletes.is_none() {
+                        // From now: a delete missed before costs one refused claim at most.
+                        deletes = Some(self.store.watch_events(&prefix, 0, Events::Deletes).await?);
+                    } else if !others {
+                        deletes = None;
                     }
                     continue;
                 }
@@ -163,13 +215,85 @@ impl Worker {
         }
     }
 
-    /// Adds a ready job to the backlog if one of our plugins serves its handler.
-    fn offer(&self, backlog: &mut VecDeque<(String, String)>, kv: Kv) {
+    /// Adds a ready job to the backlog if one of our plugins serves its handler, ranked among
+    /// the hosts that serve it.
+    fn offer(&self, backlog: &mut Backlog, kv: Kv) {
         let handler = kv.value_str().into_owned();
-        if self.plugins.serves(&handler) {
-            backlog.push_back((kv.key, handler));
-        } else {
+        if !self.plugins.serves(&handler) {
             tracing::debug!(key = %kv.key, %handler, "no plugin here serves this handler; leaving it");
+            return;
+        }
+        let job_id = self
+            .store
+            .keys()
+            .parse_job_key(Queue::Ready, &kv.key)
+            .unwrap_or_default();
+        let rank = self.peers().rank(&self.host_id, &handler, job_id);
+        backlog.offer(kv.key, handler, kv.mod_revision, rank, Instant::now());
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, Peers> {
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Follows the plugin status records of every host until `shutdown`, re-listing after a
+    /// watch failure. Without them (etcd unreachable) the host ranks first for every job.
+    async fn follow_peers(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let Err(e) = self.follow_peers_once(&shutdown).await else {
+                return;
+            };
+            tracing::debug!(error = %e, retry_in = ?backoff, "worker: re-reading the peer hosts");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn follow_peers_once(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let keys = self.store.keys().clone();
+        let prefix = keys.plugin_status_prefix();
+        let (records, revision) = self.store.list(&prefix).await?;
+        {
+            let mut peers = self.peers();
+            peers.clear();
+            for kv in &records {
+                if let Some((host, plugin)) = keys.parse_plugin_status_key(&kv.key) {
+                    peers.put(host, plugin, &kv.value);
+                }
+            }
+        }
+        self.peers_changed.send_replace(());
+        let mut watch = self
+            .store
+            .watch_events(&prefix, revision + 1, Events::All)
+            .await?;
+        loop {
+            let changes = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changes = watch.next() => changes?,
+            };
+            {
+                let mut peers = self.peers();
+                for change in changes {
+                    match change {
+                        Change::Put(kv) => {
+                            if let Some((host, plugin)) = keys.parse_plugin_status_key(&kv.key) {
+                                peers.put(host, plugin, &kv.value);
+                            }
+                        }
+                        Change::Delete { key, .. } => {
+                            if let Some((host, plugin)) = keys.parse_plugin_status_key(&key) {
+                                peers.delete(host, plugin);
+                            }
+                        }
+                    }
+                }
+            }
+            self.peers_changed.send_replace(());
         }
     }
 

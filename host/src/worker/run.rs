@@ -79,6 +79,10 @@ impl Worker {
             match claimed {
                 Claimed::Taken => {
                     tracing::debug!("claimed by another worker");
+                    crate::metrics::global()
+                        .claims_lost
+                        .get_or_create(&crate::metrics::labels([("handler", handler)]))
+                        .inc();
                     return Ok(());
                 }
                 Claimed::Ours { record, prefetched } => (Some(record), prefetched),
