@@ -289,6 +289,10 @@ struct RunArgs {
     /// resource whose workflow would not fit and cuts its batches of writes to fit.
     #[arg(long)]
     etcd_max_request_bytes: Option<u64>,
+    /// Milliseconds, per rank, a host waits before it claims a job other hosts serving its
+    /// handler rank first (0-10000, default 50; 0: every host claims every job at once).
+    #[arg(long)]
+    claim_affinity_ms: Option<u64>,
     /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9464.
     #[arg(long)]
     metrics_addr: Option<String>,
@@ -317,6 +321,7 @@ impl RunArgs {
             requeue_backoff_ms: self.requeue_backoff_ms,
             requeue_backoff_max_ms: self.requeue_backoff_max_ms,
             etcd_max_request_bytes: self.etcd_max_request_bytes,
+            claim_affinity_ms: self.claim_affinity_ms,
             metrics_addr: self.metrics_addr.clone(),
         }
     }

@@ -34,6 +34,7 @@ pub struct Metrics {
     registry: Registry,
     pub jobs_claimed: Family<Labels, Counter>,
     pub claims_lost: Family<Labels, Counter>,
+    pub claims_deferred: Family<Labels, Counter>,
     pub jobs_completed: Family<Labels, Counter>,
     pub jobs_failed: Family<Labels, Counter>,
     pub jobs_retried: Family<Labels, Counter>,
@@ -62,6 +63,7 @@ impl Metrics {
         let m = Metrics {
             jobs_claimed: Family::default(),
             claims_lost: Family::default(),
+            claims_deferred: Family::default(),
             jobs_completed: Family::default(),
             jobs_failed: Family::default(),
             jobs_retried: Family::default(),
@@ -88,6 +90,12 @@ impl Metrics {
             "Claims sent for jobs another host had claimed first, by handler: each one a \
              transaction etcd refused",
             m.claims_lost.clone(),
+        );
+        r.register(
+            "claims_deferred",
+            "Jobs another host ranked first that this host took after the affinity delay, by \
+             handler: the first host was slow, busy or gone",
+            m.claims_deferred.clone(),
         );
         r.register(
             "jobs_completed",

@@ -73,6 +73,7 @@ pub struct RunSettings {
     pub requeue_backoff_ms: Option<u64>,
     pub requeue_backoff_max_ms: Option<u64>,
     pub etcd_max_request_bytes: Option<u64>,
+    pub claim_affinity_ms: Option<u64>,
     pub metrics_addr: Option<String>,
 }
 
@@ -119,6 +120,7 @@ impl RunSettings {
             requeue_backoff_ms,
             requeue_backoff_max_ms,
             etcd_max_request_bytes,
+            claim_affinity_ms,
             metrics_addr
         )
     }
@@ -213,6 +215,14 @@ impl RunSettings {
             1 << 30,
         )?;
         config.etcd_max_request_bytes = usize::try_from(request_bytes).unwrap_or(usize::MAX);
+        let affinity_default = crate::worker::affinity::AFFINITY_DELAY.as_millis() as u64;
+        config.worker.claim_affinity_delay = Duration::from_millis(in_range(
+            "claim_affinity_ms",
+            self.claim_affinity_ms,
+            affinity_default,
+            0,
+            10_000,
+        )?);
         if let Some(addr) = self.metrics_addr {
             let parsed: SocketAddr = addr.parse().map_err(|e| {
                 invalid(
@@ -273,6 +283,7 @@ mod tests {
         let text = include_str!("../../packaging/esi-host.toml");
         let file = parse(text).unwrap();
         assert_eq!(file.etcd_max_request_bytes, Some(1_572_864));
+        assert_eq!(file.claim_affinity_ms, Some(50));
     }
 
     #[test]
@@ -312,6 +323,16 @@ mod tests {
         };
         let config = file.into_host_config().unwrap();
         assert_eq!(config.etcd_max_request_bytes, 10 << 20);
+        assert_eq!(
+            config.worker.claim_affinity_delay,
+            Duration::from_millis(50)
+        );
+        let flags = RunSettings {
+            claim_affinity_ms: Some(0),
+            ..RunSettings::default()
+        };
+        let config = base().overlay(flags).into_host_config().unwrap();
+        assert_eq!(config.worker.claim_affinity_delay, Duration::ZERO);
     }
 
     #[test]

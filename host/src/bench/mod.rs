@@ -193,11 +193,17 @@ async fn run_against(
         let burst_three = three_hosts?;
         // Under load: the highest of the one-host runs, the burst (up to ~1,700 jobs waiting
         // in ready) and the paced ones (more jobs, each with its own config PUT in flight).
-        let under_load = [&burst_one, &paced, &paced_quarter]
-            .iter()
-            .map(|run| run.rss_peak_bytes)
-            .max()
-            .unwrap_or(0);
+        let under_load = [
+            Some(&burst_one),
+            Some(&paced),
+            Some(&paced_quarter),
+            fixed.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|run| run.rss_peak_bytes)
+        .max()
+        .unwrap_or(0);
         let memory = Memory {
             idle: rss_idle,
             loaded: rss_loaded,

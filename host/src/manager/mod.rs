@@ -299,9 +299,11 @@ impl JobManager {
         }
     }
 
-    /// Handles the finished jobs the watch has already delivered, without waiting for more.
+    /// Handles finished jobs the watch has already delivered, without waiting for more: one
+    /// burst ([`MAX_BURST`] at most), so that a steady stream of them cannot hold back the
+    /// rest of the loop.
     async fn take_delivered_finished(&mut self, finished: &mut Watch) -> anyhow::Result<()> {
-        while let Some(changes) = finished.try_next() {
+        if let Some(changes) = finished.try_next() {
             for change in burst(finished, changes?)? {
                 if let Change::Put(kv) = change {
                     self.on_finished(&kv).await?;

@@ -560,7 +560,7 @@ impl Store {
         }
     }
 
-    /// Watches `prefix` from `start_revision` (inclusive), with previous values on deletes.
+    /// Watches `prefix` from `start_revision` (inclusive).
     pub async fn watch(&self, prefix: &str, start_revision: i64) -> Result<Watch> {
         self.watch_events(prefix, start_revision, Events::All).await
     }

@@ -8,7 +8,7 @@
 //! Hosts now rank themselves per job: rendezvous hashing of the job id with the ids of the
 //! hosts serving its handler, read from the plugin status records every host publishes under
 //! its lease (`/esi-worker/plugins/<host>/<plugin>`). The first host claims at once; the n-th
-//! waits n × [`AFFINITY_DELAY`] and claims only if the job is still ready (it follows the ready
+//! waits n × [`AFFINITY_DELAY`] (a setting) and claims only if the job is still ready (it follows the ready
 //! queue's deletes while it has peers). Hosts that see different peer sets only claim in a
 //! different order.
 //!
@@ -17,16 +17,19 @@
 //! delay, until its lease expires and its records go.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-/// How long the n-th ranked host waits, per rank, before it claims a job nobody claimed.
+/// How long the n-th ranked host waits, per rank, before it claims a job nobody claimed
+/// (`--claim-affinity-ms`).
 pub const AFFINITY_DELAY: Duration = Duration::from_millis(50);
 
 /// Ranks past this one wait as long as it does.
-const MAX_RANK: u32 = 8;
+pub const MAX_RANK: u32 = 8;
 
 /// The part of a plugin status record that says what a host serves.
 #[derive(Debug, Default, Deserialize)]
@@ -109,24 +112,49 @@ fn score(host: &str, job_id: &str) -> u64 {
     u64::from_be_bytes(first)
 }
 
-/// Ready jobs this host may run, waiting for a slot: its own first (in arrival order), then
-/// jobs ranked to other hosts that nobody claimed within their delay. Those are taken newest
-/// first, from the other end than their own host takes them, so the two rarely race.
-#[derive(Debug, Default)]
+/// Ready jobs this host may run, waiting for a slot: its own from when they arrived, jobs
+/// ranked to other hosts from when their delay ran out, the oldest first across both. A job
+/// another host left unclaimed therefore waits here no longer than one of this host's own
+/// would, whatever the load.
+#[derive(Debug)]
 pub struct Backlog {
     /// Ready keys waiting here, with the revision of the put that made each ready. A key
     /// leaves it when it is taken or seen deleted; the queues below drop keys no longer in it
     /// when they reach them. Puts and deletes come by two watches, in no order between them:
     /// the revision keeps the delete of a claim from dropping the put of a later re-queue.
     waiting: HashMap<String, i64>,
-    now: VecDeque<(String, String)>,
-    /// Deferred jobs by when they may be taken (and arrival, to keep the order).
+    /// This host's own jobs, by arrival.
+    now: VecDeque<(Instant, String, String)>,
+    /// Jobs ranked to other hosts, by when they may be taken (and arrival, to keep order).
     later: BTreeMap<(Instant, u64), (String, String)>,
-    unclaimed: VecDeque<(String, String)>,
+    /// Jobs of `later` whose time came, by that time.
+    unclaimed: VecDeque<(Instant, String, String)>,
     arrivals: u64,
+    /// Per rank; zero: every host claims every job at once.
+    delay: Duration,
+}
+
+/// A job to start, and whether another host was ranked before this one for it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Next {
+    pub key: String,
+    pub handler: String,
+    pub deferred: bool,
 }
 
 impl Backlog {
+    /// An empty backlog; the n-th ranked host waits n × `delay` (at most 8 × `delay`).
+    pub fn new(delay: Duration) -> Self {
+        Backlog {
+            waiting: HashMap::new(),
+            now: VecDeque::new(),
+            later: BTreeMap::new(),
+            unclaimed: VecDeque::new(),
+            arrivals: 0,
+            delay,
+        }
+    }
+
     /// Adds a ready job `(key, handler)`, made ready at `revision` and ranked `rank` for this
     /// host, unless it waits here already.
     pub fn offer(&mut self, key: String, handler: String, revision: i64, rank: u32, at: Instant) {
@@ -137,11 +165,11 @@ impl Backlog {
             }
             None => self.waiting.insert(key.clone(), revision),
         };
-        if rank == 0 {
-            self.now.push_back((key, handler));
+        if rank == 0 || self.delay.is_zero() {
+            self.now.push_back((at, key, handler));
         } else {
             self.arrivals += 1;
-            let due = at + AFFINITY_DELAY * rank.min(MAX_RANK);
+            let due = at + self.delay * rank.min(MAX_RANK);
             self.later.insert((due, self.arrivals), (key, handler));
         }
     }
@@ -162,12 +190,13 @@ impl Backlog {
     /// Moves the deferred jobs due by `at` to those that may be taken.
     pub fn promote(&mut self, at: Instant) {
         while let Some(entry) = self.later.first_entry() {
-            if entry.key().0 > at {
+            let due = entry.key().0;
+            if due > at {
                 break;
             }
             let (key, handler) = entry.remove();
             if self.waiting.contains_key(&key) {
-                self.unclaimed.push_back((key, handler));
+                self.unclaimed.push_back((due, key, handler));
             }
         }
     }
@@ -177,21 +206,36 @@ impl Backlog {
         !self.now.is_empty() || !self.unclaimed.is_empty()
     }
 
-    /// The next job to start: this host's own first, then the newest unclaimed one.
-    pub fn take(&mut self) -> Option<(String, String)> {
-        while let Some((key, handler)) = self.now.pop_front().or_else(|| self.unclaimed.pop_back())
-        {
+    /// The job that has waited longest: an own job since it arrived, another host's since
+    /// its delay ran out.
+    pub fn take(&mut self) -> Option<Next> {
+        loop {
+            let own_first = match (self.now.front(), self.unclaimed.front()) {
+                (Some((arrived, ..)), Some((due, ..))) => arrived <= due,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => return None,
+            };
+            let queue = if own_first {
+                &mut self.now
+            } else {
+                &mut self.unclaimed
+            };
+            let (_, key, handler) = queue.pop_front()?;
             if self.waiting.remove(&key).is_some() {
-                return Some((key, handler));
+                return Some(Next {
+                    key,
+                    handler,
+                    deferred: !own_first,
+                });
             }
         }
-        None
     }
 
     pub fn clear(&mut self) {
         *self = Backlog {
             arrivals: self.arrivals,
-            ..Backlog::default()
+            ..Backlog::new(self.delay)
         };
     }
 
@@ -283,28 +327,28 @@ mod tests {
     }
 
     #[test]
-    fn the_backlog_serves_own_jobs_first_then_unclaimed_ones_newest_first() {
+    fn the_backlog_serves_jobs_by_how_long_they_waited() {
         let t0 = Instant::now();
-        let mut backlog = Backlog::default();
+        let ms = Duration::from_millis;
+        let mut backlog = Backlog::new(AFFINITY_DELAY);
         backlog.offer("k1".into(), "h".into(), 10, 1, t0);
         backlog.offer("k2".into(), "h".into(), 11, 0, t0);
-        backlog.offer(
-            "k3".into(),
-            "h".into(),
-            12,
-            1,
-            t0 + Duration::from_millis(1),
-        );
+        backlog.offer("k3".into(), "h".into(), 12, 1, t0 + ms(1));
         backlog.offer("k4".into(), "h".into(), 13, 2, t0);
         backlog.offer("k2".into(), "h".into(), 11, 0, t0); // seen again (a re-list)
         assert_eq!(backlog.len(), 4);
-        assert_eq!(backlog.take().map(|(k, _)| k).as_deref(), Some("k2"));
+        let next = backlog.take().unwrap();
+        assert_eq!((next.key.as_str(), next.deferred), ("k2", false));
         assert!(backlog.take().is_none(), "the others are not due");
         assert!(!backlog.has_ready());
         assert_eq!(backlog.next_due(), Some(t0 + AFFINITY_DELAY));
-        backlog.promote(t0 + AFFINITY_DELAY + Duration::from_millis(1));
-        assert_eq!(backlog.take().map(|(k, _)| k).as_deref(), Some("k3"));
-        assert_eq!(backlog.take().map(|(k, _)| k).as_deref(), Some("k1"));
+        // An own job that arrived after the delays of k1 and k3 ran out goes after them.
+        backlog.offer("k5".into(), "h".into(), 14, 0, t0 + AFFINITY_DELAY + ms(2));
+        backlog.promote(t0 + AFFINITY_DELAY + ms(2));
+        let next = backlog.take().unwrap();
+        assert_eq!((next.key.as_str(), next.deferred), ("k1", true));
+        assert_eq!(backlog.take().map(|n| n.key).as_deref(), Some("k3"));
+        assert_eq!(backlog.take().map(|n| n.key).as_deref(), Some("k5"));
         assert!(backlog.take().is_none());
         backlog.gone("k4", 20);
         backlog.promote(t0 + AFFINITY_DELAY * 3);
@@ -314,13 +358,38 @@ mod tests {
     }
 
     #[test]
+    fn a_job_left_unclaimed_is_not_starved_by_a_steady_stream_of_own_jobs() {
+        let t0 = Instant::now();
+        let mut backlog = Backlog::new(AFFINITY_DELAY);
+        backlog.offer("theirs".into(), "h".into(), 1, 1, t0);
+        let mut taken = Vec::new();
+        for n in 0..100u32 {
+            let at = t0 + Duration::from_millis(u64::from(n));
+            backlog.offer(format!("own-{n}"), "h".into(), 2 + i64::from(n), 0, at);
+            backlog.promote(at);
+            taken.push(backlog.take().unwrap().key);
+        }
+        let position = taken.iter().position(|k| k == "theirs").unwrap();
+        assert!(position <= 51, "taken {position}th, after its 50 ms delay");
+    }
+
+    #[test]
+    fn a_zero_delay_claims_every_job_at_once() {
+        let t0 = Instant::now();
+        let mut backlog = Backlog::new(Duration::ZERO);
+        backlog.offer("k".into(), "h".into(), 1, 3, t0);
+        assert_eq!(backlog.next_due(), None);
+        assert_eq!(backlog.take().map(|n| n.key).as_deref(), Some("k"));
+    }
+
+    #[test]
     fn a_job_claimed_elsewhere_is_skipped_and_ranks_are_capped() {
         let t0 = Instant::now();
-        let mut backlog = Backlog::default();
+        let mut backlog = Backlog::new(AFFINITY_DELAY);
         backlog.offer("a".into(), "h".into(), 5, 0, t0);
         backlog.offer("b".into(), "h".into(), 6, 0, t0);
         backlog.gone("a", 7);
-        assert_eq!(backlog.take().map(|(k, _)| k).as_deref(), Some("b"));
+        assert_eq!(backlog.take().map(|n| n.key).as_deref(), Some("b"));
         backlog.offer("c".into(), "h".into(), 8, 1000, t0);
         assert_eq!(backlog.next_due(), Some(t0 + AFFINITY_DELAY * MAX_RANK));
         backlog.clear();
@@ -332,12 +401,12 @@ mod tests {
         // Claimed elsewhere at 20 (the ready key deleted), failed and re-queued at 30; the
         // puts' watch delivers 30 before the deletes' watch delivers 20.
         let t0 = Instant::now();
-        let mut backlog = Backlog::default();
+        let mut backlog = Backlog::new(AFFINITY_DELAY);
         backlog.offer("k".into(), "h".into(), 10, 1, t0);
         backlog.offer("k".into(), "h".into(), 30, 1, t0);
         backlog.gone("k", 20);
         backlog.promote(t0 + AFFINITY_DELAY);
-        assert_eq!(backlog.take().map(|(k, _)| k).as_deref(), Some("k"));
+        assert_eq!(backlog.take().map(|n| n.key).as_deref(), Some("k"));
         // And the delete of the re-queued one, after its put, drops it.
         backlog.offer("k".into(), "h".into(), 40, 0, t0);
         backlog.gone("k", 41);

@@ -13,7 +13,9 @@ mod run;
 pub(crate) use run::to_wit_job;
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -38,6 +40,9 @@ pub struct WorkerConfig {
     /// First retry delay; doubles per attempt up to `retry_backoff_max`.
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
+    /// How long, per rank, a host waits before it claims a job other hosts rank first
+    /// ([`affinity`]); zero: every host claims every job at once.
+    pub claim_affinity_delay: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -47,6 +52,7 @@ impl Default for WorkerConfig {
             max_attempts: 5,
             retry_backoff: Duration::from_millis(500),
             retry_backoff_max: Duration::from_secs(30),
+            claim_affinity_delay: affinity::AFFINITY_DELAY,
         }
     }
 }
@@ -148,10 +154,12 @@ impl Worker {
         let (ready, revision) = self.store.list(&prefix).await?;
         // Ready jobs this host may run, waiting for a slot. A job's task starts only once it
         // has a slot, so a backlog of thousands costs a key and a handler name each.
-        let mut backlog = Backlog::default();
+        let mut backlog = Backlog::new(self.config.claim_affinity_delay);
         for kv in ready {
             self.offer(&mut backlog, kv);
         }
+        // The deletes watch, when peers make it worth opening, starts after what was seen.
+        let mut seen_revision = revision;
         // Only new ready keys matter; a claim's delete of one would be an event for nothing,
         // unless other hosts serve too: then jobs ranked to them wait here, and their deletes
         // say which ones they claimed.
@@ -169,12 +177,21 @@ impl Worker {
                 _ = shutdown.cancelled() => return Ok(()),
                 changes = watch.next() => changes?,
                 slot = self.slots.clone().acquire_owned(), if backlog.has_ready() => {
-                    if let (Ok(slot), Some((key, handler))) = (slot, backlog.take()) {
-                        self.start(&key, &handler, slot);
+                    if let (Ok(slot), Some(next)) = (slot, backlog.take()) {
+                        if next.deferred {
+                            crate::metrics::global()
+                                .claims_deferred
+                                .get_or_create(&crate::metrics::labels([(
+                                    "handler",
+                                    &next.handler,
+                                )]))
+                                .inc();
+                        }
+                        self.start(&next.key, &next.handler, slot);
                     }
                     continue;
                 }
-                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()),
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)),
                     if due.is_some() => {
                     backlog.promote(Instant::now());
                     continue;
@@ -190,8 +207,11 @@ impl Worker {
                 Ok(()) = peers_changed.changed() => {
                     let others = self.peers().has_others(&self.host_id);
                     if others && deletes.is_none() {
-                        // From now: a delete missed before costs one refused claim at most.
-                        deletes = Some(self.store.watch_events(&prefix, 0, Events::Deletes).await?);
+                        deletes = Some(
+                            self.store
+                                .watch_events(&prefix, seen_revision + 1, Events::Deletes)
+                                .await?,
+                        );
                     } else if !others {
                         deletes = None;
                     }
@@ -209,6 +229,7 @@ impl Worker {
             };
             for change in changes {
                 if let Change::Put(kv) = change {
+                    seen_revision = seen_revision.max(kv.mod_revision);
                     self.offer(&mut backlog, kv);
                 }
             }
@@ -237,7 +258,8 @@ impl Worker {
     }
 
     /// Follows the plugin status records of every host until `shutdown`, re-listing after a
-    /// watch failure. Without them (etcd unreachable) the host ranks first for every job.
+    /// watch failure (the peers last seen count meanwhile; a host that left only delays its
+    /// jobs by the affinity delay).
     async fn follow_peers(self: Arc<Self>, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
