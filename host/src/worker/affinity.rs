@@ -86,15 +86,18 @@ impl Peers {
     /// How many hosts serving `handler` rank before `me` for `job_id`: 0 means claim now.
     /// `me` always counts as serving it (its own record may not be published yet).
     pub fn rank(&self, me: &str, handler: &str, job_id: &str) -> u32 {
-        let mine = score(me, job_id);
-        let ahead = self
+        let mut others = self
             .hosts
             .iter()
             .filter(|(host, plugins)| {
                 host.as_str() != me && plugins.values().any(|h| h.iter().any(|h| h == handler))
             })
-            .filter(|(host, _)| score(host, job_id) > mine)
-            .count();
+            .peekable();
+        if others.peek().is_none() {
+            return 0; // alone: no hash to compute
+        }
+        let mine = score(me, job_id);
+        let ahead = others.filter(|(host, _)| score(host, job_id) > mine).count();
         u32::try_from(ahead).unwrap_or(u32::MAX)
     }
 }
