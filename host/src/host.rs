@@ -102,6 +102,9 @@ fn host_record(host_id: &str, handlers: &[String]) -> String {
     .to_string()
 }
 
+/// How long a drain waits for etcd to delete the host's plugin status records.
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A running host.
 pub struct Host {
     /// Stops the roles: the manager resigns and the worker stops claiming.
@@ -253,6 +256,13 @@ impl Host {
     /// up to the drain timeout, hands the rest back to ready, then revokes the lease.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
+        // Other hosts stop deferring new jobs to this one (a bounded wait: etcd may be gone).
+        let withdrawn = tokio::time::timeout(WITHDRAW_TIMEOUT, self.plugins.withdraw_statuses());
+        if withdrawn.await.is_err() {
+            tracing::warn!(
+                "could not withdraw the plugin status records in time; they go with the lease"
+            );
+        }
         while self.tasks.join_next().await.is_some() {}
         // The lease stays alive while in-flight jobs finish or are handed back.
         self.worker.drain(self.drain_timeout).await;

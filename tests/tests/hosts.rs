@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
 use esi_host::seed;
+use esi_host::store::Change;
 use esi_tests::{seed_ha_interface_body, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,6 +180,25 @@ async fn a_draining_host_hands_unfinished_jobs_back_at_once() {
         .unwrap()
         .0;
     assert_eq!(ready.len(), 1, "the unfinished job is ready again");
+    // Its plugin status records went first, before the hand-back (and so before the lease
+    // was revoked): other hosts stopped deferring new jobs to it at once.
+    let (ready_key, handed_back_at) = (&ready[0].key, ready[0].mod_revision);
+    let status_prefix = env.keys().plugin_status_prefix();
+    let seen = recorder
+        .until(Duration::from_secs(10), |change| {
+            matches!(change, Change::Put(kv)
+                if &kv.key == ready_key && kv.mod_revision == handed_back_at)
+        })
+        .await
+        .unwrap();
+    let withdrawn_at = seen.iter().find_map(|change| match change {
+        Change::Delete { key, revision } if key.starts_with(&status_prefix) => Some(*revision),
+        _ => None,
+    });
+    assert!(
+        withdrawn_at.is_some_and(|w| w < handed_back_at),
+        "status withdrawn at {withdrawn_at:?}, job handed back at {handed_back_at}"
+    );
 
     let next = esi_host::Host::start(env.worker_only_config())
         .await

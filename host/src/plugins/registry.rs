@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -70,6 +71,8 @@ struct Publisher {
     store: Store,
     lease: Arc<HostLease>,
     host_id: String,
+    /// Set when the host drains: nothing is published any more.
+    withdrawn: AtomicBool,
 }
 
 /// Handler name -> plugin, live.
@@ -187,6 +190,7 @@ impl PluginRegistry {
             store,
             lease,
             host_id: host_id.to_string(),
+            withdrawn: AtomicBool::new(false),
         });
         *lock(&self.publisher) = Some(publisher.clone());
         for status in self.statuses() {
@@ -540,6 +544,23 @@ impl PluginRegistry {
             .unwrap_or_default()
     }
 
+    /// Deletes this host's status records and publishes none after: a draining host serves
+    /// nothing new, and other hosts stop ranking it first for jobs (`worker/affinity.rs`)
+    /// instead of waiting for its lease to go. The statuses stay readable in this process.
+    pub async fn withdraw_statuses(&self) {
+        let Some(p) = lock(&self.publisher).clone() else {
+            return;
+        };
+        p.withdrawn.store(true, Ordering::SeqCst);
+        let names: Vec<String> = lock(&self.status).keys().cloned().collect();
+        for name in names {
+            let key = p.store.keys().plugin_status(&p.host_id, &name);
+            if let Err(e) = p.lease.withdraw(&p.store, &key).await {
+                tracing::warn!(%key, error = %e, "could not withdraw the plugin's status record; it goes with the lease");
+            }
+        }
+    }
+
     async fn set_status(&self, status: PluginStatus) {
         lock(&self.status).insert(status.plugin.clone(), status.clone());
         let publisher = lock(&self.publisher).clone();
@@ -747,6 +768,9 @@ fn changes_contents(kind: &notify::EventKind) -> bool {
 }
 
 async fn publish(p: &Publisher, status: &PluginStatus) {
+    if p.withdrawn.load(Ordering::SeqCst) {
+        return;
+    }
     let key = p.store.keys().plugin_status(&p.host_id, &status.plugin);
     let value = serde_json::to_string(status).unwrap_or_default();
     if let Err(e) = p.lease.publish(&p.store, &key, value).await {

@@ -97,7 +97,9 @@ impl Peers {
             return 0; // alone: no hash to compute
         }
         let mine = score(me, job_id);
-        let ahead = others.filter(|(host, _)| score(host, job_id) > mine).count();
+        let ahead = others
+            .filter(|(host, _)| score(host, job_id) > mine)
+            .count();
         u32::try_from(ahead).unwrap_or(u32::MAX)
     }
 }
