@@ -252,7 +252,8 @@ impl Host {
         &self.plugins
     }
 
-    /// Drains: stops claiming (and resigns the job manager role), lets in-flight jobs finish
+    /// Drains: stops claiming, deletes the plugin status records (other hosts stop ranking
+    /// this one first for jobs) and resigns the job manager role, lets in-flight jobs finish
     /// up to the drain timeout, hands the rest back to ready, then revokes the lease.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();

@@ -13,7 +13,7 @@
 //! A lost lease is replaced by a new one (and the old one revoked, in case it was merely
 //! unconfirmed), so the host goes on claiming.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,8 @@ pub struct HostLease {
     /// Held across each publish, withdraw and republish, so a republish never puts back a
     /// value replaced or withdrawn while it ran.
     writing: tokio::sync::Mutex<()>,
+    /// Keys withdrawn for good ([`HostLease::retire`]): publishing them again does nothing.
+    retired: Mutex<BTreeSet<String>>,
 }
 
 impl HostLease {
@@ -56,12 +58,16 @@ impl HostLease {
             }),
             bound: Mutex::new(BTreeMap::new()),
             writing: tokio::sync::Mutex::new(()),
+            retired: Mutex::new(BTreeSet::new()),
         }
     }
 
     /// Puts `key` bound to the lease, and keeps it there across lease changes.
     pub async fn publish(&self, store: &Store, key: &str, value: String) -> store::Result<()> {
         let _writing = self.writing.lock().await;
+        if lock(&self.retired).contains(key) {
+            return Ok(());
+        }
         lock(&self.bound).insert(key.to_string(), value.clone());
         store.put_with_lease(key, value, self.id()).await
     }
@@ -71,6 +77,24 @@ impl HostLease {
         let _writing = self.writing.lock().await;
         lock(&self.bound).remove(key);
         store.delete(key).await
+    }
+
+    /// Deletes records put by [`HostLease::publish`] and refuses to publish them again.
+    /// They stop being republished at once, before the first delete is sent, so a caller
+    /// that gives up waiting (etcd may be gone) leaves them to go with the lease.
+    pub async fn retire(&self, store: &Store, keys: &[String]) -> store::Result<()> {
+        let _writing = self.writing.lock().await;
+        {
+            let (mut bound, mut retired) = (lock(&self.bound), lock(&self.retired));
+            for key in keys {
+                bound.remove(key);
+                retired.insert(key.clone());
+            }
+        }
+        for key in keys {
+            store.delete(key).await?;
+        }
+        Ok(())
     }
 
     async fn republish(&self, store: &Store) {

@@ -191,13 +191,27 @@ async fn a_draining_host_hands_unfinished_jobs_back_at_once() {
         })
         .await
         .unwrap();
-    let withdrawn_at = seen.iter().find_map(|change| match change {
-        Change::Delete { key, revision } if key.starts_with(&status_prefix) => Some(*revision),
-        _ => None,
-    });
+    // Every status record the drained host had: its last change before the hand-back is a
+    // delete (the manager-only host publishes none).
+    let mut last_change: HashMap<&str, (i64, bool)> = HashMap::new();
+    for change in seen {
+        match change {
+            Change::Put(kv)
+                if kv.key.starts_with(&status_prefix) && kv.mod_revision < handed_back_at =>
+            {
+                last_change.insert(&kv.key, (kv.mod_revision, false));
+            }
+            Change::Delete { key, revision }
+                if key.starts_with(&status_prefix) && *revision < handed_back_at =>
+            {
+                last_change.insert(key, (*revision, true));
+            }
+            _ => {}
+        }
+    }
     assert!(
-        withdrawn_at.is_some_and(|w| w < handed_back_at),
-        "status withdrawn at {withdrawn_at:?}, job handed back at {handed_back_at}"
+        !last_change.is_empty() && last_change.values().all(|&(_, deleted)| deleted),
+        "status records before the hand-back at {handed_back_at}: {last_change:?}"
     );
 
     let next = esi_host::Host::start(env.worker_only_config())

@@ -415,3 +415,35 @@ async fn claims_and_completions_sent_at_once_share_commits_and_each_gets_its_own
     );
     env.store.revoke_lease(lease).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_lease_bound_record_is_deleted_and_never_published_again() {
+    let env = TestEnv::new().await.unwrap();
+    let lease = esi_host::lease::HostLease::new(env.store.grant_lease(30).await.unwrap());
+    let (retired, kept) = (
+        env.keys().plugin_status("host-a", "retired"),
+        env.keys().plugin_status("host-a", "kept"),
+    );
+    for key in [&retired, &kept] {
+        lease.publish(&env.store, key, "{}".into()).await.unwrap();
+    }
+    lease
+        .retire(&env.store, std::slice::from_ref(&retired))
+        .await
+        .unwrap();
+    assert!(env.store.get(&retired).await.unwrap().is_none());
+    // A publish that was on its way when the drain started puts nothing back.
+    lease
+        .publish(&env.store, &retired, "{}".into())
+        .await
+        .unwrap();
+    assert!(env.store.get(&retired).await.unwrap().is_none());
+    let kv = env
+        .store
+        .get(&kept)
+        .await
+        .unwrap()
+        .expect("the other record stays");
+    assert_eq!(kv.lease, lease.id());
+    env.store.revoke_lease(lease.id()).await.unwrap();
+}

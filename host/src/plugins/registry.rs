@@ -552,12 +552,14 @@ impl PluginRegistry {
             return;
         };
         p.withdrawn.store(true, Ordering::SeqCst);
-        let names: Vec<String> = lock(&self.status).keys().cloned().collect();
-        for name in names {
-            let key = p.store.keys().plugin_status(&p.host_id, &name);
-            if let Err(e) = p.lease.withdraw(&p.store, &key).await {
-                tracing::warn!(%key, error = %e, "could not withdraw the plugin's status record; it goes with the lease");
-            }
+        let keys: Vec<String> = lock(&self.status)
+            .keys()
+            .map(|name| p.store.keys().plugin_status(&p.host_id, name))
+            .collect();
+        // Retired, not just withdrawn: a publish already past the flag above finds its key
+        // retired under the lease's write lock and puts nothing back.
+        if let Err(e) = p.lease.retire(&p.store, &keys).await {
+            tracing::warn!(error = %e, "could not withdraw the plugin status records; they go with the lease");
         }
     }
 

@@ -7,14 +7,15 @@
 //!
 //! Hosts now rank themselves per job: rendezvous hashing of the job id with the ids of the
 //! hosts serving its handler, read from the plugin status records every host publishes under
-//! its lease (`/esi-worker/plugins/<host>/<plugin>`). The first host claims at once; the n-th
-//! waits n × [`AFFINITY_DELAY`] (a setting) and claims only if the job is still ready (it follows the ready
-//! queue's deletes while it has peers). Hosts that see different peer sets only claim in a
-//! different order.
+//! its lease (`/esi-worker/plugins/<host>/<plugin>`). The host ranked first (rank 0) claims at
+//! once; the host of rank n waits n × [`AFFINITY_DELAY`] (a setting) and claims only if the
+//! job is still ready (it follows the ready queue's deletes while it has peers). Hosts that
+//! see different peer sets only claim in a different order.
 //!
 //! Safety does not depend on any of this: the claim is still a compare that only one host can
-//! win. A host that died, stalls or is draining delays the jobs ranked to it by at most that
-//! delay, until its lease expires and its records go.
+//! win. A host that died or stalls delays the jobs ranked to it by at most that delay, until
+//! its lease expires and its records go. A draining host deletes its records first
+//! (`Host::shutdown`), so it delays no new job.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -24,7 +25,7 @@ use tokio::time::Instant;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-/// How long the n-th ranked host waits, per rank, before it claims a job nobody claimed
+/// How long a host waits per rank (rank 0 is first) before it claims a job nobody claimed
 /// (`--claim-affinity-ms`).
 pub const AFFINITY_DELAY: Duration = Duration::from_millis(50);
 
@@ -148,7 +149,7 @@ pub struct Next {
 }
 
 impl Backlog {
-    /// An empty backlog; the n-th ranked host waits n × `delay` (at most 8 × `delay`).
+    /// An empty backlog; a job of rank n waits n × `delay` (at most 8 × `delay`).
     pub fn new(delay: Duration) -> Self {
         Backlog {
             waiting: HashMap::new(),
