@@ -42,10 +42,12 @@ pub struct HostLease {
     /// Records that live as long as the host (its host record, plugin status): re-put under
     /// a new lease when the old one was lost.
     bound: Mutex<BTreeMap<String, String>>,
-    /// Held across each publish, withdraw and republish, so a republish never puts back a
-    /// value replaced or withdrawn while it ran.
+    /// Held across each publish, withdraw, retire and republish, so a republish never puts
+    /// back a value replaced or withdrawn while it ran.
     writing: tokio::sync::Mutex<()>,
-    /// Keys withdrawn for good ([`HostLease::retire`]): publishing them again does nothing.
+    /// Keys withdrawn for good ([`HostLease::retire`]): publishing or republishing them does
+    /// nothing. Marked (with `bound`, locked first) before `writing` is awaited, so a retire
+    /// that never gets the write lock still keeps them from coming back.
     retired: Mutex<BTreeSet<String>>,
 }
 
@@ -62,13 +64,17 @@ impl HostLease {
         }
     }
 
-    /// Puts `key` bound to the lease, and keeps it there across lease changes.
+    /// Puts `key` bound to the lease, and keeps it there across lease changes. A retired
+    /// key is left alone (and this answers `Ok`).
     pub async fn publish(&self, store: &Store, key: &str, value: String) -> store::Result<()> {
         let _writing = self.writing.lock().await;
-        if lock(&self.retired).contains(key) {
-            return Ok(());
+        {
+            let mut bound = lock(&self.bound);
+            if lock(&self.retired).contains(key) {
+                return Ok(());
+            }
+            bound.insert(key.to_string(), value.clone());
         }
-        lock(&self.bound).insert(key.to_string(), value.clone());
         store.put_with_lease(key, value, self.id()).await
     }
 
@@ -80,21 +86,26 @@ impl HostLease {
     }
 
     /// Deletes records put by [`HostLease::publish`] and refuses to publish them again.
-    /// They stop being republished at once, before the first delete is sent, so a caller
-    /// that gives up waiting (etcd may be gone) leaves them to go with the lease.
+    /// They are marked before anything is awaited, so a caller that gives up waiting (etcd
+    /// may be gone, or a republish may hold the write lock) leaves them to go with the lease
+    /// and no republish puts them back. Every key is tried; the first error is returned.
     pub async fn retire(&self, store: &Store, keys: &[String]) -> store::Result<()> {
-        let _writing = self.writing.lock().await;
         {
-            let (mut bound, mut retired) = (lock(&self.bound), lock(&self.retired));
+            let mut bound = lock(&self.bound);
+            let mut retired = lock(&self.retired);
             for key in keys {
                 bound.remove(key);
                 retired.insert(key.clone());
             }
         }
+        let _writing = self.writing.lock().await;
+        let mut first_error = None;
         for key in keys {
-            store.delete(key).await?;
+            if let Err(e) = store.delete(key).await {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     async fn republish(&self, store: &Store) {
@@ -105,6 +116,9 @@ impl HostLease {
             .collect();
         let id = self.id();
         for (key, value) in records {
+            if lock(&self.retired).contains(&key) {
+                continue; // retired while this republish ran
+            }
             if let Err(e) = store.put_with_lease(&key, value, id).await {
                 tracing::warn!(%key, error = %e, "could not restore a lease-bound record");
             }
