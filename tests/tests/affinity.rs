@@ -86,6 +86,16 @@ async fn host_lease(env: &TestEnv, host_id: &str) -> i64 {
     env.store.get(&key).await.unwrap().unwrap().lease
 }
 
+/// A namespace with the shipped templates and both interfaces of the seed ACTIVE.
+async fn env_with_templates_and_states() -> TestEnv {
+    let env = TestEnv::new().await.unwrap();
+    env.load_shipped_templates().await.unwrap();
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
+    env
+}
+
 /// Waits until `host_id` publishes that it serves the handler, then a moment more for the
 /// other hosts' workers to see it.
 async fn wait_serving(env: &TestEnv, host_id: &str) {
@@ -100,11 +110,7 @@ async fn wait_serving(env: &TestEnv, host_id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_serving_one_handler_take_turns_instead_of_racing_for_each_job() {
     let _one_at_a_time = SERIAL.lock().await;
-    let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    let env = env_with_templates_and_states().await;
     let mut hosts = Vec::new();
     for host_id in ["host-a", "host-b"] {
         let mut config = env.host_config();
@@ -152,11 +158,7 @@ async fn hosts_serving_one_handler_take_turns_instead_of_racing_for_each_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_ranked_first_to_a_host_that_never_claims_it_still_runs() {
     let _one_at_a_time = SERIAL.lock().await;
-    let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    let env = env_with_templates_and_states().await;
     // A host that says it serves the handler but runs no worker: as one that hangs or has
     // just died would, until its lease expires.
     let ghost = json!({"plugin": HANDLER, "version": "1.0.0", "handlers": [HANDLER],
