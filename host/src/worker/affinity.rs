@@ -9,8 +9,8 @@
 //! hosts serving its handler, read from the plugin status records every host publishes under
 //! its lease (`/esi-worker/plugins/<host>/<plugin>`). The host ranked first (rank 0) claims at
 //! once; the host of rank n waits n × [`AFFINITY_DELAY`] (a setting) and claims only if the
-//! job is still ready (it follows the ready queue's deletes while it has peers). Hosts that
-//! see different peer sets only claim in a different order.
+//! job is still ready (it follows the ready queue's deletes while another host serves one of
+//! its handlers). Hosts that see different peer sets only claim in a different order.
 //!
 //! Safety does not depend on any of this: the claim is still a compare that only one host can
 //! win. A host that died or stalls delays the jobs ranked to it by at most that delay, until
@@ -78,10 +78,13 @@ impl Peers {
         self.hosts.clear();
     }
 
-    /// Whether any host other than `me` serves anything: only then is there anyone to
-    /// defer to, and a reason to follow the ready queue's deletes.
-    pub fn has_others(&self, me: &str) -> bool {
-        self.hosts.keys().any(|host| host != me)
+    /// Whether a host other than `me` serves one of `mine` (the handlers `me` serves): only
+    /// then can a job here be ranked to someone else, and are the ready queue's deletes worth
+    /// following.
+    pub fn shares_handlers(&self, me: &str, mine: &[String]) -> bool {
+        self.hosts.iter().any(|(host, plugins)| {
+            host != me && plugins.values().flatten().any(|h| mine.contains(h))
+        })
     }
 
     /// How many hosts serving `handler` rank before `me` for `job_id`: 0 means claim now.
@@ -309,9 +312,20 @@ mod tests {
             assert_eq!(peers.rank("a", "monitoring_worker", &job), 0);
             assert_eq!(peers.rank("b", "vlan_pool_worker", &job), 0);
         }
-        assert!(peers.has_others("a"));
+        let both = [
+            "monitoring_worker".to_string(),
+            "vlan_pool_worker".to_string(),
+        ];
+        assert!(
+            peers.shares_handlers("a", &both),
+            "b serves vlan_pool_worker"
+        );
+        assert!(
+            !peers.shares_handlers("a", &both[..1]),
+            "nobody else serves monitoring_worker"
+        );
         peers.delete("b", "vlan_pool_worker");
-        assert!(!peers.has_others("a"), "c and d serve nothing");
+        assert!(!peers.shares_handlers("a", &both), "c and d serve nothing");
         assert!(
             Peers::default().rank("a", "x", "job") == 0,
             "alone: always first"

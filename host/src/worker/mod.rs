@@ -205,16 +205,8 @@ impl Worker {
                     continue;
                 }
                 Ok(()) = peers_changed.changed() => {
-                    let others = self.peers().has_others(&self.host_id);
-                    if others && deletes.is_none() {
-                        deletes = Some(
-                            self.store
-                                .watch_events(&prefix, seen_revision + 1, Events::Deletes)
-                                .await?,
-                        );
-                    } else if !others {
-                        deletes = None;
-                    }
+                    self.follow_deletes_if_shared(&mut deletes, &prefix, seen_revision)
+                        .await?;
                     continue;
                 }
                 Ok(()) = plugins_changed.changed() => {
@@ -224,6 +216,8 @@ impl Worker {
                     for kv in ready {
                         self.offer(&mut backlog, kv);
                     }
+                    self.follow_deletes_if_shared(&mut deletes, &prefix, seen_revision)
+                        .await?;
                     continue;
                 }
             };
@@ -234,6 +228,30 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Opens the watch of ready deletes while another host serves one of this host's
+    /// handlers (their claims of jobs waiting here), and drops it otherwise.
+    async fn follow_deletes_if_shared(
+        &self,
+        deletes: &mut Option<Watch>,
+        prefix: &str,
+        seen_revision: i64,
+    ) -> anyhow::Result<()> {
+        let shared = self
+            .peers()
+            .shares_handlers(&self.host_id, &self.plugins.handlers());
+        if shared && deletes.is_none() {
+            let from = seen_revision + 1;
+            *deletes = Some(
+                self.store
+                    .watch_events(prefix, from, Events::Deletes)
+                    .await?,
+            );
+        } else if !shared {
+            *deletes = None;
+        }
+        Ok(())
     }
 
     /// Adds a ready job to the backlog if one of our plugins serves its handler, ranked among
