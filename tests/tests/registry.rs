@@ -279,3 +279,48 @@ async fn a_broken_manifest_left_behind_after_a_rollback_stays_rejected() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A manifest written in two steps (a slow copy, an editor) is read half-written: the old
+/// build keeps serving and the plugin reads as rejected. When the last write lands, the
+/// directory watch reads it again and the new manifest serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_caught_mid_write_is_read_again_when_its_last_write_lands() {
+    use std::io::Write as _;
+
+    let dir = scripted_copies(&[("slow", manifest(&[HANDLER], 2))]);
+    let registry = registry_on(&dir).await;
+    let shutdown = CancellationToken::new();
+    let watching = tokio::spawn(registry.clone().watch(shutdown.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await; // the watch is set up
+
+    let full = manifest(&[HANDLER], 3);
+    // Cut inside a key, so the first half does not parse.
+    let cut = full.find("max_instances").unwrap() + 7;
+    let mut file = std::fs::File::create(dir.join("slow.toml")).unwrap();
+    file.write_all(&full.as_bytes()[..cut]).unwrap();
+    file.sync_data().unwrap();
+    eventually("the half-written manifest is rejected", || {
+        registry
+            .status("slow")
+            .is_some_and(|s| s.state.starts_with("rejected: ") && s.state.contains("slow.toml"))
+    })
+    .await;
+    assert_eq!(
+        registry.get(HANDLER).unwrap().slots.available_permits(),
+        2,
+        "the old manifest still serves"
+    );
+
+    file.write_all(&full.as_bytes()[cut..]).unwrap();
+    drop(file);
+    eventually("the whole manifest serves", || {
+        registry.status("slow").is_some_and(|s| s.state == "active")
+            && registry
+                .get(HANDLER)
+                .is_some_and(|p| p.slots.available_permits() == 3)
+    })
+    .await;
+    shutdown.cancel();
+    let _ = watching.await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
