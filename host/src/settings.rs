@@ -368,6 +368,13 @@ mod tests {
             ),
             (
                 RunSettings {
+                    claim_affinity_ms: Some(60_000),
+                    ..base()
+                },
+                "`claim_affinity_ms`",
+            ),
+            (
+                RunSettings {
                     etcd: Some(vec!["127.0.0.1:2379".into()]),
                     ..base()
                 },

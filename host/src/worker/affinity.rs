@@ -53,7 +53,14 @@ impl Peers {
     /// A status record was put. A record that does not parse, or whose plugin does not serve,
     /// counts as serving nothing: the worst it can do is make this host claim first.
     pub fn put(&mut self, host: &str, plugin: &str, value: &[u8]) {
-        let serving: Serving = serde_json::from_slice(value).unwrap_or_default();
+        let serving: Serving = match serde_json::from_slice(value) {
+            Ok(serving) => serving,
+            Err(e) => {
+                tracing::warn!(host, plugin, error = %e,
+                    "plugin status record does not parse; its host counts as serving nothing here");
+                Serving::default()
+            }
+        };
         if serving.version.is_empty() || serving.handlers.is_empty() {
             self.delete(host, plugin);
             return;
