@@ -19,6 +19,29 @@ use esi_tests::{
 };
 use serde_json::{json, Value};
 
+/// A job that allocates past the SDK's job arena (1 MiB, `esi_plugin_sdk::ARENA_BYTES`) goes on
+/// in the system allocator, under the same memory limit: one block bigger than the arena, and
+/// a buffer that grows out of the arena while blocks allocated after it stay there, both come
+/// back intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_outgrows_the_job_arena_runs_on_the_system_allocator() {
+    let env = TestEnv::new().await.unwrap();
+    let (host, _) = start_host(&env, plugin_dir_with_test_guests()).await;
+
+    let big = put_scripted_job(&env, Some(json!({"allocate_mib": 4}))).await;
+    assert_eq!(completed_output(&env, &big).await, json!({"attempts": 0}));
+
+    let kib: u64 = 3 * 1024;
+    let bytes = kib * 1024;
+    let sum: u64 = (0..bytes).map(|i| i % 251).sum();
+    let grown = put_scripted_job(&env, Some(json!({"grow_kib": kib}))).await;
+    assert_eq!(
+        completed_output(&env, &grown).await,
+        json!({"grow_kib": {"bytes": bytes, "sum": sum}})
+    );
+    host.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_guests_fail_only_their_own_job_and_the_host_keeps_serving() {
     let env = TestEnv::new().await.unwrap();

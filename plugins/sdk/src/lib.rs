@@ -11,8 +11,18 @@
 //!   semantics) and parsing the YAML;
 //! - [`config_body`]: the body of a gohan config envelope, object or JSON string;
 //! - the shell itself, compiled only for `wasm32`: WIT <-> core conversions, the host-backed
-//!   reader and logger, and [`export_plugin!`], which turns a core's `handle` into a component.
+//!   reader and logger, and [`export_plugin!`], which turns a core's `handle` into a component;
+//! - with the default `job-arena` feature, the plugin's allocator: a job's first
+//!   [`ARENA_BYTES`] come from an arena in the module's zeroed data, the rest from the system
+//!   allocator (see `src/arena.rs` for why; turn default features off to bring your own).
 
+// The job arena (feature `job-arena`): its logic is plain Rust, tested natively; the global
+// allocator around it exists only in `wasm32` builds.
+#[cfg_attr(
+    not(all(target_arch = "wasm32", feature = "job-arena")),
+    allow(dead_code)
+)]
+mod arena;
 mod envelope;
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
@@ -20,6 +30,7 @@ pub mod guest;
 mod template;
 mod types;
 
+pub use arena::ARENA_BYTES;
 pub use envelope::config_body;
 pub use template::{Template, TEMPLATE_TYPE};
 pub use types::{

@@ -63,6 +63,12 @@ pub enum Script {
     /// `{"allocate_mib": N}`: allocate and touch N MiB, then complete (a memory bomb when N is
     /// over the plugin's limit).
     AllocateMib(u32),
+    /// `{"grow_kib": N}`: grow one buffer a byte at a time to N KiB, keeping a small block
+    /// alive for every KiB on the way, check every byte, and complete with
+    /// `{"grow_kib": {"bytes": N * 1024, "sum": <sum of the bytes>}}`. Past the SDK's job arena
+    /// (`esi_plugin_sdk::ARENA_BYTES`) the buffer moves out of the arena while the blocks
+    /// allocated after it stay in it: the allocator's hardest path.
+    GrowKib(u32),
     /// `{"recurse": N}`: recurse N calls deep, then complete (a stack overflow when N is big).
     Recurse(u32),
     /// `{"read": "<kind> <resource_type> <resource_id>"}`: read that record; a refused read
@@ -123,7 +129,8 @@ impl Script {
                 "resource_input.{SCRIPT_FIELD} {script}: {why}; expected one of \
                  {{\"fail_retryable_until_attempt\": N}}, {{\"always\": \"retryable\"|\"permanent\"}}, \
                  {{\"trap\": true}}, {{\"spin\": true}}, {{\"spin_until_attempt\": N}}, \
-                 {{\"wait_once_ms\": N}}, {{\"allocate_mib\": N}}, {{\"recurse\": N}}, {{\"output_kib\": N}}, \
+                 {{\"wait_once_ms\": N}}, {{\"allocate_mib\": N}}, {{\"grow_kib\": N}}, \
+                 {{\"recurse\": N}}, {{\"output_kib\": N}}, \
                  {{\"read\": \"<kind> <type> <id>\"}}, {{\"read_many\": [\"<kind> <type> <id>\", ...]}}, \
                  {{\"write\": \"<kind> <type> <id>\" | [\"<kind> <type> <id>\", ...]}}, \
                  {{\"write_stale\": \"<kind> <type> <id>\"}}"
@@ -157,6 +164,9 @@ impl Script {
                 .ok_or_else(|| bad("the attempt is not a small non-negative integer")),
             ("allocate_mib", Value::Number(n)) => small(n)
                 .map(Script::AllocateMib)
+                .ok_or_else(|| bad("not a small non-negative integer")),
+            ("grow_kib", Value::Number(n)) => small(n)
+                .map(Script::GrowKib)
                 .ok_or_else(|| bad("not a small non-negative integer")),
             ("recurse", Value::Number(n)) => small(n)
                 .map(Script::Recurse)
@@ -261,6 +271,7 @@ pub fn handle(
             std::hint::black_box(&bomb);
             Ok(completed(attempt, config))
         }
+        Script::GrowKib(kib) => grow(kib),
         Script::Recurse(depth) => {
             std::hint::black_box(recurse(depth));
             Ok(completed(attempt, config))
@@ -314,6 +325,32 @@ pub fn handle(
             writes: Vec::new(),
         }),
     }
+}
+
+/// `{"grow_kib": N}`: see [`Script::GrowKib`].
+fn grow(kib: u32) -> Result<Outcome, JobError> {
+    let len = kib as usize * 1024;
+    let byte = |i: usize| (i % 251) as u8;
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut kept: Vec<Box<usize>> = Vec::new();
+    for i in 0..len {
+        buffer.push(byte(i));
+        if i % 1024 == 0 {
+            kept.push(Box::new(i));
+        }
+    }
+    let intact = buffer.iter().enumerate().all(|(i, b)| *b == byte(i))
+        && kept.iter().enumerate().all(|(k, i)| **i == k * 1024);
+    if !intact {
+        return Err(JobError::Permanent(
+            "grow_kib: the buffer or a kept block changed".into(),
+        ));
+    }
+    let sum: u64 = buffer.iter().map(|b| u64::from(*b)).sum();
+    Ok(Outcome::Completed {
+        output: json!({"scripted": {"grow_kib": {"bytes": len, "sum": sum}}}),
+        writes: Vec::new(),
+    })
 }
 
 /// Recurses `depth` calls deep. The values stay in wasm locals (no frame in the shadow stack
