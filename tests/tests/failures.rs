@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
+use esi_host::local_etcd::LocalEtcd;
 use esi_host::store::Change;
 use esi_host::{Host, HostConfig};
 use esi_tests::proxy::AnswerLosingProxy;
@@ -288,6 +289,102 @@ async fn a_plugin_call_running_when_the_lease_is_lost_is_stopped_and_its_job_run
     );
     env.wait_jobs_drained().await.unwrap();
     host.shutdown().await;
+}
+
+/// etcd out of space (its `NOSPACE` alarm) refuses the completion while the claim's lease
+/// lives: the worker keeps the result and the claim and tries again, and the result lands
+/// once an operator has freed space. One `/state` put, one attempt, nothing run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_etcd_has_no_space_for_is_kept_and_written_once_space_is_back() {
+    use etcd_client::{AlarmAction, AlarmOptions, AlarmType, CompactionOptions, DeleteOptions};
+
+    let etcd = LocalEtcd::start_with_args(&["--quota-backend-bytes=16777216"])
+        .await
+        .unwrap();
+    let env = TestEnv::on_cluster(&[etcd.endpoint().to_string()])
+        .await
+        .unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let host = TestHost::start(&env).await;
+    let resource = new_resource_id();
+    // The first run asks to run again in 1.5 s and the worker holds the claim meanwhile.
+    let (id, record) = single_job(&resource, Some(json!({"wait_once_ms": 1500})));
+    env.put_job(&id, &record, true).await.unwrap();
+    recorder.until_claimed(env.keys(), TIMEOUT).await.unwrap();
+
+    // Fill etcd past its quota: it raises the alarm and refuses every write after that.
+    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    let filler = vec![b'x'; 1 << 20];
+    let mut written = 0;
+    let full = loop {
+        match client
+            .put(format!("/filler/{written}"), filler.clone(), None)
+            .await
+        {
+            Ok(_) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 64, "etcd stored 64 MiB under a 16 MiB quota");
+    };
+    assert!(
+        full.to_string().contains("database space exceeded"),
+        "{full}"
+    );
+
+    // The plugin's second run completes after 1.5 s; etcd refuses its result for 4 s more.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let state = env.get_json(&state_key(&env, &resource)).await.unwrap();
+    assert!(
+        state
+            .as_ref()
+            .is_none_or(|s| s["state"]["worker_state"] != "CREATE_COMPLETED"),
+        "completed while etcd had no space: {state:?}"
+    );
+    let working = env.job_key(Queue::Working, &id);
+    assert!(
+        env.store.get(&working).await.unwrap().is_some(),
+        "the claim was given up while its lease lived"
+    );
+
+    // What an operator does: delete, compact, defragment, disarm.
+    let deleted = client
+        .delete("/filler/", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let revision = deleted.header().expect("a response header").revision();
+    client
+        .compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    client.defragment().await.unwrap();
+    let alarms = client
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
+    for alarm in alarms.alarms() {
+        let mut member = AlarmOptions::new();
+        member.with_member(alarm.member_id());
+        client
+            .alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(member))
+            .await
+            .unwrap();
+    }
+
+    let state = env.wait_completed(RESOURCE_TYPE, &resource).await.unwrap();
+    assert_eq!(scripted_output(&state), json!({"attempts": 0}));
+    recorder
+        .until_put(&state_key(&env, &resource), TIMEOUT)
+        .await
+        .unwrap();
+    env.wait_jobs_drained().await.unwrap();
+    recorder.for_a_while(Duration::from_millis(300)).await;
+    let state_puts = recorder.puts_under(&state_key(&env, &resource));
+    assert_eq!(state_puts.len(), 1, "{state_puts:?}");
+    assert_eq!(recorded_attempts(&env, &recorder, &id), [0]);
+    host.shutdown().await;
+    etcd.stop().await;
 }
 
 /// The job manager's re-queue of a job whose claim vanished is lost on its way to etcd (the
