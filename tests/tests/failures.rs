@@ -387,6 +387,62 @@ async fn a_result_etcd_has_no_space_for_is_kept_and_written_once_space_is_back()
     etcd.stop().await;
 }
 
+/// etcd drops the host's lease (as after a partition longer than its TTL): the host takes a
+/// new lease, puts its host record and plugin status records back under it, and claims the
+/// next job with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_lease_expired_publishes_its_records_again_and_claims_under_the_new_one() {
+    let env = TestEnv::new().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let mut host_id = String::new();
+    let host = TestHost::start_with(&env, |config| host_id = config.host_id.clone()).await;
+    let records = [
+        env.keys().host(&host_id),
+        env.keys().plugin_status(&host_id, HANDLER),
+    ];
+    let first = records_lease(&env, &records, |_| true).await;
+    env.store.revoke_lease(first).await.unwrap();
+    let second = records_lease(&env, &records, |lease| lease != first).await;
+
+    let resource = new_resource_id();
+    let (id, record) = single_job(&resource, None);
+    env.put_job(&id, &record, true).await.unwrap();
+    let working = env.job_key(Queue::Working, &id);
+    let changes = recorder.until_claimed(env.keys(), TIMEOUT).await.unwrap();
+    let claim_lease = changes
+        .iter()
+        .find_map(|c| match c {
+            Change::Put(kv) if kv.key == working => Some(kv.lease),
+            _ => None,
+        })
+        .expect("the claim is recorded");
+    assert_eq!(claim_lease, second);
+    let state = env.wait_completed(RESOURCE_TYPE, &resource).await.unwrap();
+    assert_eq!(scripted_output(&state), json!({"attempts": 0}));
+    host.shutdown().await;
+}
+
+/// Waits until every one of `keys` exists, all bound to one lease that `accept`s; returns it.
+async fn records_lease(env: &TestEnv, keys: &[String], accept: impl Fn(i64) -> bool) -> i64 {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let mut leases = Vec::new();
+        for key in keys {
+            leases.push(env.store.get(key).await.unwrap().map(|kv| kv.lease));
+        }
+        if let Some(Some(lease)) = leases.first().copied() {
+            if lease != 0 && accept(lease) && leases.iter().all(|l| *l == Some(lease)) {
+                return lease;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{keys:?}: leases still {leases:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The job manager's re-queue of a job whose claim vanished is lost on its way to etcd (the
 /// connection breaks as it is sent): the manager sends it again, and the job runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
