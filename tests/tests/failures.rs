@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
 use esi_host::local_etcd::LocalEtcd;
-use esi_host::store::Change;
+use esi_host::store::{Change, Kv};
 use esi_host::{Host, HostConfig};
 use esi_tests::proxy::AnswerLosingProxy;
 use esi_tests::{job_record, plugin_dir_with_test_guests, TestEnv};
@@ -118,6 +118,21 @@ fn scripted_output(state: &Value) -> Value {
         .as_str()
         .unwrap_or_else(|| panic!("no scripted output in {state}"));
     serde_json::from_str(text).unwrap()
+}
+
+/// Waits until job `id` is claimed; returns the claim (its lease is the claiming host's).
+async fn claim_of(env: &TestEnv, recorder: &mut esi_tests::Recorder, id: &str) -> Kv {
+    let working = env.job_key(Queue::Working, id);
+    recorder
+        .until_put(&working, TIMEOUT)
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|c| match c {
+            Change::Put(kv) if kv.key == working => Some(kv.clone()),
+            _ => None,
+        })
+        .expect("the claim is recorded")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,15 +275,7 @@ async fn a_plugin_call_running_when_the_lease_is_lost_is_stopped_and_its_job_run
     let resource = new_resource_id();
     let (id, record) = single_job(&resource, Some(json!({"spin_until_attempt": 1})));
     env.put_job(&id, &record, true).await.unwrap();
-    let working = env.job_key(Queue::Working, &id);
-    let changes = recorder.until_claimed(env.keys(), TIMEOUT).await.unwrap();
-    let claim = changes
-        .iter()
-        .find_map(|c| match c {
-            Change::Put(kv) if kv.key == working => Some(kv.clone()),
-            _ => None,
-        })
-        .expect("the claim is recorded");
+    let claim = claim_of(&env, &mut recorder, &id).await;
 
     // etcd expires the lease under the running call, as after a partition longer than its TTL.
     env.store.revoke_lease(claim.lease).await.unwrap();
@@ -407,16 +414,7 @@ async fn a_host_whose_lease_expired_publishes_its_records_again_and_claims_under
     let resource = new_resource_id();
     let (id, record) = single_job(&resource, None);
     env.put_job(&id, &record, true).await.unwrap();
-    let working = env.job_key(Queue::Working, &id);
-    let changes = recorder.until_claimed(env.keys(), TIMEOUT).await.unwrap();
-    let claim_lease = changes
-        .iter()
-        .find_map(|c| match c {
-            Change::Put(kv) if kv.key == working => Some(kv.lease),
-            _ => None,
-        })
-        .expect("the claim is recorded");
-    assert_eq!(claim_lease, second);
+    assert_eq!(claim_of(&env, &mut recorder, &id).await.lease, second);
     let state = env.wait_completed(RESOURCE_TYPE, &resource).await.unwrap();
     assert_eq!(scripted_output(&state), json!({"attempts": 0}));
     host.shutdown().await;
@@ -474,15 +472,7 @@ async fn an_orphan_requeue_lost_on_its_way_to_etcd_is_sent_again() {
     })
     .await;
 
-    let working = env.job_key(Queue::Working, &id);
-    let changes = recorder.until_claimed(env.keys(), TIMEOUT).await.unwrap();
-    let lease = changes
-        .iter()
-        .find_map(|c| match c {
-            Change::Put(kv) if kv.key == working => Some(kv.lease),
-            _ => None,
-        })
-        .expect("the claim is recorded");
+    let lease = claim_of(&env, &mut recorder, &id).await.lease;
     // The claim vanishes with its lease; the manager reads the job's record 250 ms later,
     // then waits at least a second before re-queueing it: the request lost is the re-queue.
     env.store.revoke_lease(lease).await.unwrap();
