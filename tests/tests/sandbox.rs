@@ -19,14 +19,20 @@ use esi_tests::{
 };
 use serde_json::{json, Value};
 
-/// A job that allocates past the SDK's job arena (1 MiB, `esi_plugin_sdk::ARENA_BYTES`) goes on
-/// in the system allocator, under the same memory limit: one block bigger than the arena, and
-/// a buffer that grows out of the arena while blocks allocated after it stay there, both come
-/// back intact.
+/// The SDK's job arena (1 MiB, `esi_plugin_sdk::ARENA_BYTES`) serves a job that fits in it
+/// without growing the linear memory, and a job that allocates past it goes on in the system
+/// allocator: one block bigger than the arena, a buffer that leaves the arena as its last
+/// block, and one that leaves it while blocks allocated after it stay, all come back intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_that_outgrows_the_job_arena_runs_on_the_system_allocator() {
+async fn the_job_arena_serves_small_jobs_and_a_job_that_outgrows_it_runs_on() {
     let env = TestEnv::new().await.unwrap();
     let (host, _) = start_host(&env, plugin_dir_with_test_guests()).await;
+
+    let small = put_scripted_job(&env, Some(json!({"small_blocks_kib": 100}))).await;
+    assert_eq!(
+        completed_output(&env, &small).await,
+        json!({"small_blocks_kib": {"pages_grown": 0}})
+    );
 
     let big = put_scripted_job(&env, Some(json!({"allocate_mib": 4}))).await;
     assert_eq!(completed_output(&env, &big).await, json!({"attempts": 0}));
@@ -40,6 +46,33 @@ async fn a_job_that_outgrows_the_job_arena_runs_on_the_system_allocator() {
         json!({"grow_kib": {"bytes": bytes, "sum": sum}})
     );
     host.shutdown().await;
+}
+
+/// A plugin whose module needs more memory to start than its manifest allows
+/// (`limits.memory_mib`; an SDK plugin starts with ~2.1 MiB: stack, data and job arena) is
+/// rejected when it loads, naming the limit, instead of failing every job it is given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_cannot_start_within_its_memory_limit_is_rejected_at_load() {
+    let env = TestEnv::new().await.unwrap();
+    let dir = plugin_dir_with_copies(&[test_plugin_dir()], &[HANDLER]);
+    let manifest = dir.join(format!("{HANDLER}.toml"));
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains("memory_mib = 32"), "{text}");
+    std::fs::write(&manifest, text.replace("memory_mib = 32", "memory_mib = 2")).unwrap();
+    let (host, host_id) = start_host(&env, dir.clone()).await;
+    let status = env
+        .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] != "loading")
+        .await
+        .unwrap();
+    let state = status["state"].as_str().unwrap_or_default();
+    assert!(
+        state.starts_with("rejected: ")
+            && state.contains("memory limit of 2 MiB (limits.memory_mib)")
+            && state.contains("initial memory"),
+        "{status}"
+    );
+    host.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -323,29 +323,32 @@ impl PluginEngine {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // Under the manifest's limits, as every job will be: a plugin that cannot start
+        // within them is rejected here, not failed at each job.
+        let limits = self.limits_for(&manifest);
         let never = CancellationToken::new();
         let call = CallSetup {
             plugin: &name,
             access: None,
             grants: Arc::new(Manifest::default()),
-            limits: &self.limits,
+            limits: &limits,
             interrupt: never.clone(),
         };
         let (mut store, instance) = self
             .instantiate(&pre, call)
             .await
-            .map_err(anyhow::Error::new)?;
+            .map_err(anyhow::Error::new)
+            .with_context(|| format!("{}: cannot be instantiated", path.display()))?;
         let info = instance
             .call_describe(&mut store)
             .await
-            .map_err(|e| classify(&name, &self.limits, e, &never))
+            .map_err(|e| classify(&name, &limits, e, &never))
             .with_context(|| format!("{}: describe() failed", path.display()))?;
         validate_info(&info)
             .with_context(|| format!("{}: describe() answered badly", path.display()))?;
         manifest
             .check_handlers(&info.handlers)
             .map_err(|e| anyhow::anyhow!("{}: {e}", Manifest::path_for(path).display()))?;
-        let limits = self.limits_for(&manifest);
         let loaded_at_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -519,13 +522,23 @@ impl PluginEngine {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        let instance =
-            pre.instantiate_async(&mut store)
-                .await
-                .map_err(|e| CallError::Instantiate {
+        let instance = match pre.instantiate_async(&mut store).await {
+            Ok(instance) => instance,
+            // The module's initial memory is over the limit: every instance would fail alike.
+            Err(e) if store.data().limits.memory_refused => {
+                return Err(CallError::Memory {
+                    plugin: plugin.to_string(),
+                    limit_mib: limits.max_memory_bytes >> 20,
+                    message: format!("its initial memory alone does not fit ({e:#})"),
+                })
+            }
+            Err(e) => {
+                return Err(CallError::Instantiate {
                     plugin: plugin.to_string(),
                     message: format!("{e:#}"),
-                })?;
+                })
+            }
+        };
         Ok((store, instance))
     }
 }

@@ -12,9 +12,10 @@
 //! - [`config_body`]: the body of a gohan config envelope, object or JSON string;
 //! - the shell itself, compiled only for `wasm32`: WIT <-> core conversions, the host-backed
 //!   reader and logger, and [`export_plugin!`], which turns a core's `handle` into a component;
-//! - with the default `job-arena` feature, the plugin's allocator: a job's first
-//!   [`ARENA_BYTES`] come from an arena in the module's zeroed data, the rest from the system
-//!   allocator (see `src/arena.rs` for why; turn default features off to bring your own).
+//! - with the default `job-arena` feature, the plugin's allocator: blocks that fit in what is
+//!   left of an [`ARENA_BYTES`] arena in the module's zeroed memory come from it by a pointer
+//!   bump, the rest from the system allocator (`src/arena.rs` says why, what it costs in
+//!   initial memory, and how to bring your own).
 
 // The job arena (feature `job-arena`): its logic is plain Rust, tested natively; the global
 // allocator around it exists only in `wasm32` builds.

@@ -63,12 +63,18 @@ pub enum Script {
     /// `{"allocate_mib": N}`: allocate and touch N MiB, then complete (a memory bomb when N is
     /// over the plugin's limit).
     AllocateMib(u32),
-    /// `{"grow_kib": N}`: grow one buffer a byte at a time to N KiB, keeping a small block
-    /// alive for every KiB on the way, check every byte, and complete with
-    /// `{"grow_kib": {"bytes": N * 1024, "sum": <sum of the bytes>}}`. Past the SDK's job arena
-    /// (`esi_plugin_sdk::ARENA_BYTES`) the buffer moves out of the arena while the blocks
-    /// allocated after it stay in it: the allocator's hardest path.
+    /// `{"grow_kib": N}`: grow a buffer a byte at a time to N KiB with nothing allocated
+    /// after it, then a second one while keeping a small block alive for every KiB on the
+    /// way, check every byte of both and of the blocks, and complete with
+    /// `{"grow_kib": {"bytes": N * 1024, "sum": <sum of one buffer's bytes>}}`. Past the SDK's
+    /// job arena (`esi_plugin_sdk::ARENA_BYTES`) the first buffer leaves the arena as its last
+    /// block (whose space the second then reuses), and the second leaves it while the blocks
+    /// allocated after it stay: the allocator's hardest paths.
     GrowKib(u32),
+    /// `{"small_blocks_kib": N}`: allocate N KiB in 64-byte blocks kept alive, and complete
+    /// with `{"small_blocks_kib": {"pages_grown": <linear memory pages added meanwhile>}}`.
+    /// With the SDK's job arena, a job that fits in it never grows the memory.
+    SmallBlocksKib(u32),
     /// `{"recurse": N}`: recurse N calls deep, then complete (a stack overflow when N is big).
     Recurse(u32),
     /// `{"read": "<kind> <resource_type> <resource_id>"}`: read that record; a refused read
@@ -130,6 +136,7 @@ impl Script {
                  {{\"fail_retryable_until_attempt\": N}}, {{\"always\": \"retryable\"|\"permanent\"}}, \
                  {{\"trap\": true}}, {{\"spin\": true}}, {{\"spin_until_attempt\": N}}, \
                  {{\"wait_once_ms\": N}}, {{\"allocate_mib\": N}}, {{\"grow_kib\": N}}, \
+                 {{\"small_blocks_kib\": N}}, \
                  {{\"recurse\": N}}, {{\"output_kib\": N}}, \
                  {{\"read\": \"<kind> <type> <id>\"}}, {{\"read_many\": [\"<kind> <type> <id>\", ...]}}, \
                  {{\"write\": \"<kind> <type> <id>\" | [\"<kind> <type> <id>\", ...]}}, \
@@ -167,6 +174,9 @@ impl Script {
                 .ok_or_else(|| bad("not a small non-negative integer")),
             ("grow_kib", Value::Number(n)) => small(n)
                 .map(Script::GrowKib)
+                .ok_or_else(|| bad("not a small non-negative integer")),
+            ("small_blocks_kib", Value::Number(n)) => small(n)
+                .map(Script::SmallBlocksKib)
                 .ok_or_else(|| bad("not a small non-negative integer")),
             ("recurse", Value::Number(n)) => small(n)
                 .map(Script::Recurse)
@@ -272,6 +282,7 @@ pub fn handle(
             Ok(completed(attempt, config))
         }
         Script::GrowKib(kib) => grow(kib),
+        Script::SmallBlocksKib(kib) => small_blocks(kib),
         Script::Recurse(depth) => {
             std::hint::black_box(recurse(depth));
             Ok(completed(attempt, config))
@@ -331,26 +342,53 @@ pub fn handle(
 fn grow(kib: u32) -> Result<Outcome, JobError> {
     let len = kib as usize * 1024;
     let byte = |i: usize| (i % 251) as u8;
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut alone: Vec<u8> = Vec::new();
+    for i in 0..len {
+        alone.push(byte(i));
+    }
+    let mut shared: Vec<u8> = Vec::new();
     let mut kept: Vec<Box<usize>> = Vec::new();
     for i in 0..len {
-        buffer.push(byte(i));
+        shared.push(byte(i));
         if i % 1024 == 0 {
             kept.push(Box::new(i));
         }
     }
-    let intact = buffer.iter().enumerate().all(|(i, b)| *b == byte(i))
+    let intact = alone.iter().enumerate().all(|(i, b)| *b == byte(i))
+        && shared == alone
         && kept.iter().enumerate().all(|(k, i)| **i == k * 1024);
     if !intact {
         return Err(JobError::Permanent(
-            "grow_kib: the buffer or a kept block changed".into(),
+            "grow_kib: a buffer or a kept block changed".into(),
         ));
     }
-    let sum: u64 = buffer.iter().map(|b| u64::from(*b)).sum();
+    let sum: u64 = alone.iter().map(|b| u64::from(*b)).sum();
     Ok(Outcome::Completed {
         output: json!({"scripted": {"grow_kib": {"bytes": len, "sum": sum}}}),
         writes: Vec::new(),
     })
+}
+
+/// `{"small_blocks_kib": N}`: see [`Script::SmallBlocksKib`].
+fn small_blocks(kib: u32) -> Result<Outcome, JobError> {
+    let before = memory_pages();
+    let blocks: Vec<Box<[u8; 64]>> = (0..kib as usize * 16)
+        .map(|i| Box::new([i as u8; 64]))
+        .collect();
+    std::hint::black_box(&blocks);
+    let grown = memory_pages() - before;
+    Ok(Outcome::Completed {
+        output: json!({"scripted": {"small_blocks_kib": {"pages_grown": grown}}}),
+        writes: Vec::new(),
+    })
+}
+
+/// The linear memory's size in 64 KiB pages (0 natively).
+fn memory_pages() -> usize {
+    #[cfg(target_arch = "wasm32")]
+    return core::arch::wasm32::memory_size(0);
+    #[cfg(not(target_arch = "wasm32"))]
+    return 0;
 }
 
 /// Recurses `depth` calls deep. The values stay in wasm locals (no frame in the shadow stack
