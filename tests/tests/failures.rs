@@ -314,12 +314,15 @@ async fn a_result_etcd_has_no_space_for_is_kept_and_written_once_space_is_back()
     let mut recorder = env.record_changes().await.unwrap();
     let host = TestHost::start(&env).await;
     let resource = new_resource_id();
-    // The first run asks to run again in 1.5 s and the worker holds the claim meanwhile.
-    let (id, record) = single_job(&resource, Some(json!({"wait_once_ms": 1500})));
+    // The first run asks to run again in 4 s and the worker holds the claim meanwhile.
+    let wait = Duration::from_secs(4);
+    let (id, record) = single_job(&resource, Some(json!({"wait_once_ms": wait.as_millis()})));
     env.put_job(&id, &record, true).await.unwrap();
     recorder.until_claimed(env.keys(), TIMEOUT).await.unwrap();
+    let claimed = std::time::Instant::now();
 
-    // Fill etcd past its quota: it raises the alarm and refuses every write after that.
+    // Fill etcd past its quota: it raises the alarm and refuses every write after that. The
+    // filler lies outside the recorded keys (no leading `/`).
     let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
         .await
         .unwrap();
@@ -327,7 +330,7 @@ async fn a_result_etcd_has_no_space_for_is_kept_and_written_once_space_is_back()
     let mut written = 0;
     let full = loop {
         match client
-            .put(format!("/filler/{written}"), filler.clone(), None)
+            .put(format!("filler/{written}"), filler.clone(), None)
             .await
         {
             Ok(_) => written += 1,
@@ -340,8 +343,15 @@ async fn a_result_etcd_has_no_space_for_is_kept_and_written_once_space_is_back()
         "{full}"
     );
 
-    // The plugin's second run completes after 1.5 s; etcd refuses its result for 4 s more.
-    tokio::time::sleep(Duration::from_millis(5500)).await;
+    assert!(
+        claimed.elapsed() < wait,
+        "filling etcd took {:?}, longer than the job's {wait:?} wait: this machine is too slow \
+         for the test to be meaningful",
+        claimed.elapsed()
+    );
+    // The plugin's second run completes when the wait ends; etcd refuses its result for
+    // ~3 s more.
+    tokio::time::sleep_until((claimed + wait + Duration::from_secs(3)).into()).await;
     let state = env.get_json(&state_key(&env, &resource)).await.unwrap();
     assert!(
         state
@@ -357,7 +367,7 @@ async fn a_result_etcd_has_no_space_for_is_kept_and_written_once_space_is_back()
 
     // What an operator does: delete, compact, defragment, disarm.
     let deleted = client
-        .delete("/filler/", Some(DeleteOptions::new().with_prefix()))
+        .delete("filler/", Some(DeleteOptions::new().with_prefix()))
         .await
         .unwrap();
     let revision = deleted.header().expect("a response header").revision();

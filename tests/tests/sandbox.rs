@@ -58,16 +58,17 @@ async fn a_plugin_that_cannot_start_within_its_memory_limit_is_rejected_at_load(
     let manifest = dir.join(format!("{HANDLER}.toml"));
     let text = std::fs::read_to_string(&manifest).unwrap();
     assert!(text.contains("memory_mib = 32"), "{text}");
-    std::fs::write(&manifest, text.replace("memory_mib = 32", "memory_mib = 2")).unwrap();
+    std::fs::write(&manifest, text.replace("memory_mib = 32", "memory_mib = 1")).unwrap();
     let (host, host_id) = start_host(&env, dir.clone()).await;
+    // The initial load ends inside `Host::start`: the first status record is its verdict.
     let status = env
-        .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |s| s["state"] != "loading")
+        .wait_plugin_status(&host_id, HANDLER, TIMEOUT, |_| true)
         .await
         .unwrap();
     let state = status["state"].as_str().unwrap_or_default();
     assert!(
         state.starts_with("rejected: ")
-            && state.contains("memory limit of 2 MiB (limits.memory_mib)")
+            && state.contains("memory limit of 1 MiB (limits.memory_mib)")
             && state.contains("initial memory"),
         "{status}"
     );

@@ -323,15 +323,21 @@ impl PluginEngine {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        // Under the manifest's limits, as every job will be: a plugin that cannot start
-        // within them is rejected here, not failed at each job.
+        // Under the manifest's memory limit, as every job will be: a plugin that cannot
+        // start within it is rejected here, not failed at each job. The deadline stays the
+        // host's: a manifest's may be longer (a load, and a host's start, would wait for it)
+        // or shorter than a cold first call.
         let limits = self.limits_for(&manifest);
+        let describe_limits = Limits {
+            call_deadline: self.limits.call_deadline,
+            ..limits.clone()
+        };
         let never = CancellationToken::new();
         let call = CallSetup {
             plugin: &name,
             access: None,
             grants: Arc::new(Manifest::default()),
-            limits: &limits,
+            limits: &describe_limits,
             interrupt: never.clone(),
         };
         let (mut store, instance) = self
@@ -342,7 +348,7 @@ impl PluginEngine {
         let info = instance
             .call_describe(&mut store)
             .await
-            .map_err(|e| classify(&name, &limits, e, &never))
+            .map_err(|e| classify(&name, &describe_limits, e, &never))
             .with_context(|| format!("{}: describe() failed", path.display()))?;
         validate_info(&info)
             .with_context(|| format!("{}: describe() answered badly", path.display()))?;
