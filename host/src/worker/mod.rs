@@ -15,9 +15,8 @@ pub(crate) use run::to_wit_job;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -211,7 +210,10 @@ impl Worker {
                 }
                 Ok(()) = plugins_changed.changed() => {
                     // A plugin came or went: jobs already waiting may be ours to run now.
-                    let (ready, _) = self.store.list(&prefix).await?;
+                    let (ready, listed) = self.store.list(&prefix).await?;
+                    // What a later deletes watch must see starts after this listing: a
+                    // revision etcd may compact past once the ready queue has been quiet.
+                    seen_revision = seen_revision.max(listed);
                     backlog.clear();
                     for kv in ready {
                         self.offer(&mut backlog, kv);
