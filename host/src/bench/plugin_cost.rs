@@ -9,7 +9,9 @@
 //!
 //! The VLAN plugin's core is also a plain Rust crate, so the same job can run natively
 //! (`vlan_pool_worker::core::handle` with the records served from memory): the ratio of the
-//! component's cost to the native one is what the sandbox costs for allocate + encode.
+//! component's cost to the native one is what the sandbox costs for allocate + encode. The
+//! two are timed in alternating rounds, so that a change of the machine's speed during the
+//! phase moves both sides of the ratio.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -22,7 +24,7 @@ use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 use vlan_pool_worker::core as vlan;
 
-use super::stats::{cpu_time, median, us, Summary};
+use super::stats::{cpu_time, median, median_of, us, Summary};
 use crate::keys::{Keys, Record};
 use crate::plugins::bindings::esi::worker::types as wit;
 use crate::plugins::host_api::RecordAccess;
@@ -40,12 +42,18 @@ pub struct PluginCost {
     pub load_ms: HashMap<String, f64>,
     pub monitoring: CallCost,
     pub vlan: CallCost,
-    /// The VLAN job natively: `vlan_pool_worker::core::handle`, records from memory.
+    /// The VLAN job natively: `vlan_pool_worker::core::handle`, records from memory (median
+    /// over the ratio's rounds).
     pub vlan_native_us: f64,
     /// Just the pool work natively: parse the bitmap, allocate one VLAN, encode the record.
     pub vlan_native_allocate_encode_us: f64,
-    /// `vlan.plugin_us / vlan_native_us`.
+    /// The median of `vlan_ratio_rounds`: the VLAN job as a component (records in memory)
+    /// over the same job natively. `vlan.plugin_us` and `vlan_native_us` are the medians of
+    /// all the rounds' samples, so their quotient is close to it but not always equal.
     pub vlan_component_native_ratio: f64,
+    /// Each round's ratio: the component's median over the native median, timed back to back
+    /// ([`RATIO_ROUNDS`] rounds).
+    pub vlan_ratio_rounds: Vec<f64>,
 }
 
 /// One component's `handle` cost.
@@ -71,9 +79,14 @@ pub struct CallCost {
     pub warm_call_us: f64,
 }
 
-/// Instances the warm-call figures are taken over, and calls on each.
+/// Instances the warm-call figures are taken over, and calls on each. An instance that serves
+/// many calls leaves its pool slot slower for every later instance in it (each call bumps
+/// the job arena further, and the slot then costs more to set up and reset: after instances
+/// of 11 calls a fresh-instance VLAN job took 59-64 µs instead of 46-47, and the next
+/// instantiation 11 µs instead of 5), so they take three calls each, and the VLAN ratio is
+/// timed before them.
 const WARM_INSTANCES: usize = 200;
-const CALLS_PER_INSTANCE: usize = 11;
+const CALLS_PER_INSTANCE: usize = 3;
 
 /// A job and the records it reads, ready to run both ways.
 struct Case {
@@ -118,15 +131,21 @@ pub async fn measure(
     load_ms.insert("vlan_pool_worker".to_string(), super::stats::ms(t));
     let access = RecordAccess::new(store.clone(), schemas);
     let monitoring = time_calls(&engine, &monitoring_plugin, &access, &cases.0, iterations).await?;
-    let vlan_call = time_calls(&engine, &vlan_plugin, &access, &cases.1, iterations).await?;
-    let native = time_native_vlan(&store, &cases.1, iterations * 10).await?;
-    let allocate_encode = time_allocate_encode(iterations * 10)?;
+    // The ratio's rounds first, on pool slots that have only served single jobs (see
+    // `CALLS_PER_INSTANCE`).
+    let call = ComponentCall::new(&engine, &vlan_plugin, &cases.1);
+    let rounds = time_vlan_rounds(&call, &access, &store, &cases.1, iterations).await?;
+    let mut vlan_call = time_calls(&engine, &vlan_plugin, &access, &cases.1, iterations).await?;
+    // The VLAN figures of the ratio all come from its rounds.
+    vlan_call.plugin_us = us(median(rounds.component));
+    let allocate_encode = time_allocate_encode(iterations * NATIVE_PER_CALL)?;
     Ok(PluginCost {
         load_ms,
-        vlan_component_native_ratio: vlan_call.plugin_us / native.max(1e-3),
+        vlan_component_native_ratio: median_of(&rounds.ratios),
+        vlan_ratio_rounds: rounds.ratios,
         monitoring,
         vlan: vlan_call,
-        vlan_native_us: native,
+        vlan_native_us: us(median(rounds.native)),
         vlan_native_allocate_encode_us: allocate_encode,
     })
 }
@@ -212,60 +231,72 @@ async fn write_records(store: &Store, schemas: &SchemaRegistry) -> anyhow::Resul
     ))
 }
 
-/// Times `iterations` calls of `plugin`, each followed by the same reads done directly.
-async fn time_calls(
-    engine: &PluginEngine,
-    plugin: &LoadedPlugin,
-    access: &RecordAccess,
-    case: &Case,
-    iterations: usize,
-) -> anyhow::Result<CallCost> {
-    let job = wit_job(&case.job);
-    let context = wit::RunContext {
-        attempts: 0,
-        reruns: 0,
-        elapsed_ms: 0,
-        config: plugin.config_json().to_string(),
-    };
-    let never = CancellationToken::new();
-    let call = |access: &RecordAccess| {
-        let access = access.clone();
-        let (job, context, never) = (&job, &context, &never);
-        async move {
-            let answer = engine
-                .handle(plugin, access.clone(), job, context, never)
-                .await
-                .with_context(|| format!("calling {}", plugin.name))?;
-            // As the worker does after each call (it learns what to prefetch from them).
-            access.take_reads();
-            match answer {
-                Ok(wit::Outcome::Completed(_)) => Ok(()),
-                Ok(wit::Outcome::Wait(ms)) => bail!("{} asked to wait {ms} ms", plugin.name),
-                Err(e) => bail!("{} failed the bench's job: {e:?}", plugin.name),
-            }
+/// One component call of a bench case: a fresh instance and `handle`, as the worker makes it.
+struct ComponentCall<'a> {
+    engine: &'a PluginEngine,
+    plugin: &'a LoadedPlugin,
+    job: wit::Job,
+    context: wit::RunContext,
+}
+
+impl<'a> ComponentCall<'a> {
+    fn new(engine: &'a PluginEngine, plugin: &'a LoadedPlugin, case: &Case) -> Self {
+        ComponentCall {
+            engine,
+            plugin,
+            job: wit_job(&case.job),
+            context: wit::RunContext {
+                attempts: 0,
+                reruns: 0,
+                elapsed_ms: 0,
+                config: plugin.config_json().to_string(),
+            },
         }
-    };
-    // Warm up, and count the reads one call makes.
-    const COUNTED: usize = 20;
-    let gets_before = access.store.counters().snapshot().get;
-    for _ in 0..COUNTED {
-        call(access).await?;
-    }
-    let reads_per_call =
-        (access.store.counters().snapshot().get - gets_before) as f64 / COUNTED as f64;
-
-    let mut calls = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let started = Instant::now();
-        call(access).await?;
-        calls.push(started.elapsed());
     }
 
-    // The same calls with the records they read served from memory: the plugin's own cost.
-    let mut preloaded = HashMap::new();
+    /// One call, its reads going to `access`; fails unless the job completes.
+    async fn run(&self, access: &RecordAccess) -> anyhow::Result<()> {
+        let never = CancellationToken::new();
+        let name = &self.plugin.name;
+        let answer = self
+            .engine
+            .handle(
+                self.plugin,
+                access.clone(),
+                &self.job,
+                &self.context,
+                &never,
+            )
+            .await
+            .with_context(|| format!("calling {name}"))?;
+        // As the worker does after each call (it learns what to prefetch from them).
+        access.take_reads();
+        match answer {
+            Ok(wit::Outcome::Completed(_)) => Ok(()),
+            Ok(wit::Outcome::Wait(ms)) => bail!("{name} asked to wait {ms} ms"),
+            Err(e) => bail!("{name} failed the bench's job: {e:?}"),
+        }
+    }
+
+    /// `samples` calls with reads going to `access`, each timed.
+    async fn time(&self, access: &RecordAccess, samples: usize) -> anyhow::Result<Vec<Duration>> {
+        let mut took = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let started = Instant::now();
+            self.run(access).await?;
+            took.push(started.elapsed());
+        }
+        Ok(took)
+    }
+}
+
+/// `access` with the records `case` reads served from memory: a call then costs no etcd
+/// round trip.
+async fn preloaded(access: &RecordAccess, case: &Case) -> anyhow::Result<RecordAccess> {
+    let mut records = HashMap::new();
     for key in &case.reads {
         let found = access.store.get(key).await?;
-        preloaded.insert(
+        records.insert(
             key.clone(),
             found.map(|kv| wit::Versioned {
                 value: kv.value_str().into_owned(),
@@ -273,18 +304,37 @@ async fn time_calls(
             }),
         );
     }
-    let in_memory = RecordAccess {
-        preloaded: Arc::new(preloaded),
+    Ok(RecordAccess {
+        preloaded: Arc::new(records),
         ..access.clone()
-    };
+    })
+}
+
+/// Times `iterations` calls of `plugin`, with their reads going to etcd and then served from
+/// memory, and the calls on one instance that tell what a fresh one adds.
+async fn time_calls(
+    engine: &PluginEngine,
+    plugin: &LoadedPlugin,
+    access: &RecordAccess,
+    case: &Case,
+    iterations: usize,
+) -> anyhow::Result<CallCost> {
+    let call = ComponentCall::new(engine, plugin, case);
+    // Warm up, and count the reads one call makes.
+    const COUNTED: usize = 20;
     let gets_before = access.store.counters().snapshot().get;
-    let mut own = Vec::with_capacity(iterations);
-    let cpu_before = cpu_time(None)?;
-    for _ in 0..iterations {
-        let started = Instant::now();
-        call(&in_memory).await?;
-        own.push(started.elapsed());
+    for _ in 0..COUNTED {
+        call.run(access).await?;
     }
+    let reads_per_call =
+        (access.store.counters().snapshot().get - gets_before) as f64 / COUNTED as f64;
+    let calls = call.time(access, iterations).await?;
+
+    // The same calls with the records they read served from memory: the plugin's own cost.
+    let in_memory = preloaded(access, case).await?;
+    let gets_before = access.store.counters().snapshot().get;
+    let cpu_before = cpu_time(None)?;
+    let own = call.time(&in_memory, iterations).await?;
     let cpu = cpu_time(None)?.saturating_sub(cpu_before);
     let (mut instantiate, mut first, mut warm) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..WARM_INSTANCES {
@@ -292,8 +342,8 @@ async fn time_calls(
             .time_calls_on_one_instance(
                 plugin,
                 in_memory.clone(),
-                &job,
-                &context,
+                &call.job,
+                &call.context,
                 CALLS_PER_INSTANCE,
             )
             .await?;
@@ -321,55 +371,126 @@ async fn time_calls(
     })
 }
 
-/// The VLAN job run natively with its records served from memory; median µs per job.
-async fn time_native_vlan(store: &Store, case: &Case, iterations: usize) -> anyhow::Result<f64> {
-    let mut records = HashMap::new();
-    let template = store
-        .get(&case.reads[0])
-        .await?
-        .context("the VLAN template")?;
-    let config = store
-        .get(&case.reads[2])
-        .await?
-        .context("the pool's ha_interface")?;
-    let versioned = |kv: crate::store::Kv| vlan::Versioned {
-        value: kv.value_str().into_owned(),
-        mod_revision: kv.mod_revision,
-    };
-    records.insert(
-        (
-            vlan::RecordKind::Config,
-            HEAT_TEMPLATE.to_string(),
-            "internet_gateway_vlan_pool".to_string(),
-        ),
-        versioned(template),
-    );
-    records.insert(
-        (
-            vlan::RecordKind::Config,
-            "ha_interface".to_string(),
-            seed::HA_INTERFACE_ID.to_string(),
-        ),
-        versioned(config),
-    );
-    let mut reader = MemoryReader(records);
-    let job = core_job(&case.job);
-    let context = vlan::RunContext {
-        config: Value::Object(Map::new()),
-        ..vlan::RunContext::default()
-    };
-    let mut samples = Vec::with_capacity(iterations);
-    for _ in 0..iterations + iterations / 10 {
-        let mut logs: Vec<(vlan::LogLevel, String)> = Vec::new();
-        let started = Instant::now();
-        let outcome = vlan::handle(&job, &context, &mut reader, &mut logs);
-        samples.push(started.elapsed());
-        if !matches!(outcome, Ok(vlan::Outcome::Completed { .. })) {
-            bail!("the VLAN core failed the bench's job natively: {outcome:?}");
-        }
+/// The VLAN job run natively: `vlan_pool_worker::core::handle` with its records served from
+/// memory, on the job as a plugin core sees it.
+struct NativeVlan {
+    reader: MemoryReader,
+    job: vlan::Job,
+    context: vlan::RunContext,
+}
+
+impl NativeVlan {
+    async fn new(store: &Store, case: &Case) -> anyhow::Result<Self> {
+        let template = store
+            .get(&case.reads[0])
+            .await?
+            .context("the VLAN template")?;
+        let config = store
+            .get(&case.reads[2])
+            .await?
+            .context("the pool's ha_interface")?;
+        let versioned = |kv: crate::store::Kv| vlan::Versioned {
+            value: kv.value_str().into_owned(),
+            mod_revision: kv.mod_revision,
+        };
+        let mut records = HashMap::new();
+        records.insert(
+            (
+                vlan::RecordKind::Config,
+                HEAT_TEMPLATE.to_string(),
+                "internet_gateway_vlan_pool".to_string(),
+            ),
+            versioned(template),
+        );
+        records.insert(
+            (
+                vlan::RecordKind::Config,
+                "ha_interface".to_string(),
+                seed::HA_INTERFACE_ID.to_string(),
+            ),
+            versioned(config),
+        );
+        Ok(NativeVlan {
+            reader: MemoryReader(records),
+            job: core_job(&case.job),
+            context: vlan::RunContext {
+                config: Value::Object(Map::new()),
+                ..vlan::RunContext::default()
+            },
+        })
     }
-    // The first tenth warmed caches up.
-    Ok(us(median(samples.split_off(iterations / 10))))
+
+    /// `samples` jobs, each timed; fails unless every one completes.
+    fn time(&mut self, samples: usize) -> anyhow::Result<Vec<Duration>> {
+        let mut took = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let mut logs: Vec<(vlan::LogLevel, String)> = Vec::new();
+            let started = Instant::now();
+            let outcome = vlan::handle(&self.job, &self.context, &mut self.reader, &mut logs);
+            took.push(started.elapsed());
+            if !matches!(outcome, Ok(vlan::Outcome::Completed { .. })) {
+                bail!("the VLAN core failed the bench's job natively: {outcome:?}");
+            }
+        }
+        Ok(took)
+    }
+}
+
+/// The component and the native VLAN job, timed in alternating rounds.
+struct VlanRounds {
+    /// Every component call (records in memory).
+    component: Vec<Duration>,
+    /// Every native job.
+    native: Vec<Duration>,
+    /// Each round's component median over its native median.
+    ratios: Vec<f64>,
+}
+
+/// Rounds of the VLAN ratio. This VM changes speed for minutes at a time (the same native
+/// job has taken 14 µs in one run and 19 µs in the next), so the component and the native
+/// core are timed back to back in each round and the ratio is the median of the rounds'.
+const RATIO_ROUNDS: usize = 10;
+
+/// Native jobs timed per component call: the native job is ~3x shorter, and its median needs
+/// as many samples to settle.
+const NATIVE_PER_CALL: usize = 10;
+
+/// Times the VLAN job as a component (records in memory) and natively, `iterations` component
+/// calls in all, in [`RATIO_ROUNDS`] alternating rounds.
+async fn time_vlan_rounds(
+    call: &ComponentCall<'_>,
+    access: &RecordAccess,
+    store: &Store,
+    case: &Case,
+    iterations: usize,
+) -> anyhow::Result<VlanRounds> {
+    let in_memory = preloaded(access, case).await?;
+    let mut native = NativeVlan::new(store, case).await?;
+    let per_round = (iterations / RATIO_ROUNDS).max(1);
+    // Warm both up: caches, the allocator, the pool's slots.
+    call.time(&in_memory, per_round).await?;
+    native.time(per_round * NATIVE_PER_CALL)?;
+    let gets_before = store.counters().snapshot().get;
+    let mut rounds = VlanRounds {
+        component: Vec::with_capacity(per_round * RATIO_ROUNDS),
+        native: Vec::with_capacity(per_round * RATIO_ROUNDS * NATIVE_PER_CALL),
+        ratios: Vec::with_capacity(RATIO_ROUNDS),
+    };
+    for _ in 0..RATIO_ROUNDS {
+        let component = call.time(&in_memory, per_round).await?;
+        let native = native.time(per_round * NATIVE_PER_CALL)?;
+        let native_us = us(median(native.clone())).max(1e-3);
+        rounds
+            .ratios
+            .push(us(median(component.clone())) / native_us);
+        rounds.component.extend(component);
+        rounds.native.extend(native);
+    }
+    let unserved = store.counters().snapshot().get - gets_before;
+    if unserved > 0 {
+        bail!("the VLAN component read {unserved} records the bench did not preload");
+    }
+    Ok(rounds)
 }
 
 /// Parse the seed's pool bitmap, allocate one VLAN, encode the record: median µs.

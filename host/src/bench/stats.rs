@@ -53,6 +53,14 @@ pub fn median(mut samples: Vec<Duration>) -> Duration {
     percentile(&samples, 50.0)
 }
 
+/// The median of `values` by the same nearest rank as [`median`] (zero when empty).
+pub fn median_of(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable_by(f64::total_cmp);
+    let rank = (sorted.len() as f64 / 2.0).ceil() as usize;
+    sorted.get(rank.max(1) - 1).copied().unwrap_or(0.0)
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -264,6 +272,16 @@ mod tests {
         let s = Summary::of(samples);
         assert_eq!((s.p50_ms, s.p99_ms, s.max_ms), (50.0, 99.0, 100.0));
         assert_eq!(Summary::of(vec![]).count, 0);
+    }
+
+    #[test]
+    fn the_median_of_ratios_takes_the_same_rank_as_that_of_durations() {
+        let ratios = [3.4, 2.5, 4.4, 3.3];
+        let durations: Vec<Duration> = ratios.iter().map(|r| Duration::from_secs_f64(*r)).collect();
+        assert_eq!(median_of(&ratios), 3.3);
+        assert_eq!(median(durations).as_secs_f64(), 3.3);
+        assert_eq!(median_of(&[3.4, 2.5, 4.4]), 3.4);
+        assert_eq!(median_of(&[]), 0.0);
     }
 
     #[test]
