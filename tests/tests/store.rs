@@ -3,15 +3,18 @@
 //! brings the job's record (and prefetched records) back, and claims and completions that
 //! share commits.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
+use esi_host::lease::{self, HostLease};
 use esi_host::store::jobs::{
     ClaimFate, Claimed, Completion, CompletionOutcome, GuardedWrite, NewJob,
     ETCD_DEFAULT_MAX_REQUEST_BYTES,
 };
 use esi_host::store::{Change, Events};
 use esi_tests::TestEnv;
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_many_answers_every_key_in_order_including_absent_ones_past_one_transaction() {
@@ -419,7 +422,7 @@ async fn claims_and_completions_sent_at_once_share_commits_and_each_gets_its_own
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retired_lease_bound_record_is_deleted_and_never_published_again() {
     let env = TestEnv::new().await.unwrap();
-    let lease = esi_host::lease::HostLease::new(env.store.grant_lease(30).await.unwrap());
+    let lease = HostLease::new(env.store.grant_lease(30).await.unwrap());
     let (retired, kept) = (
         env.keys().plugin_status("host-a", "retired"),
         env.keys().plugin_status("host-a", "kept"),
@@ -446,4 +449,92 @@ async fn a_retired_lease_bound_record_is_deleted_and_never_published_again() {
         .expect("the other record stays");
     assert_eq!(kv.lease, lease.id());
     env.store.revoke_lease(lease.id()).await.unwrap();
+}
+
+/// Publishes racing the republish that follows a lease loss. The republish puts back every
+/// record under the new lease, from what it read when it started; a publish that overtook
+/// it must not be undone. Every put the watch sees takes a record forward, never back, and
+/// each record ends with the value published last, under the new lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_racing_the_republish_after_a_lease_loss_never_put_an_older_value_back() {
+    const RECORDS: usize = 100;
+    let env = TestEnv::new().await.unwrap();
+    let host = "host-republish-race";
+    let prefix = format!("{}{host}/", env.keys().plugin_status_prefix());
+    let keys: Vec<String> = (0..RECORDS)
+        .map(|i| env.keys().plugin_status(host, &format!("p{i:03}")))
+        .collect();
+    let first = env.store.grant_lease(30).await.unwrap();
+    let lease = Arc::new(HostLease::new(first));
+    for key in &keys {
+        lease.publish(&env.store, key, "0".into()).await.unwrap();
+    }
+    let (_, revision) = env.store.list(&prefix).await.unwrap();
+    let mut puts = env
+        .store
+        .watch_events(&prefix, revision + 1, Events::Puts)
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    // A TTL of 3 s: the keeper renews every second and finds the revoked lease at once.
+    let keeper = tokio::spawn(lease::keep(
+        env.store.clone(),
+        lease.clone(),
+        Duration::from_secs(3),
+        shutdown.clone(),
+    ));
+    env.store.revoke_lease(first).await.unwrap();
+
+    // Round after round of new values until well after the new lease's republish. The last
+    // record goes first: the republish goes through them in key order, so the two meet.
+    let mut round = 0u32;
+    let mut replaced_in = None;
+    loop {
+        round += 1;
+        for key in keys.iter().rev() {
+            // Refused while the revoked lease is still the current one; kept for the
+            // republish all the same.
+            let _ = lease.publish(&env.store, key, round.to_string()).await;
+        }
+        if lease.id() != first {
+            replaced_in.get_or_insert(round);
+        }
+        if replaced_in.is_some_and(|replaced| round >= replaced + 5) {
+            break;
+        }
+        assert!(round < 2_000, "the keeper never replaced the revoked lease");
+    }
+    let second = lease.id();
+
+    // Every put, in order, until each record has shown the last round.
+    let mut last: Vec<Option<u32>> = vec![None; RECORDS];
+    while last.iter().any(|value| *value != Some(round)) {
+        let changes = tokio::time::timeout(Duration::from_secs(10), puts.next())
+            .await
+            .unwrap_or_else(|_| panic!("records still short of round {round}: {last:?}"))
+            .unwrap();
+        for change in changes {
+            let Change::Put(kv) = change else { continue };
+            let index = keys.iter().position(|key| *key == kv.key).unwrap();
+            let value: u32 = kv.value_str().parse().unwrap();
+            if let Some(before) = last[index] {
+                assert!(
+                    before <= value,
+                    "{}: put back {value} after {before}",
+                    kv.key
+                );
+            }
+            last[index] = Some(value);
+        }
+    }
+    for key in &keys {
+        let kv = env.store.get(key).await.unwrap().unwrap();
+        assert_eq!(
+            (kv.value_str().as_ref(), kv.lease),
+            (&*round.to_string(), second)
+        );
+    }
+    shutdown.cancel();
+    keeper.await.unwrap();
+    env.store.revoke_lease(second).await.unwrap();
 }
