@@ -5,6 +5,8 @@
 //!
 //! Armed, it acts on the next write of at least [`MIN_AIMED_BYTES`] a client sends: smaller
 //! ones (HTTP/2 pings and window updates, lease keep-alives on their open stream) pass.
+//! After a cut it keeps clients away from etcd for a while, or until the test lets them
+//! through ([`AnswerLosingProxy::hold_after_cut`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -51,6 +53,9 @@ struct Shared {
     accepting: Mutex<()>,
     /// Notified once the armed cut happened.
     cut: Notify,
+    /// Whether the next cut keeps new connections waiting until `release` is notified.
+    hold: AtomicBool,
+    release: Notify,
 }
 
 impl AnswerLosingProxy {
@@ -67,6 +72,8 @@ impl AnswerLosingProxy {
             armed: AtomicU8::new(Loss::None as u8),
             accepting: Mutex::new(()),
             cut: Notify::new(),
+            hold: AtomicBool::new(false),
+            release: Notify::new(),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(AnswerLosingProxy {
@@ -95,8 +102,20 @@ impl AnswerLosingProxy {
             .store(Loss::Request as u8, Ordering::SeqCst);
     }
 
-    /// Waits until the armed cut happened; then, for [`PAUSE_AFTER_CUT`], no client reaches
-    /// etcd through the proxy. Panics if no client sent anything within `timeout`.
+    /// Makes the next cut keep clients away from etcd until [`AnswerLosingProxy::release`],
+    /// instead of for [`PAUSE_AFTER_CUT`].
+    pub fn hold_after_cut(&self) {
+        self.shared.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets clients reach etcd again after a cut made with [`AnswerLosingProxy::hold_after_cut`].
+    pub fn release(&self) {
+        self.shared.release.notify_one();
+    }
+
+    /// Waits until the armed cut happened; then, for [`PAUSE_AFTER_CUT`] (or until released),
+    /// no client reaches etcd through the proxy. Panics if no client sent anything within
+    /// `timeout`.
     pub async fn wait_cut(&self, timeout: Duration) {
         tokio::time::timeout(timeout, self.shared.cut.notified())
             .await
@@ -176,7 +195,11 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
             drop(server_write);
             drop(client_read);
             shared.cut.notify_one();
-            tokio::time::sleep(PAUSE_AFTER_CUT).await;
+            if shared.hold.swap(false, Ordering::SeqCst) {
+                shared.release.notified().await;
+            } else {
+                tokio::time::sleep(PAUSE_AFTER_CUT).await;
+            }
             return;
         }
     }

@@ -501,6 +501,70 @@ async fn an_orphan_requeue_lost_on_its_way_to_etcd_is_sent_again() {
     manager.shutdown().await;
 }
 
+/// The plugin of a job's handler is removed while the worker's claim of the job is on its
+/// way back: etcd applied the claim, its answer is lost, and the plugin is gone by the time
+/// the worker's retry learns the claim is its own. The worker hands the job back to the ready
+/// queue as it was (not an attempt), and the job runs once the plugin is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_plugin_is_removed_as_it_is_claimed_is_handed_back_and_runs_later() {
+    let env = TestEnv::new().await.unwrap();
+    let resource = new_resource_id();
+    let (id, record) = single_job(&resource, None);
+    let mut recorder = env.record_changes().await.unwrap();
+    let proxy = AnswerLosingProxy::start(&env.endpoint).await.unwrap();
+    let worker = TestHost::start_with(&env, |config| {
+        config.run_manager = false;
+        config.etcd_endpoints = vec![proxy.endpoint()];
+    })
+    .await;
+    let wasm = worker.plugin_dir.join(format!("{HANDLER}.wasm"));
+    let component = std::fs::read(&wasm).unwrap();
+
+    // The claim is the next request the worker sends: etcd applies it, the answer is lost,
+    // and the worker cannot reach etcd again until the plugin is gone.
+    proxy.arm();
+    proxy.hold_after_cut();
+    env.put_job(&id, &record, true).await.unwrap();
+    let claim = claim_of(&env, &mut recorder, &id).await;
+    std::fs::remove_file(&wasm).unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while worker.host.plugins().serves(HANDLER) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the plugin was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.wait_cut(TIMEOUT).await;
+    proxy.release();
+
+    let ready = env.job_key(Queue::Ready, &id);
+    recorder
+        .until(TIMEOUT, |c| {
+            matches!(c, Change::Put(kv) if kv.key == ready && kv.mod_revision > claim.mod_revision)
+        })
+        .await
+        .unwrap();
+    let working = env.job_key(Queue::Working, &id);
+    assert!(
+        env.store.get(&working).await.unwrap().is_none(),
+        "the claim was dropped"
+    );
+    assert!(env
+        .store
+        .get(&state_key(&env, &resource))
+        .await
+        .unwrap()
+        .is_none());
+    // The record goes back as it was: no attempt counted.
+    assert_eq!(recorded_attempts(&env, &recorder, &id), vec![0, 0]);
+
+    esi_tests::replace_file(&wasm, &component);
+    let state = env.wait_completed(RESOURCE_TYPE, &resource).await.unwrap();
+    assert_eq!(scripted_output(&state), json!({"attempts": 0}));
+    worker.shutdown().await;
+}
+
 /// Two jobs of one resource: the first follows `first_script` with `on_failure`, the second
 /// depends on it and just completes. Written before the host starts, because the job manager
 /// learns of jobs it did not write only when it builds its index from etcd.
