@@ -56,6 +56,8 @@ struct Shared {
     /// Whether the next cut keeps new connections waiting until `release` is notified.
     hold: AtomicBool,
     release: Notify,
+    /// When set, an armed proxy acts only on a client write that contains these bytes.
+    aim: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl AnswerLosingProxy {
@@ -74,6 +76,7 @@ impl AnswerLosingProxy {
             cut: Notify::new(),
             hold: AtomicBool::new(false),
             release: Notify::new(),
+            aim: std::sync::Mutex::new(None),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(AnswerLosingProxy {
@@ -90,16 +93,23 @@ impl AnswerLosingProxy {
 
     /// Loses the answer to the request a client sends next.
     pub fn arm(&self) {
-        self.shared
-            .armed
-            .store(Loss::Answer as u8, Ordering::SeqCst);
+        self.arm_at(None, Loss::Answer);
+    }
+
+    /// Loses the answer to the next request a client sends that contains `text` (a key it
+    /// names, say): requests that do not pass, however large.
+    pub fn arm_for(&self, text: &str) {
+        self.arm_at(Some(text.as_bytes().to_vec()), Loss::Answer);
     }
 
     /// Loses the request a client sends next, before it reaches etcd.
     pub fn arm_to_lose_request(&self) {
-        self.shared
-            .armed
-            .store(Loss::Request as u8, Ordering::SeqCst);
+        self.arm_at(None, Loss::Request);
+    }
+
+    fn arm_at(&self, aim: Option<Vec<u8>>, loss: Loss) {
+        *self.shared.aim.lock().unwrap() = aim;
+        self.shared.armed.store(loss as u8, Ordering::SeqCst);
     }
 
     /// Makes the next cut keep clients away from etcd until [`AnswerLosingProxy::release`],
@@ -109,6 +119,8 @@ impl AnswerLosingProxy {
     }
 
     /// Lets clients reach etcd again after a cut made with [`AnswerLosingProxy::hold_after_cut`].
+    /// Only for a held cut that happened: a release with no hold to end would end the next
+    /// one at once.
     pub fn release(&self) {
         self.shared.release.notify_one();
     }
@@ -173,7 +185,7 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let loss = if n >= MIN_AIMED_BYTES {
+        let loss = if n >= MIN_AIMED_BYTES && aimed_at(&shared, &buf[..n]) {
             match shared.armed.swap(Loss::None as u8, Ordering::SeqCst) {
                 1 => Loss::Answer,
                 2 => Loss::Request,
@@ -204,4 +216,15 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
         }
     }
     answers.abort();
+}
+
+/// Whether `write` is what an armed proxy aims at: any write, or one containing the bytes
+/// of [`AnswerLosingProxy::arm_for`].
+fn aimed_at(shared: &Shared, write: &[u8]) -> bool {
+    match &*shared.aim.lock().unwrap() {
+        None => true,
+        Some(text) => write
+            .windows(text.len())
+            .any(|window| window == text.as_slice()),
+    }
 }

@@ -515,15 +515,17 @@ async fn a_job_whose_plugin_is_removed_as_it_is_claimed_is_handed_back_and_runs_
     let worker = TestHost::start_with(&env, |config| {
         config.run_manager = false;
         config.etcd_endpoints = vec![proxy.endpoint()];
+        // No lease renewal falls in the test, and a long hold cannot expire the claim.
+        config.lease_ttl = Duration::from_secs(60);
     })
     .await;
     let wasm = worker.plugin_dir.join(format!("{HANDLER}.wasm"));
     let component = std::fs::read(&wasm).unwrap();
 
-    // The claim is the next request the worker sends: etcd applies it, the answer is lost,
-    // and the worker cannot reach etcd again until the plugin is gone.
-    proxy.arm();
+    // The claim is the first request the worker sends that names the job: etcd applies it,
+    // the answer is lost, and the worker cannot reach etcd again until the plugin is gone.
     proxy.hold_after_cut();
+    proxy.arm_for(&id);
     env.put_job(&id, &record, true).await.unwrap();
     let claim = claim_of(&env, &mut recorder, &id).await;
     std::fs::remove_file(&wasm).unwrap();
