@@ -52,8 +52,11 @@ pub struct PluginCost {
     /// all the rounds' samples, so their quotient is close to it but not always equal.
     pub vlan_component_native_ratio: f64,
     /// Each round's ratio: the component's median over the native median, timed back to back
-    /// ([`RATIO_ROUNDS`] rounds).
+    /// (ten rounds).
     pub vlan_ratio_rounds: Vec<f64>,
+    /// `vlan.warm_call_us` over the native job's median timed right after the warm calls:
+    /// the sandboxed code's own speed, without what a fresh instance adds.
+    pub vlan_warm_native_ratio: f64,
 }
 
 /// One component's `handle` cost.
@@ -65,26 +68,28 @@ pub struct CallCost {
     /// Instantiate + handle, its reads going to etcd.
     pub call: Summary,
     /// Median of instantiate + handle with the same records served from memory: the plugin's
-    /// own cost, without etcd round trips.
+    /// own cost, without etcd round trips. For the VLAN component, the median of the ratio's
+    /// rounds (`PluginCost::vlan_ratio_rounds`), which make the same calls.
     pub plugin_us: f64,
-    /// CPU time of this process per call served from memory (mean over the run; 10 ms
-    /// resolution in total).
+    /// CPU time of this process per call served from memory (mean over the run's own block of
+    /// such calls, also for VLAN; 10 ms resolution in total).
     pub plugin_cpu_us: f64,
-    /// What a fresh instance adds, from calls on one instance (records from memory):
-    /// `instantiate_us` is the median instantiation, `first_call_us` the median first call
-    /// and `warm_call_us` the median of the calls after it. A job always gets a fresh
+    /// What a fresh instance adds (records from memory): `instantiate_us` and
+    /// `first_call_us` are the medians over instances of one call each, `warm_call_us` that
+    /// of the calls after the first on instances of several. A job always gets a fresh
     /// instance; `plugin_us` is about instantiate + first call + tearing the instance down.
     pub instantiate_us: f64,
     pub first_call_us: f64,
     pub warm_call_us: f64,
 }
 
-/// Instances the warm-call figures are taken over, and calls on each. An instance that serves
+/// Instances the instantiation and first-call figures are taken over (one call each), and
+/// then the warm-call figures (`CALLS_PER_INSTANCE` calls each). An instance that serves
 /// many calls leaves its pool slot slower for every later instance in it (each call bumps
 /// the job arena further, and the slot then costs more to set up and reset: after instances
 /// of 11 calls a fresh-instance VLAN job took 59-64 µs instead of 46-47, and the next
-/// instantiation 11 µs instead of 5), so they take three calls each, and the VLAN ratio is
-/// timed before them.
+/// instantiation 11 µs instead of 5), so the warm instances take three calls each and come
+/// last, after the VLAN ratio's rounds.
 const WARM_INSTANCES: usize = 200;
 const CALLS_PER_INSTANCE: usize = 3;
 
@@ -138,11 +143,15 @@ pub async fn measure(
     let mut vlan_call = time_calls(&engine, &vlan_plugin, &access, &cases.1, iterations).await?;
     // The VLAN figures of the ratio all come from its rounds.
     vlan_call.plugin_us = us(median(rounds.component));
-    let allocate_encode = time_allocate_encode(iterations * NATIVE_PER_CALL)?;
+    // The warm calls' native counterpart, timed right after them.
+    let native_after_warm = NativeVlan::new(&store, &cases.1).await?.time(iterations)?;
+    let warm_native_ratio = vlan_call.warm_call_us / us(median(native_after_warm)).max(1e-3);
+    let allocate_encode = time_allocate_encode(iterations * ALLOCATE_ENCODE_PER_CALL)?;
     Ok(PluginCost {
         load_ms,
         vlan_component_native_ratio: median_of(&rounds.ratios),
         vlan_ratio_rounds: rounds.ratios,
+        vlan_warm_native_ratio: warm_native_ratio,
         monitoring,
         vlan: vlan_call,
         vlan_native_us: us(median(rounds.native)),
@@ -237,6 +246,7 @@ struct ComponentCall<'a> {
     plugin: &'a LoadedPlugin,
     job: wit::Job,
     context: wit::RunContext,
+    never: CancellationToken,
 }
 
 impl<'a> ComponentCall<'a> {
@@ -251,12 +261,12 @@ impl<'a> ComponentCall<'a> {
                 elapsed_ms: 0,
                 config: plugin.config_json().to_string(),
             },
+            never: CancellationToken::new(),
         }
     }
 
     /// One call, its reads going to `access`; fails unless the job completes.
     async fn run(&self, access: &RecordAccess) -> anyhow::Result<()> {
-        let never = CancellationToken::new();
         let name = &self.plugin.name;
         let answer = self
             .engine
@@ -265,7 +275,7 @@ impl<'a> ComponentCall<'a> {
                 access.clone(),
                 &self.job,
                 &self.context,
-                &never,
+                &self.never,
             )
             .await
             .with_context(|| format!("calling {name}"))?;
@@ -336,21 +346,29 @@ async fn time_calls(
     let cpu_before = cpu_time(None)?;
     let own = call.time(&in_memory, iterations).await?;
     let cpu = cpu_time(None)?.saturating_sub(cpu_before);
+    // Instantiation and first call on instances of one call each, as jobs get them; then the
+    // warm calls, on instances of several (which leave their slots slower: see
+    // `CALLS_PER_INSTANCE`).
     let (mut instantiate, mut first, mut warm) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..WARM_INSTANCES {
-        let (took, calls) = engine
-            .time_calls_on_one_instance(
-                plugin,
-                in_memory.clone(),
-                &call.job,
-                &call.context,
-                CALLS_PER_INSTANCE,
-            )
-            .await?;
-        in_memory.take_reads();
-        instantiate.push(took);
-        first.push(calls[0]);
-        warm.extend_from_slice(&calls[1..]);
+    for calls in [1, CALLS_PER_INSTANCE] {
+        for _ in 0..WARM_INSTANCES {
+            let (took, calls) = engine
+                .time_calls_on_one_instance(
+                    plugin,
+                    in_memory.clone(),
+                    &call.job,
+                    &call.context,
+                    calls,
+                )
+                .await?;
+            in_memory.take_reads();
+            if calls.len() == 1 {
+                instantiate.push(took);
+                first.push(calls[0]);
+            } else {
+                warm.extend_from_slice(&calls[1..]);
+            }
+        }
     }
     let unserved = access.store.counters().snapshot().get - gets_before;
     if unserved > 0 {
@@ -451,12 +469,16 @@ struct VlanRounds {
 /// core are timed back to back in each round and the ratio is the median of the rounds'.
 const RATIO_ROUNDS: usize = 10;
 
-/// Native jobs timed per component call: the native job is ~3x shorter, and its median needs
-/// as many samples to settle.
+/// Native jobs timed per component call in a round: a round of 300 component calls (~14 ms)
+/// times 3,000 native jobs (~42 ms), a median as steady as the component's.
 const NATIVE_PER_CALL: usize = 10;
 
-/// Times the VLAN job as a component (records in memory) and natively, `iterations` component
-/// calls in all, in [`RATIO_ROUNDS`] alternating rounds.
+/// Samples of the native allocate + encode figure per component call of the phase.
+const ALLOCATE_ENCODE_PER_CALL: usize = 10;
+
+/// Times the VLAN job as a component (records in memory) and natively in [`RATIO_ROUNDS`]
+/// alternating rounds of `iterations / RATIO_ROUNDS` component calls (at least one) and
+/// [`NATIVE_PER_CALL`] times as many native jobs, after one untimed round of each to warm up.
 async fn time_vlan_rounds(
     call: &ComponentCall<'_>,
     access: &RecordAccess,
@@ -488,7 +510,10 @@ async fn time_vlan_rounds(
     }
     let unserved = store.counters().snapshot().get - gets_before;
     if unserved > 0 {
-        bail!("the VLAN component read {unserved} records the bench did not preload");
+        bail!(
+            "the VLAN component read {unserved} records the bench did not preload: add them \
+             to its case"
+        );
     }
     Ok(rounds)
 }
