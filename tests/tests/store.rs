@@ -12,7 +12,7 @@ use esi_host::store::jobs::{
     ClaimFate, Claimed, Completion, CompletionOutcome, GuardedWrite, NewJob,
     ETCD_DEFAULT_MAX_REQUEST_BYTES,
 };
-use esi_host::store::{Change, Events};
+use esi_host::store::{Change, Events, Watch};
 use esi_tests::TestEnv;
 use tokio_util::sync::CancellationToken;
 
@@ -48,17 +48,8 @@ async fn get_many_answers_every_key_in_order_including_absent_ones_past_one_tran
 async fn filtered_watches_deliver_only_puts_or_only_deletes_and_try_next_never_waits() {
     let env = TestEnv::new().await.unwrap();
     let prefix = env.keys().queue_prefix(Queue::Ready);
-    let (_, revision) = env.store.list(&prefix).await.unwrap();
-    let mut puts = env
-        .store
-        .watch_events(&prefix, revision + 1, Events::Puts)
-        .await
-        .unwrap();
-    let mut deletes = env
-        .store
-        .watch_events(&prefix, revision + 1, Events::Deletes)
-        .await
-        .unwrap();
+    let mut puts = watch_from_now(&env, &prefix, Events::Puts).await;
+    let mut deletes = watch_from_now(&env, &prefix, Events::Deletes).await;
     assert!(puts.try_next().is_none(), "nothing happened yet");
 
     let (a, b) = (
@@ -460,7 +451,8 @@ async fn publishes_racing_the_republish_after_a_lease_loss_never_put_an_older_va
     const RECORDS: usize = 100;
     let env = TestEnv::new().await.unwrap();
     let host = "host-republish-race";
-    let prefix = format!("{}{host}/", env.keys().plugin_status_prefix());
+    // The host's status records: `plugin_status` with an empty plugin name ends in `<host>/`.
+    let prefix = env.keys().plugin_status(host, "");
     let keys: Vec<String> = (0..RECORDS)
         .map(|i| env.keys().plugin_status(host, &format!("p{i:03}")))
         .collect();
@@ -469,12 +461,7 @@ async fn publishes_racing_the_republish_after_a_lease_loss_never_put_an_older_va
     for key in &keys {
         lease.publish(&env.store, key, "0".into()).await.unwrap();
     }
-    let (_, revision) = env.store.list(&prefix).await.unwrap();
-    let mut puts = env
-        .store
-        .watch_events(&prefix, revision + 1, Events::Puts)
-        .await
-        .unwrap();
+    let mut puts = watch_from_now(&env, &prefix, Events::Puts).await;
     let shutdown = CancellationToken::new();
     // A TTL of 10 s: the keeper renews every 3.3 s and finds the revoked lease within that.
     let keeper = tokio::spawn(lease::keep(
@@ -541,4 +528,13 @@ async fn publishes_racing_the_republish_after_a_lease_loss_never_put_an_older_va
     shutdown.cancel();
     keeper.await.unwrap();
     env.store.revoke_lease(second).await.unwrap();
+}
+
+/// A watch of `events` under `prefix` from the revision after a listing taken now.
+async fn watch_from_now(env: &TestEnv, prefix: &str, events: Events) -> Watch {
+    let (_, revision) = env.store.list(prefix).await.unwrap();
+    env.store
+        .watch_events(prefix, revision + 1, events)
+        .await
+        .unwrap()
 }
