@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
@@ -102,6 +103,25 @@ pub struct LoadedPlugin {
     limits: Limits,
     max_output_bytes: usize,
     pre: HandlerPre<HostState>,
+    timings: CallTimings,
+}
+
+/// The histograms a plugin's calls are timed into, looked up once at load: a call then only
+/// records into them, without building labels or searching the metric families.
+struct CallTimings {
+    instantiate: Histogram,
+    call: Histogram,
+}
+
+impl CallTimings {
+    fn of(plugin: &str, version: &str) -> CallTimings {
+        let labels = metrics::labels([("plugin", plugin), ("version", version)]);
+        let metrics = metrics::global();
+        CallTimings {
+            instantiate: metrics.plugin_instantiate.get_or_create(&labels).clone(),
+            call: metrics.plugin_call.get_or_create(&labels).clone(),
+        }
+    }
 }
 
 impl LoadedPlugin {
@@ -359,15 +379,17 @@ impl PluginEngine {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let version = manifest
+            .version
+            .clone()
+            .unwrap_or_else(|| info.version.clone());
         Ok(LoadedPlugin {
             handlers: manifest
                 .handlers
                 .clone()
                 .unwrap_or_else(|| info.handlers.clone()),
-            version: manifest
-                .version
-                .clone()
-                .unwrap_or_else(|| info.version.clone()),
+            timings: CallTimings::of(&name, &version),
+            version,
             loaded_at_unix,
             tier,
             slots: Arc::new(tokio::sync::Semaphore::new(limits.max_instances as usize)),
@@ -431,27 +453,25 @@ impl PluginEngine {
         context: &RunContext,
         interrupt: &CancellationToken,
     ) -> Result<Result<Outcome, JobError>, CallError> {
-        let name = plugin.name.clone();
         let call = CallSetup::for_job(plugin, access, interrupt);
-        let labels = metrics::labels([("plugin", &name), ("version", &plugin.version)]);
         let started = Instant::now();
         let (mut store, instance) = self.instantiate(&plugin.pre, call).await?;
         let instantiated = Instant::now();
-        metrics::global()
-            .plugin_instantiate
-            .get_or_create(&labels)
+        plugin
+            .timings
+            .instantiate
             .observe((instantiated - started).as_secs_f64());
         let answer = instance.call_handle(&mut store, job, context).await;
-        metrics::global()
-            .plugin_call
-            .get_or_create(&labels)
+        plugin
+            .timings
+            .call
             .observe(instantiated.elapsed().as_secs_f64());
         answer.map_err(|e| {
-            let error = classify(&name, &plugin.limits, e, interrupt);
+            let error = classify(&plugin.name, &plugin.limits, e, interrupt);
             match error {
                 CallError::Trap { message, .. } if store.data().limits.memory_refused => {
                     CallError::Memory {
-                        plugin: name.clone(),
+                        plugin: plugin.name.clone(),
                         limit_mib: plugin.limits.max_memory_bytes >> 20,
                         message,
                     }
