@@ -47,6 +47,7 @@ pub struct Metrics {
     pub etcd_op: Histograms,
     pub etcd_errors: Family<Labels, Counter>,
     pub lease_keepalive_failures: Counter,
+    pub worker_restarts: Counter,
     pub queue_depth: Family<Labels, Gauge>,
 }
 
@@ -76,6 +77,7 @@ impl Metrics {
             etcd_op: histograms(),
             etcd_errors: Family::default(),
             lease_keepalive_failures: Counter::default(),
+            worker_restarts: Counter::default(),
             queue_depth: Family::default(),
             registry: Registry::default(),
         };
@@ -156,6 +158,12 @@ impl Metrics {
             "lease_keepalive_failures",
             "Lease renewals that failed or timed out",
             m.lease_keepalive_failures.clone(),
+        );
+        r.register(
+            "worker_restarts",
+            "Times a worker's follow of the ready queue failed and started over with a new \
+             listing (etcd unreachable, a watch it could not resume)",
+            m.worker_restarts.clone(),
         );
         r.register(
             "queue_depth",

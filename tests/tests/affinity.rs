@@ -1,8 +1,9 @@
 //! Claim affinity: hosts serving one handler take turns per job instead of all racing for
-//! it, and a job ranked to a host that never claims it still runs.
+//! it, a job ranked to a host that never claims it still runs, and a peer's arrival after a
+//! compaction costs no worker a restart.
 //!
-//! The tests read process-wide counters (`claims_lost`, `claims_deferred`), so they run one
-//! at a time, in a test binary of their own.
+//! The tests read process-wide counters (`claims_lost`, `claims_deferred`, `worker_restarts`),
+//! so they run one at a time, in a test binary of their own.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -192,4 +193,46 @@ async fn a_job_ranked_first_to_a_host_that_never_claims_it_still_runs() {
     let lease_a = host_lease(&env, "host-a").await;
     assert!(claims.iter().all(|(_, lease)| *lease == lease_a));
     host.shutdown().await;
+}
+
+/// A host alone follows only the ready queue's puts. When a peer comes to serve its handlers
+/// it also follows the deletes, from the revision after the last ready job it saw, which etcd
+/// may have compacted if the queue was quiet for long. The worker then lists the queue again
+/// instead of failing as if etcd were down and starting over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_arriving_after_etcd_compacted_past_a_quiet_ready_queue_restarts_no_worker() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let env = env_with_templates_and_states().await;
+    let mut config = env.host_config();
+    config.host_id = "host-a".into();
+    let host_a = esi_host::Host::start(config).await.unwrap();
+    wait_serving(&env, "host-a").await;
+
+    // Writes elsewhere move etcd on, and it compacts past what host-a last saw of the queue.
+    let mut client = etcd_client::Client::connect([env.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    let filler = env.key(Record::Monitoring, "ha_interface", "compaction-filler");
+    let mut revision = 0;
+    for round in 0..5 {
+        let put = client.put(filler.as_str(), round.to_string(), None).await;
+        revision = put.unwrap().header().expect("a response header").revision();
+    }
+    client.compact(revision, None).await.unwrap();
+
+    let restarts_before = metrics::global().worker_restarts.get();
+    let mut config = env.host_config();
+    config.host_id = "host-b".into();
+    let host_b = esi_host::Host::start(config).await.unwrap();
+    wait_serving(&env, "host-b").await;
+    let ids = resource_ids("c", 10);
+    let claims = claims(&env, &run_resources(&env, &ids).await);
+    assert_eq!(claims.len(), 10, "one claim per job: {claims:?}");
+    assert_eq!(
+        metrics::global().worker_restarts.get() - restarts_before,
+        0,
+        "a worker started over: its deletes watch met the compaction"
+    );
+    host_b.shutdown().await;
+    host_a.shutdown().await;
 }

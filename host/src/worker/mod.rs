@@ -25,7 +25,7 @@ use crate::keys::Queue;
 use crate::lease::HostLease;
 use crate::plugins::{PluginEngine, PluginRegistry};
 use crate::schema::SchemaRegistry;
-use crate::store::{Change, Events, Kv, Store, Watch};
+use crate::store::{Change, Events, Kv, Store, Watch, WatchError};
 
 use affinity::{Backlog, Peers};
 
@@ -133,6 +133,7 @@ impl Worker {
             match self.clone().follow_ready_queue(&shutdown).await {
                 Ok(()) => break,
                 Err(e) => {
+                    crate::metrics::global().worker_restarts.inc();
                     tracing::warn!(error = %e, retry_in = ?backoff, "worker: waiting for etcd");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -196,10 +197,30 @@ impl Worker {
                     continue;
                 }
                 gone = next_of(&mut deletes) => {
-                    for change in gone? {
-                        if let Change::Delete { key, revision, .. } = change {
-                            backlog.gone(&key, revision);
+                    match gone {
+                        Ok(gone) => {
+                            for change in gone {
+                                if let Change::Delete { key, revision, .. } = change {
+                                    backlog.gone(&key, revision);
+                                }
+                            }
                         }
+                        // It opened at the revision after the last ready job seen, which etcd
+                        // compacts once the queue has been quiet for long (a peer arriving
+                        // after a quiet night): what it missed, a listing says.
+                        Err(WatchError::Compacted { revision, .. }) => {
+                            tracing::info!(
+                                compacted = revision,
+                                "worker: the ready deletes watch started before etcd's \
+                                 compaction; listing the ready queue again"
+                            );
+                            deletes = None;
+                            let listed = self.relist(&prefix, &mut backlog).await?;
+                            seen_revision = seen_revision.max(listed);
+                            self.follow_deletes_if_shared(&mut deletes, &prefix, seen_revision)
+                                .await?;
+                        }
+                        Err(e) => return Err(e.into()),
                     }
                     continue;
                 }
@@ -210,14 +231,8 @@ impl Worker {
                 }
                 Ok(()) = plugins_changed.changed() => {
                     // A plugin came or went: jobs already waiting may be ours to run now.
-                    let (ready, listed) = self.store.list(&prefix).await?;
-                    // What a later deletes watch must see starts after this listing: a
-                    // revision etcd may compact past once the ready queue has been quiet.
-                    seen_revision = seen_revision.max(listed);
-                    backlog.clear();
-                    for kv in ready {
-                        self.offer(&mut backlog, kv);
-                    }
+                    // What a later deletes watch must see starts after this listing.
+                    seen_revision = seen_revision.max(self.relist(&prefix, &mut backlog).await?);
                     self.follow_deletes_if_shared(&mut deletes, &prefix, seen_revision)
                         .await?;
                     continue;
@@ -230,6 +245,16 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Fills the backlog again from a listing of the ready queue; returns its revision.
+    async fn relist(&self, prefix: &str, backlog: &mut Backlog) -> anyhow::Result<i64> {
+        let (ready, listed) = self.store.list(prefix).await?;
+        backlog.clear();
+        for kv in ready {
+            self.offer(backlog, kv);
+        }
+        Ok(listed)
     }
 
     /// Opens the watch of ready deletes while another host serves one of this host's
