@@ -9,6 +9,8 @@
 //! `config`) as JSON text, so this is also where that text is parsed; text that does not parse
 //! can never succeed on a retry, so it is a permanent error naming the field.
 
+use std::fmt::{self, Display};
+
 use serde_json::Value;
 
 use crate as core;
@@ -126,10 +128,22 @@ impl core::Logger for HostLog {
     }
 }
 
-/// Parses a JSON-text field of the WIT job or context.
-fn parse_json(field: &str, text: &str) -> Result<Value, core::JobError> {
+/// Parses a JSON-text field of the WIT job or context; `field` names it in the error.
+fn parse_json(field: impl Display, text: &str) -> Result<Value, core::JobError> {
     serde_json::from_str(text)
         .map_err(|error| core::JobError::Permanent(format!("{field} is not valid JSON: {error}")))
+}
+
+/// The name of a param's value in errors, formatted only when one is made.
+struct ParamValueField<'a> {
+    index: usize,
+    param: &'a str,
+}
+
+impl Display for ParamValueField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "job.params[{}] ({}).value", self.index, self.param)
+    }
 }
 
 fn job_from_wit(job: wit::Job) -> Result<core::Job, core::JobError> {
@@ -156,9 +170,12 @@ fn job_from_wit(job: wit::Job) -> Result<core::Job, core::JobError> {
 }
 
 fn param_from_wit(index: usize, param: wit::Param) -> Result<core::Param, core::JobError> {
-    let field = format!("job.params[{index}] ({}).value", param.param);
+    let field = ParamValueField {
+        index,
+        param: &param.param,
+    };
     Ok(core::Param {
-        value: parse_json(&field, &param.value)?,
+        value: parse_json(field, &param.value)?,
         param: param.param,
         kind: param.kind,
         resources: param
