@@ -93,7 +93,7 @@ impl Template {
     /// builtin fails the first render on the call itself, so the second render, with every
     /// builtin, gives exactly what a single one with them would.
     fn render(&self, job: &Job) -> Result<String, JobError> {
-        let context = context(job)?;
+        let context = context(job, &self.source)?;
         let first =
             configured(Environment::empty()).render_named_str(&self.id, &self.source, &context);
         let rendered = match first {
@@ -152,17 +152,28 @@ fn permanent(id: &str, message: impl Display) -> JobError {
     JobError::Permanent(format!("heat template {id}: {message}"))
 }
 
-/// The render context: `resource` is the resource's config body, and each param is available
-/// under its name (a param named `resource` wins, since params are what templates declare).
-fn context(job: &Job) -> Result<BTreeMap<String, JinjaValue>, JobError> {
+/// The render context of `source`: `resource` is the resource's config body, and each param
+/// is available under its name (a param named `resource` wins, since params are what templates
+/// declare).
+///
+/// Only the names `source` contains go in. A template looks a variable up by its name, so one
+/// whose name it does not contain is never looked up (no loader is configured, so nothing is
+/// included or imported), and leaving it out renders the same; only `debug()` would show the
+/// difference. Converting the config body into Jinja values took a VLAN job longer than the
+/// render itself, and most heat templates never name `resource`. Every param is still checked.
+fn context(job: &Job, source: &str) -> Result<BTreeMap<String, JinjaValue>, JobError> {
     let mut context = BTreeMap::new();
-    context.insert(
-        "resource".to_owned(),
-        JinjaValue::from(Serde(&job.resource_input)),
-    );
+    if source.contains("resource") {
+        context.insert(
+            "resource".to_owned(),
+            JinjaValue::from(Serde(&job.resource_input)),
+        );
+    }
     for param in &job.params {
         if let Some(value) = param_value(job, param)? {
-            context.insert(param.param.clone(), JinjaValue::from(Serde(value)));
+            if source.contains(param.param.as_str()) {
+                context.insert(param.param.clone(), JinjaValue::from(Serde(value)));
+            }
         }
     }
     Ok(context)
@@ -241,10 +252,78 @@ mod tests {
                 source: source.into(),
             };
             let with_builtins = configured(Environment::new())
-                .render_named_str("t", source, context(&job).unwrap())
+                .render_named_str("t", source, full_context(&job))
                 .map_err(|error| template.error(format!("cannot render template_file: {error}")));
             assert_eq!(template.render(&job), with_builtins, "{source}");
         }
+    }
+
+    /// The context as it was before names the source does not contain were left out.
+    fn full_context(job: &Job) -> BTreeMap<String, JinjaValue> {
+        let mut context = BTreeMap::new();
+        context.insert(
+            "resource".to_owned(),
+            JinjaValue::from(Serde(&job.resource_input)),
+        );
+        for param in &job.params {
+            if let Some(value) = param_value(job, param).unwrap() {
+                context.insert(param.param.clone(), JinjaValue::from(Serde(value)));
+            }
+        }
+        context
+    }
+
+    /// Leaving out of the context the names a template does not contain changes no render:
+    /// each template here renders as it does with every name in the context.
+    #[test]
+    fn templates_render_the_same_with_only_the_names_they_contain() {
+        let sources = [
+            "a: {{ resource.name }}\nb: {{ port }}\n",
+            "a: {{ port_id }}\nb: {{ port }}\n",
+            "a: {{ resource_id }}\n",
+            "a: {{ port }}\n",
+            "a: fixed\n",
+            "{% for k, v in resource | items %}{{ k }}: {{ v }}\n{% endfor %}",
+            "{% set port = 'shadowed' %}a: {{ port }}\n",
+            "a: {{ resource.name ~ '-' ~ other }}\n",
+        ];
+        let param = |name: &str, value: Value| Param {
+            param: name.into(),
+            kind: "value".into(),
+            value,
+            resources: vec![],
+        };
+        let job = Job {
+            resource_input: json!({"name": "r1", "tenant_id": "t1"}),
+            params: vec![param("port", json!("p1")), param("port_id", json!(7))],
+            ..Job::default()
+        };
+        for source in sources {
+            let template = Template {
+                id: "t".into(),
+                source: source.into(),
+            };
+            let with_every_name = configured(Environment::new())
+                .render_named_str("t", source, full_context(&job))
+                .map_err(|error| template.error(format!("cannot render template_file: {error}")));
+            assert_eq!(template.render(&job), with_every_name, "{source}");
+        }
+    }
+
+    #[test]
+    fn an_unused_output_key_param_that_names_no_field_still_fails_the_job() {
+        let template = Template::load("t", &mut stored("a: 1\n")).expect("the template loads");
+        let job = Job {
+            params: vec![Param {
+                param: "unused".into(),
+                kind: "output_key".into(),
+                value: json!({"not": "a field name"}),
+                resources: vec![],
+            }],
+            ..Job::default()
+        };
+        let error = template.render_document(&job).unwrap_err().to_string();
+        assert!(error.contains("param unused"), "{error}");
     }
 
     #[test]
