@@ -48,6 +48,7 @@ pub struct Metrics {
     pub etcd_errors: Family<Labels, Counter>,
     pub lease_keepalive_failures: Counter,
     pub worker_restarts: Counter,
+    pub worker_relists: Family<Labels, Counter>,
     pub queue_depth: Family<Labels, Gauge>,
 }
 
@@ -78,6 +79,7 @@ impl Metrics {
             etcd_errors: Family::default(),
             lease_keepalive_failures: Counter::default(),
             worker_restarts: Counter::default(),
+            worker_relists: Family::default(),
             queue_depth: Family::default(),
             registry: Registry::default(),
         };
@@ -162,8 +164,14 @@ impl Metrics {
         r.register(
             "worker_restarts",
             "Times a worker's follow of the ready queue failed and started over with a new \
-             listing (etcd unreachable, a watch it could not resume)",
+             listing (etcd unreachable, a watch cancelled or compacted past)",
             m.worker_restarts.clone(),
+        );
+        r.register(
+            "worker_relists",
+            "Times a worker listed the ready queue again without starting over, by reason \
+             (plugins_changed, compacted: its watch of ready deletes started too far back)",
+            m.worker_relists.clone(),
         );
         r.register(
             "queue_depth",

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
+use esi_host::local_etcd::LocalEtcd;
 use esi_host::metrics;
 use esi_host::store::Change;
 use esi_host::worker::affinity::Peers;
@@ -198,29 +199,43 @@ async fn a_job_ranked_first_to_a_host_that_never_claims_it_still_runs() {
 /// A host alone follows only the ready queue's puts. When a peer comes to serve its handlers
 /// it also follows the deletes, from the revision after the last ready job it saw, which etcd
 /// may have compacted if the queue was quiet for long. The worker then lists the queue again
-/// instead of failing as if etcd were down and starting over.
+/// instead of failing as if etcd were down and starting over. On an etcd of its own: it
+/// compacts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_arriving_after_etcd_compacted_past_a_quiet_ready_queue_restarts_no_worker() {
     let _one_at_a_time = SERIAL.lock().await;
-    let env = env_with_templates_and_states().await;
+    let etcd = LocalEtcd::start().await.unwrap();
+    let env = TestEnv::on_cluster(&[etcd.endpoint().to_string()])
+        .await
+        .unwrap();
+    env.load_shipped_templates().await.unwrap();
+    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+        .await
+        .unwrap();
     let mut config = env.host_config();
     config.host_id = "host-a".into();
     let host_a = esi_host::Host::start(config).await.unwrap();
     wait_serving(&env, "host-a").await;
 
     // Writes elsewhere move etcd on, and it compacts past what host-a last saw of the queue.
-    let mut client = etcd_client::Client::connect([env.endpoint.as_str()], None)
+    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
         .await
         .unwrap();
-    let filler = env.key(Record::Monitoring, "ha_interface", "compaction-filler");
     let mut revision = 0;
     for round in 0..5 {
-        let put = client.put(filler.as_str(), round.to_string(), None).await;
+        let put = client.put("filler", round.to_string(), None).await;
         revision = put.unwrap().header().expect("a response header").revision();
     }
     client.compact(revision, None).await.unwrap();
 
-    let restarts_before = metrics::global().worker_restarts.get();
+    let relists = || {
+        let labels = metrics::labels([("reason", "compacted")]);
+        metrics::global()
+            .worker_relists
+            .get_or_create(&labels)
+            .get()
+    };
+    let (restarts_before, relists_before) = (metrics::global().worker_restarts.get(), relists());
     let mut config = env.host_config();
     config.host_id = "host-b".into();
     let host_b = esi_host::Host::start(config).await.unwrap();
@@ -228,6 +243,11 @@ async fn a_peer_arriving_after_etcd_compacted_past_a_quiet_ready_queue_restarts_
     let ids = resource_ids("c", 10);
     let claims = claims(&env, &run_resources(&env, &ids).await);
     assert_eq!(claims.len(), 10, "one claim per job: {claims:?}");
+    assert_eq!(
+        relists() - relists_before,
+        1,
+        "host-a's deletes watch met the compaction and listed the queue again"
+    );
     assert_eq!(
         metrics::global().worker_restarts.get() - restarts_before,
         0,

@@ -160,6 +160,9 @@ impl Worker {
         }
         // The deletes watch, when peers make it worth opening, starts after what was seen.
         let mut seen_revision = revision;
+        // The revision of the last listing: a put at or before it that the puts watch still
+        // delivers is in the backlog already, or was claimed before the listing.
+        let mut listed_at = revision;
         // Only new ready keys matter; a claim's delete of one would be an event for nothing,
         // unless other hosts serve too: then jobs ranked to them wait here, and their deletes
         // say which ones they claimed.
@@ -215,8 +218,8 @@ impl Worker {
                                  compaction; listing the ready queue again"
                             );
                             deletes = None;
-                            let listed = self.relist(&prefix, &mut backlog).await?;
-                            seen_revision = seen_revision.max(listed);
+                            listed_at = self.relist(&prefix, &mut backlog, "compacted").await?;
+                            seen_revision = seen_revision.max(listed_at);
                             self.follow_deletes_if_shared(&mut deletes, &prefix, seen_revision)
                                 .await?;
                         }
@@ -232,7 +235,8 @@ impl Worker {
                 Ok(()) = plugins_changed.changed() => {
                     // A plugin came or went: jobs already waiting may be ours to run now.
                     // What a later deletes watch must see starts after this listing.
-                    seen_revision = seen_revision.max(self.relist(&prefix, &mut backlog).await?);
+                    listed_at = self.relist(&prefix, &mut backlog, "plugins_changed").await?;
+                    seen_revision = seen_revision.max(listed_at);
                     self.follow_deletes_if_shared(&mut deletes, &prefix, seen_revision)
                         .await?;
                     continue;
@@ -240,6 +244,9 @@ impl Worker {
             };
             for change in changes {
                 if let Change::Put(kv) = change {
+                    if kv.mod_revision <= listed_at {
+                        continue;
+                    }
                     seen_revision = seen_revision.max(kv.mod_revision);
                     self.offer(&mut backlog, kv);
                 }
@@ -248,7 +255,17 @@ impl Worker {
     }
 
     /// Fills the backlog again from a listing of the ready queue; returns its revision.
-    async fn relist(&self, prefix: &str, backlog: &mut Backlog) -> anyhow::Result<i64> {
+    /// `reason` labels the count of re-lists.
+    async fn relist(
+        &self,
+        prefix: &str,
+        backlog: &mut Backlog,
+        reason: &str,
+    ) -> anyhow::Result<i64> {
+        crate::metrics::global()
+            .worker_relists
+            .get_or_create(&crate::metrics::labels([("reason", reason)]))
+            .inc();
         let (ready, listed) = self.store.list(prefix).await?;
         backlog.clear();
         for kv in ready {
