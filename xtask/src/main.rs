@@ -15,8 +15,10 @@
 //! Release builds run Binaryen's `wasm-opt -O3` on each core module before it becomes a
 //! component ([`WASM_OPT_ARGS`]). Binaryen optimises the WebAssembly that LLVM emitted, which
 //! made the bundled plugins' components ~16% smaller and their jobs faster (BENCHMARKS.md, item
-//! 21). It keeps the name section, so traps still name functions. Without `wasm-opt` on the `PATH` (or
-//! at `$WASM_OPT`) the build warns and goes on unoptimised; `--no-wasm-opt` skips it.
+//! 21). It keeps the name section, so traps still name functions. `scripts/setup` installs it
+//! (Debian's `binaryen`), so `scripts/build`, `scripts/test` and `scripts/demo` always optimise;
+//! run directly without `wasm-opt` on the `PATH`, the build warns and goes on unoptimised.
+//! `--no-wasm-opt` skips it; a `$WASM_OPT` that does not run fails the build.
 //!
 //! Finished components are written through a temporary file and a rename, because the host
 //! hot-reloads its plugin directory and must never see a half-written `.wasm`.
@@ -249,7 +251,7 @@ fn build_plugins(options: &BuildOptions) -> Result<()> {
     let wasm_opt = if options.debug || !options.wasm_opt {
         None
     } else {
-        find_wasm_opt()
+        find_wasm_opt()?
     };
     for package in packages {
         let (dir, what) = if TEST_GUESTS.contains(&package) {
@@ -276,28 +278,43 @@ fn build_plugins(options: &BuildOptions) -> Result<()> {
     Ok(())
 }
 
-/// The `wasm-opt` to run, saying which; `None` with a warning when there is none.
-fn find_wasm_opt() -> Option<PathBuf> {
-    let program = std::env::var_os("WASM_OPT").unwrap_or_else(|| WASM_OPT.into());
-    match Command::new(&program).arg("--version").output() {
+/// The `wasm-opt` to run, saying which. `None`, with a warning, when there is none on the
+/// `PATH`; an error when `$WASM_OPT` names one that does not run.
+fn find_wasm_opt() -> Result<Option<PathBuf>> {
+    let named = std::env::var_os("WASM_OPT");
+    let program = PathBuf::from(named.clone().unwrap_or_else(|| WASM_OPT.into()));
+    let answer = Command::new(&program).arg("--version").output();
+    match answer {
         Ok(out) if out.status.success() => {
             let version = String::from_utf8_lossy(&out.stdout);
             eprintln!(
                 "optimising with {} {} ({})",
-                Path::new(&program).display(),
+                program.display(),
                 WASM_OPT_ARGS.join(" "),
                 version.trim()
             );
-            Some(program.into())
+            Ok(Some(program))
         }
-        _ => {
+        _ if named.is_some() => {
+            let why = match answer {
+                Ok(out) => format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)),
+                Err(error) => error.to_string(),
+            };
+            bail!(
+                "WASM_OPT={} does not run ({})",
+                program.display(),
+                why.trim()
+            )
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             eprintln!(
-                "warning: {} not found (Debian: apt-get install binaryen; or set WASM_OPT): \
-                 building unoptimised components, larger and slower",
-                Path::new(&program).display()
+                "warning: {WASM_OPT} is not on the PATH (Debian: apt-get install binaryen): \
+                 building unoptimised components, larger and slower"
             );
-            None
+            Ok(None)
         }
+        Ok(out) => bail!("{WASM_OPT} --version failed ({})", out.status),
+        Err(error) => bail!("cannot run {WASM_OPT}: {error}"),
     }
 }
 
