@@ -246,16 +246,7 @@ mod tests {
             resource_input: json!({"name": "r1"}),
             ..Job::default()
         };
-        for source in sources {
-            let template = Template {
-                id: "t".into(),
-                source: source.into(),
-            };
-            let with_builtins = configured(Environment::new())
-                .render_named_str("t", source, full_context(&job))
-                .map_err(|error| template.error(format!("cannot render template_file: {error}")));
-            assert_eq!(template.render(&job), with_builtins, "{source}");
-        }
+        assert_each_renders_as_in_one_full_pass(&sources, &job);
     }
 
     /// The context as it was before names the source does not contain were left out.
@@ -298,15 +289,21 @@ mod tests {
             params: vec![param("port", json!("p1")), param("port_id", json!(7))],
             ..Job::default()
         };
-        for source in sources {
+        assert_each_renders_as_in_one_full_pass(&sources, &job);
+    }
+
+    /// Each source renders for `job` (errors included) exactly as it does in one pass with
+    /// every builtin and every name in the context.
+    fn assert_each_renders_as_in_one_full_pass(sources: &[&str], job: &Job) {
+        for &source in sources {
             let template = Template {
                 id: "t".into(),
                 source: source.into(),
             };
-            let with_every_name = configured(Environment::new())
-                .render_named_str("t", source, full_context(&job))
+            let in_one_full_pass = configured(Environment::new())
+                .render_named_str("t", source, full_context(job))
                 .map_err(|error| template.error(format!("cannot render template_file: {error}")));
-            assert_eq!(template.render(&job), with_every_name, "{source}");
+            assert_eq!(template.render(job), in_one_full_pass, "{source}");
         }
     }
 
