@@ -294,8 +294,6 @@ impl JobManager {
                 committed = wait_for(&mut self.in_flight), if self.in_flight.is_some() => {
                     self.in_flight = None;
                     self.fail_refused(committed?).await?;
-                    // What was queued while it committed.
-                    self.flush().await?;
                 }
             }
         }
@@ -724,19 +722,13 @@ impl JobManager {
         self.cleanups_due = None;
     }
 
-    /// Starts committing the queued transactions (and the clean-ups waiting for a ride). One
-    /// batch commits at a time, in order: while one does, the queue waits for it (the loop
-    /// sends it when the batch in flight has committed) and the manager goes on planning, so
-    /// the configs that arrive meanwhile are read and planned during that commit, and go
-    /// together in the next batch. Only a full queue waits here.
+    /// Starts committing the queued transactions (and the clean-ups waiting for a ride), once
+    /// the batch before them committed; the manager goes on planning meanwhile.
     async fn flush(&mut self) -> anyhow::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
         self.send_cleanups();
-        if self.in_flight.is_some() && self.pending.len() < MAX_PENDING {
-            return Ok(());
-        }
         if let Some(batch) = self.in_flight.take() {
             self.fail_refused(batch.await??).await?;
         }
@@ -753,15 +745,11 @@ impl JobManager {
     /// first, so that etcd sees the manager's writes in the order it made them.
     async fn settle(&mut self) -> anyhow::Result<()> {
         self.send_cleanups();
-        loop {
-            if let Some(batch) = self.in_flight.take() {
-                self.fail_refused(batch.await??).await?;
-            }
-            if self.pending.is_empty() {
-                return Ok(());
-            }
-            self.flush().await?;
+        self.flush().await?;
+        if let Some(batch) = self.in_flight.take() {
+            self.fail_refused(batch.await??).await?;
         }
+        Ok(())
     }
 
     /// Workflows etcd refused to write (its request limits are below what they need): their
