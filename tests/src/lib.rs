@@ -127,6 +127,13 @@ impl TestEnv {
         esi_host::templates::load(&self.store, &self.schemas, &files).await
     }
 
+    /// The seed's world: the shipped templates, and both of the seed's interfaces ACTIVE.
+    pub async fn load_seed_world(&self) -> anyhow::Result<()> {
+        self.load_shipped_templates().await?;
+        self.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
+            .await
+    }
+
     /// Loads only the named shipped templates (e.g. `internet_gateway_vlan_pool`).
     pub async fn load_shipped_templates_named(&self, ids: &[&str]) -> anyhow::Result<()> {
         let files: Vec<_> = esi_host::templates::read_dir(&repo_dir().join("templates"))?

@@ -91,10 +91,7 @@ async fn host_lease(env: &TestEnv, host_id: &str) -> i64 {
 /// A namespace with the shipped templates and both interfaces of the seed ACTIVE.
 async fn env_with_templates_and_states() -> TestEnv {
     let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    env.load_seed_world().await.unwrap();
     env
 }
 
@@ -208,10 +205,7 @@ async fn a_peer_arriving_after_etcd_compacted_past_a_quiet_ready_queue_restarts_
     let env = TestEnv::on_cluster(&[etcd.endpoint().to_string()])
         .await
         .unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    env.load_seed_world().await.unwrap();
     let mut config = env.host_config();
     config.host_id = "host-a".into();
     let host_a = esi_host::Host::start(config).await.unwrap();

@@ -373,10 +373,7 @@ async fn a_related_config_that_does_not_parse_fails_the_resource_walking_to_it()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resource_whose_failed_workflow_is_cleaned_at_start_is_planned_with_its_templates() {
     let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    env.load_seed_world().await.unwrap();
     let id = "0f0f0f0f-0000-4000-8000-00000000000e";
     let body = seed_ha_interface_body(id);
     // What the previous manager left: version 1's workflow, its first job failed (its /state

@@ -11,10 +11,7 @@ use esi_tests::{seed_ha_interface_body, TestEnv};
 async fn killing_the_etcd_leader_during_a_burst_loses_nothing() {
     let mut cluster = LocalEtcdCluster::start(3).await.unwrap();
     let env = TestEnv::on_cluster(cluster.endpoints()).await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    env.load_seed_world().await.unwrap();
     let mut a = env.host_config();
     a.host_id = "cluster-a".into();
     let mut b = env.host_config();

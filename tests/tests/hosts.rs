@@ -11,10 +11,7 @@ use esi_tests::{seed_ha_interface_body, TestEnv};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_job_manager_plans_each_workflow_once_and_a_standby_takes_over() {
     let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    env.load_seed_world().await.unwrap();
     let mut recorder = env.record_changes().await.unwrap();
     let mut a = env.host_config();
     a.host_id = "host-a".into();

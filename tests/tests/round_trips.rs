@@ -25,10 +25,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 /// A host with the shipped templates, and the seed's two interfaces up.
 async fn monitoring_host() -> (TestEnv, esi_host::Host) {
     let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    env.load_seed_world().await.unwrap();
     let host = env.start_host().await.unwrap();
     (env, host)
 }
@@ -72,10 +69,7 @@ async fn reads_repeated_by_jobs_come_with_the_claim_and_stay_fresh() {
 async fn a_worker_without_the_job_manager_still_reads_shared_records_with_the_claim() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    env.load_seed_world().await.unwrap();
     let manager = env.start_manager_only().await.unwrap();
     let worker = esi_host::Host::start(env.worker_only_config())
         .await

@@ -33,10 +33,7 @@ fn without_suffix(id: &str) -> String {
 
 async fn seed_flow_matches_the_seed(body_as_string: bool) {
     let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    env.load_seed_world().await.unwrap();
     let mut recorder = env.record_changes().await.unwrap();
     let host = env.start_host().await.unwrap();
 
@@ -161,10 +158,7 @@ async fn an_interface_state_that_appears_later_is_waited_for() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_written_while_no_host_ran_is_picked_up_on_start() {
     let env = TestEnv::new().await.unwrap();
-    env.load_shipped_templates().await.unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
+    env.load_seed_world().await.unwrap();
     env.put_config_raw("ha_interface", HA_INTERFACE_ID, &seed_config(false))
         .await
         .unwrap();
