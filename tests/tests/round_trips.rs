@@ -6,7 +6,8 @@
 //!   the `/state`s of interfaces each resource has for itself, named by its job's params,
 //!   when the job manager that planned the job runs in the worker's process;
 //! - clean-ups of finished jobs ride with the job manager's next batch instead of costing a
-//!   commit each.
+//!   commit each;
+//! - a job manager taking over reads the `/state`s of the resources it checks 128 at a time.
 //!
 //! The first test counts the process's etcd reads, so the tests of this binary take turns.
 
@@ -15,6 +16,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use esi_host::keys::Record;
+use esi_host::protocol::StateRecord;
 use esi_host::store::Change;
 use esi_tests::{seed_ha_interface_body, TestEnv};
 use tokio::sync::Mutex;
@@ -209,4 +211,40 @@ async fn clean_ups_ride_with_the_next_workflow_write() {
         commits.len()
     );
     host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_manager_taking_over_reads_the_states_it_checks_together() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let env = TestEnv::new().await.unwrap();
+    env.load_seed_world().await.unwrap();
+    // Resources already done: each `/state` is at its config's version.
+    const DONE: usize = 300;
+    let done = StateRecord::bare("CREATE_COMPLETED", 1, String::new()).to_json();
+    for i in 0..DONE {
+        let id = format!("00000000-0000-4000-8000-0000000f{i:04}");
+        env.put_config("ha_interface", &id, &seed_ha_interface_body(&id), 1)
+            .await
+            .unwrap();
+        let state = env.key(Record::State, "ha_interface", &id);
+        env.store.put(&state, done.clone()).await.unwrap();
+    }
+    // One more to do, whose key lists after theirs: the manager's rebuild checks resources
+    // in the listing's order, so its `/state` appearing means every check was made.
+    let last = "00000000-0000-4000-8000-ffffffffffff";
+    env.put_config("ha_interface", last, &seed_ha_interface_body(last), 1)
+        .await
+        .unwrap();
+    let reads = host_reads_during(&env, async || {
+        let host = env.start_host().await.unwrap();
+        env.wait_completed("ha_interface", last).await.unwrap();
+        host.shutdown().await;
+    })
+    .await;
+    // One read each would be over 300; 128 at a time, 3 for the states and a few for the
+    // job's own reads and the host's start.
+    assert!(
+        reads <= 20,
+        "{reads} reads to take over {DONE} finished resources"
+    );
 }

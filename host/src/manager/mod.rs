@@ -39,6 +39,9 @@ const MAX_PENDING: usize = 64;
 /// Watch changes gathered into one burst at most (from responses etcd already delivered).
 const MAX_BURST: usize = 512;
 
+/// Resources whose `/state`s a rebuild reads ahead at a time (in round trips of 128 keys).
+const REBUILD_CHUNK: usize = 1024;
+
 /// How long clean-ups of finished jobs may wait for other writes to ride with. Nothing
 /// waits on a clean-up, so under load they join the next batch of workflow writes or
 /// releases instead of costing a commit of their own; when nothing else comes, they go
@@ -252,7 +255,11 @@ impl JobManager {
                 }
                 changes = configs.next() => {
                     let changes = burst(configs, changes?)?;
-                    self.prefetch_states(&changes).await?;
+                    let puts = changes.iter().filter_map(|change| match change {
+                        Change::Put(kv) => Some(kv),
+                        Change::Delete { .. } => None,
+                    });
+                    self.prefetch_states(puts).await?;
                     for change in changes {
                         self.on_config_change(change).await?;
                     }
@@ -313,12 +320,11 @@ impl JobManager {
         Ok(())
     }
 
-    /// Reads the `/state` of every resource a burst of config changes may plan for, in one
-    /// round trip instead of one each.
-    async fn prefetch_states(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+    /// Reads the `/state` of every resource a burst of configs may plan for, in one round
+    /// trip (per 128) instead of one each.
+    async fn prefetch_states(&mut self, configs: impl Iterator<Item = &Kv>) -> anyhow::Result<()> {
         let mut keys = Vec::new();
-        for change in changes {
-            let Change::Put(kv) = change else { continue };
+        for kv in configs {
             let Some((schema, id)) = self.schema_of(&kv.key) else {
                 continue;
             };
@@ -414,8 +420,14 @@ impl JobManager {
         for kv in templates {
             self.on_template(kv);
         }
-        for kv in resources {
-            self.on_resource(kv).await?;
+        // Their `/state`s are read REBUILD_CHUNK at a time, not one round trip each: a host
+        // taking the role over a large store would otherwise read for minutes first.
+        for chunk in resources.chunks(REBUILD_CHUNK) {
+            self.prefetch_states(chunk.iter().copied()).await?;
+            for kv in chunk {
+                self.on_resource(kv).await?;
+            }
+            self.prefetched.clear();
         }
         Ok(revision)
     }
