@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
 use esi_host::seed::{self, PRIMARY_INTERFACE_ID, PRIMARY_ROUTER_ID};
-use esi_tests::TestEnv;
+use esi_tests::{seed_ha_interface_body, TestEnv};
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,5 +113,66 @@ async fn create_modify_logical_delete_and_delete_each_reach_state() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    host.shutdown().await;
+}
+
+/// A config whose key is new is planned as a create without reading the resource's
+/// `/state` first, in a transaction that writes it only while there is none. A resource that
+/// has a `/state` all the same (its config was deleted and written again, or the `/state` was
+/// restored) is planned from it: a config at the `/state`'s version needs nothing, a newer
+/// one a modify. No create job is ever written for either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_config_key_of_a_resource_with_a_state_is_planned_from_the_state() {
+    let env = TestEnv::new().await.unwrap();
+    env.load_seed_world().await.unwrap();
+    let host = env.start_host().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    let kind = "ha_interface";
+    let (current, behind) = (
+        "00000000-0000-4000-8000-0000000aa001",
+        "00000000-0000-4000-8000-0000000aa002",
+    );
+    let up = json!({"primary": "ACTIVE", "secondary": "ACTIVE"});
+    for id in [current, behind] {
+        env.put_monitoring_state(kind, id, &up).await.unwrap();
+    }
+    // Written in this order, and the job manager plans configs in the order they come: by
+    // the time `behind` is done, `current` had its chance to be (wrongly) created.
+    env.put_config(kind, current, &seed_ha_interface_body(current), 1)
+        .await
+        .unwrap();
+    env.put_config(kind, behind, &seed_ha_interface_body(behind), 2)
+        .await
+        .unwrap();
+    let modified = env
+        .wait_for_state(kind, behind, Duration::from_secs(60), |s| s["version"] == 2)
+        .await
+        .unwrap();
+    assert_eq!(modified["state"]["worker_state"], "MODIFY_COMPLETED");
+    env.wait_jobs_drained().await.unwrap();
+    let jobs: Vec<(String, String)> = recorder
+        .for_a_while(Duration::from_millis(300))
+        .await
+        .iter()
+        .filter_map(|change| match change {
+            esi_host::store::Change::Put(kv) => Some(kv),
+            _ => None,
+        })
+        .filter(|kv| kv.key.starts_with(&env.job_key(Queue::All, "")))
+        .map(|kv| {
+            let job: Value = serde_json::from_slice(&kv.value).unwrap();
+            let field = |name: &str| job[1][name].as_str().unwrap().to_string();
+            (field("resource_id"), field("action"))
+        })
+        .collect();
+    let expected = [(behind, "delete"), (behind, "create")]
+        .map(|(id, action)| (id.to_string(), action.to_string()));
+    assert_eq!(jobs, expected, "jobs written");
+    let state = env
+        .get_json(&env.key(Record::State, kind, current))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state["version"], 1, "{state}");
     host.shutdown().await;
 }

@@ -7,7 +7,9 @@
 //!   when the job manager that planned the job runs in the worker's process;
 //! - clean-ups of finished jobs ride with the job manager's next batch instead of costing a
 //!   commit each;
-//! - a job manager taking over reads the `/state`s of the resources it checks 128 at a time.
+//! - a job manager taking over reads the `/state`s of the resources it checks 128 at a time;
+//! - a new resource costs the job manager no read: it plans a create without reading the
+//!   `/state`, in a transaction that writes it only while there is none.
 //!
 //! The first test counts the process's etcd reads, so the tests of this binary take turns.
 
@@ -100,7 +102,7 @@ async fn shared_reads_come_with_the_claim(env: &TestEnv) {
         }
     })
     .await;
-    // Per resource, the job manager reads its `/state` once; without the prefetch each job
+    // The job manager reads no `/state` of a new resource; without the prefetch each job
     // adds the plugin's three reads (template, two interface states).
     assert!(
         gets <= JOBS,
@@ -159,7 +161,7 @@ async fn records_a_jobs_params_name_come_with_the_claim() {
         }
     })
     .await;
-    // Per resource, the job manager reads its `/state` once; without the params' records in
+    // The job manager reads no `/state` of a new resource; without the params' records in
     // the claim, each job adds the plugin's read of its two interface states.
     assert!(
         gets <= JOBS,
@@ -247,4 +249,27 @@ async fn a_job_manager_taking_over_reads_the_states_it_checks_together() {
         reads <= 20,
         "{reads} reads to take over {DONE} finished resources"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_resource_costs_the_job_manager_no_read() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (env, host) = monitoring_host().await;
+    // Two jobs teach the worker what monitoring jobs read, so that the jobs below read
+    // nothing of their own either.
+    for i in 0..2 {
+        monitor(&env, &format!("00000000-0000-4000-8000-00000000d10{i}")).await;
+    }
+    const RESOURCES: usize = 4;
+    let reads = host_reads_during(&env, async || {
+        for i in 0..RESOURCES {
+            monitor(&env, &format!("00000000-0000-4000-8000-00000000d20{i}")).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        reads, 0,
+        "the host made {reads} reads for {RESOURCES} new resources, one after the other"
+    );
+    host.shutdown().await;
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use esi_host::keys::{Queue, Record};
 use esi_host::lease::{self, HostLease};
 use esi_host::store::jobs::{
-    ClaimFate, Claimed, Completion, CompletionOutcome, GuardedWrite, NewJob,
-    ETCD_DEFAULT_MAX_REQUEST_BYTES,
+    ClaimFate, Claimed, Completion, CompletionOutcome, GuardedWrite, NewJob, Unwritten,
+    UnwrittenWorkflow, ETCD_DEFAULT_MAX_REQUEST_BYTES,
 };
 use esi_host::store::{Change, Events, Watch};
 use esi_tests::TestEnv;
@@ -290,6 +290,53 @@ async fn a_batch_of_large_workflows_is_cut_to_fit_etcds_request_limit() {
         let found = env.store.get(&env.job_key(Queue::Ready, &job.id)).await;
         assert!(found.unwrap().is_some(), "{} is ready", job.id);
     }
+}
+
+/// A workflow written only while its resource has no `/state`, in a batch and alone: written
+/// when there is none; handed back when there is one; not handed back when an earlier
+/// attempt (whose answer was lost) already wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_written_unless_its_state_exists_comes_back_when_it_does() {
+    let env = TestEnv::new().await.unwrap();
+    let job = |name: &str| NewJob {
+        id: format!("unless-{name}"),
+        handler: "monitoring_worker".into(),
+        record: format!(r#"["monitoring_worker",{{"id":"unless-{name}"}},0]"#),
+        ready: true,
+    };
+    let state = |name: &str| env.key(Record::State, "ha_interface", &format!("unless-{name}"));
+    let planned = |name: &str| {
+        env.store
+            .workflow_txn_unless_state(&[job(name)], &state(name))
+            .unwrap()
+    };
+    for name in ["present", "retried", "alone"] {
+        env.store.put(&state(name), "{}").await.unwrap();
+    }
+    assert!(env.store.write_workflow(&[job("retried")]).await.unwrap());
+
+    let batch = ["absent", "present", "retried"].map(planned).into();
+    let unwritten = env
+        .store
+        .batch(batch, ETCD_DEFAULT_MAX_REQUEST_BYTES)
+        .await
+        .unwrap();
+    let had_state = |name: &str| UnwrittenWorkflow {
+        first_job: format!("unless-{name}"),
+        why: Unwritten::HadState,
+    };
+    assert_eq!(unwritten, [had_state("present")]);
+    let ready = |name: &str| env.job_key(Queue::Ready, &format!("unless-{name}"));
+    assert!(env.store.get(&ready("absent")).await.unwrap().is_some());
+    assert!(env.store.get(&ready("present")).await.unwrap().is_none());
+
+    let unwritten = env
+        .store
+        .batch(vec![planned("alone")], ETCD_DEFAULT_MAX_REQUEST_BYTES)
+        .await
+        .unwrap();
+    assert_eq!(unwritten, [had_state("alone")]);
+    assert!(env.store.get(&ready("alone")).await.unwrap().is_none());
 }
 
 /// Writes a ready job `id` (a one-job workflow) and returns it.

@@ -29,7 +29,7 @@ use crate::keys::{Queue, Record};
 use crate::protocol::{Action, ConfigEnvelope, HeatTemplate, JobId, JobRecord, StateRecord};
 use crate::schema::{Schema, SchemaRegistry, HEAT_TEMPLATE};
 use crate::store::jobs::NewJob;
-use crate::store::jobs::{request_budget, PlannedTxn, RefusedWorkflow};
+use crate::store::jobs::{request_budget, PlannedTxn, Unwritten, UnwrittenWorkflow};
 use crate::store::{Change, Events, Kv, Store, StoreError, Watch, WatchError};
 use crate::worker::hints::PlannedParams;
 
@@ -53,6 +53,28 @@ const CLEANUP_LINGER: Duration = Duration::from_millis(100);
 /// the two arrive on different watches; without the grace, most completions would cost a
 /// read and a refused re-queue.
 const CLAIM_GRACE: Duration = Duration::from_millis(250);
+
+/// What a resource's config asks for ([`JobManager::verdict`]).
+enum Verdict {
+    /// Nothing: its `/state` is current, or it waits for a related config.
+    Nothing,
+    /// The config does not parse: the resource fails with this message.
+    Reject(String),
+    /// The resource fails: its `/state` says `action` failed, with this message.
+    Fail {
+        action: Action,
+        version: u64,
+        message: String,
+    },
+    /// No template for any handler: `READ_COMPLETE` at this version.
+    ReadComplete(u64),
+    /// A workflow to write.
+    Write {
+        action: Action,
+        jobs: Vec<JobRecord>,
+        new: Vec<NewJob>,
+    },
+}
 
 /// The handlers some worker serves: this host's plugins (live, so a plugin added by hot
 /// reload counts at once) and handlers served outside this host.
@@ -128,7 +150,7 @@ pub struct JobManager {
     /// The batch being committed while the manager plans the next one. Batches commit one
     /// after the other, and any other write waits for it ([`JobManager::settle`]), so etcd
     /// still sees the manager's writes in the order it made them.
-    in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Vec<RefusedWorkflow>>>>,
+    in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Vec<UnwrittenWorkflow>>>>,
     /// `/state` records read for a burst of configs in one round trip, by key; consumed by
     /// the first evaluation of each, dropped when the manager writes that key or the burst
     /// is done.
@@ -136,6 +158,10 @@ pub struct JobManager {
     /// Claims that disappeared, and when: looked at after [`CLAIM_GRACE`], by which time the
     /// finished key written in the same transaction as the delete has usually been seen.
     vanished: VecDeque<(Instant, String)>,
+    /// Resources whose workflow was planned as a create without reading their `/state`
+    /// (their config key was new) and not written because they had one: planned again from
+    /// it once the loop is between steps.
+    replan: Vec<ResourceKey>,
 }
 
 impl JobManager {
@@ -155,6 +181,7 @@ impl JobManager {
             in_flight: None,
             prefetched: HashMap::new(),
             vanished: VecDeque::new(),
+            replan: Vec::new(),
         }
     }
 
@@ -189,6 +216,7 @@ impl JobManager {
         self.cleanups_due = None;
         self.prefetched.clear();
         self.vanished.clear();
+        self.replan.clear();
         if let Some(batch) = self.in_flight.take() {
             let _ = batch.await;
         }
@@ -255,9 +283,10 @@ impl JobManager {
                 }
                 changes = configs.next() => {
                     let changes = burst(configs, changes?)?;
+                    // A new config key is planned without its `/state` (see `evaluate`).
                     let puts = changes.iter().filter_map(|change| match change {
-                        Change::Put(kv) => Some(kv),
-                        Change::Delete { .. } => None,
+                        Change::Put(kv) if !is_new_key(kv) => Some(kv),
+                        _ => None,
                     });
                     self.prefetch_states(puts).await?;
                     for change in changes {
@@ -303,7 +332,20 @@ impl JobManager {
                     self.fail_refused(committed?).await?;
                 }
             }
+            self.plan_again().await?;
         }
+    }
+
+    /// Plans the resources in [`JobManager::replan`] again, from their `/state`.
+    async fn plan_again(&mut self) -> anyhow::Result<()> {
+        if self.replan.is_empty() {
+            return Ok(());
+        }
+        while let Some(resource) = self.replan.pop() {
+            self.dirty.insert(resource.clone());
+            self.after_job_removed(resource).await?;
+        }
+        self.flush().await
     }
 
     /// Handles finished jobs the watch has already delivered, without waiting for more: one
@@ -425,7 +467,7 @@ impl JobManager {
         for chunk in resources.chunks(REBUILD_CHUNK) {
             self.prefetch_states(chunk.iter().copied()).await?;
             for kv in chunk {
-                self.on_resource(kv).await?;
+                self.on_resource(kv, false).await?;
             }
             self.prefetched.clear();
         }
@@ -444,7 +486,7 @@ impl JobManager {
                     self.on_template(&kv);
                     Ok(())
                 }
-                _ => self.on_resource(&kv).await,
+                _ => self.on_resource(&kv, is_new_key(&kv)).await,
             },
             Change::Delete { key, .. } => self.on_config_deleted(&key).await,
         }
@@ -499,8 +541,9 @@ impl JobManager {
         Ok(())
     }
 
-    /// A resource config was written: plan its workflow if it needs one.
-    async fn on_resource(&mut self, kv: &Kv) -> anyhow::Result<()> {
+    /// A resource's config: plans its workflow if it needs one. `new_key`: the config's key
+    /// was just created (see [`JobManager::evaluate`]).
+    async fn on_resource(&mut self, kv: &Kv, new_key: bool) -> anyhow::Result<()> {
         let Some((schema, id)) = self.schema_of(&kv.key) else {
             tracing::debug!(key = %kv.key, "config of an unknown resource type ignored");
             return Ok(());
@@ -511,74 +554,129 @@ impl JobManager {
             self.dirty.insert(resource);
             return Ok(());
         }
-        self.evaluate(&schema, &id, kv).await?;
+        self.evaluate(&schema, &id, kv, new_key).await?;
         // Resources that were waiting for this one can go on now.
         if let Some(waiters) = self.deferred.remove(&resource) {
             for key in waiters {
                 if let Some(kv) = self.store.get(&key).await? {
-                    Box::pin(self.on_resource(&kv)).await?;
+                    Box::pin(self.on_resource(&kv, false)).await?;
                 }
             }
         }
         Ok(())
     }
 
-    async fn evaluate(&mut self, schema: &Schema, id: &str, kv: &Kv) -> anyhow::Result<()> {
-        let keys = self.store.keys().clone();
-        let state_key = keys.record(Record::State, schema, id);
+    /// Plans what resource `id`'s config `kv` asks for, from the resource's `/state`.
+    ///
+    /// `new_key`: the config's key was just created, so the resource most likely has no
+    /// `/state` yet. A create workflow is then planned without reading it, and written only
+    /// while the `/state` does not exist: one round trip less on each new resource's way. If
+    /// it has one after all, the batch hands the resource back and it is planned again from
+    /// it ([`JobManager::replan`]). Any other outcome reads the `/state` first.
+    async fn evaluate(
+        &mut self,
+        schema: &Schema,
+        id: &str,
+        kv: &Kv,
+        new_key: bool,
+    ) -> anyhow::Result<()> {
+        let state_key = self.store.keys().record(Record::State, schema, id);
+        let unread = new_key && !self.prefetched.contains_key(&state_key);
         let state = match self.prefetched.remove(&state_key) {
             Some(state) => state,
+            None if unread => None,
             None => self.store.get(&state_key).await?,
         };
         let state_version = state
             .as_ref()
             .and_then(|s| StateRecord::parse(&state_key, &s.value).ok())
             .map(|s| s.version);
-        let config = match ConfigEnvelope::parse(&kv.key, &kv.value) {
-            Ok(c) => c,
-            Err(e) => {
-                return self
-                    .reject_config(schema, id, state_version, &e.to_string(), &kv.value)
+        let verdict = self.verdict(schema, id, kv, state_version).await?;
+        let needs_state = !matches!(
+            verdict,
+            Verdict::Nothing
+                | Verdict::Write {
+                    action: Action::Create,
+                    ..
+                }
+        );
+        if unread && needs_state {
+            return Box::pin(self.evaluate(schema, id, kv, false)).await;
+        }
+        match verdict {
+            Verdict::Nothing => Ok(()),
+            Verdict::Reject(message) => {
+                self.reject_config(schema, id, state_version, &message, &kv.value)
                     .await
             }
+            Verdict::Fail {
+                action,
+                version,
+                message,
+            } => {
+                self.write_failed(&state_key, action, version, &message)
+                    .await
+            }
+            Verdict::ReadComplete(version) => {
+                let state = StateRecord::bare("READ_COMPLETE", version, String::new());
+                self.settle().await?;
+                self.prefetched.remove(&state_key);
+                self.store.put(&state_key, state.to_json()).await?;
+                tracing::debug!(key = %kv.key, "no template for any handler: READ_COMPLETE");
+                Ok(())
+            }
+            Verdict::Write { jobs, new, .. } => {
+                let unless_state = unread.then_some(state_key.as_str());
+                self.write_jobs(&jobs, &new, unless_state).await
+            }
+        }
+    }
+
+    /// What resource `id`'s config `kv` asks for when its `/state` is at `state_version`.
+    async fn verdict(
+        &mut self,
+        schema: &Schema,
+        id: &str,
+        kv: &Kv,
+        state_version: Option<u64>,
+    ) -> anyhow::Result<Verdict> {
+        let config = match ConfigEnvelope::parse(&kv.key, &kv.value) {
+            Ok(c) => c,
+            Err(e) => return Ok(Verdict::Reject(e.to_string())),
         };
         if config.body_id().is_some_and(|b| b != id) {
             let message = format!(
                 "{}: field \"body.id\" does not match the key's id {id:?}",
                 kv.key
             );
-            return self
-                .write_failed(&state_key, Action::Create, config.version, &message)
-                .await;
+            return Ok(Verdict::Fail {
+                action: Action::Create,
+                version: config.version,
+                message,
+            });
         }
         let Some(action) = decide(&config, state_version) else {
-            return Ok(());
+            return Ok(Verdict::Nothing);
+        };
+        let fail = |message| Verdict::Fail {
+            action,
+            version: config.version,
+            message,
         };
         let steps = match self.steps_for(schema, id, &kv.key, &config).await? {
-            Ok(steps) => steps,
-            Err(message) => {
-                return self
-                    .write_failed(&state_key, action, config.version, &message)
-                    .await
-            }
-        };
-        let Some(steps) = steps else {
-            return Ok(()); // deferred until a related config appears
+            Ok(Some(steps)) => steps,
+            Ok(None) => return Ok(Verdict::Nothing), // deferred until a related config appears
+            Err(message) => return Ok(fail(message)),
         };
         if steps.is_empty() {
-            let state = StateRecord::bare("READ_COMPLETE", config.version, String::new());
-            self.settle().await?;
-            self.prefetched.remove(&state_key);
-            self.store.put(&state_key, state.to_json()).await?;
-            tracing::debug!(key = %kv.key, "no template for any handler: READ_COMPLETE");
-            return Ok(());
+            return Ok(Verdict::ReadComplete(config.version));
         }
         let jobs = plan(schema, id, &config, action, &steps);
         let new = new_jobs(&jobs);
         let size = self.store.workflow_bytes(&new);
         let budget = request_budget(self.config.max_request_bytes);
         if size > budget {
-            let message = format!(
+            return Ok(fail(format!(
                 "{}: the workflow's {} job records and their keys come to {size} bytes (each \
                  record carries the config's body), over the {budget} bytes planned for one \
                  etcd transaction \
@@ -587,12 +685,9 @@ impl JobManager {
                 kv.key,
                 jobs.len(),
                 self.config.max_request_bytes
-            );
-            return self
-                .write_failed(&state_key, action, config.version, &message)
-                .await;
+            )));
         }
-        self.write_jobs(&jobs, &new).await
+        Ok(Verdict::Write { action, jobs, new })
     }
 
     /// The handlers' parts of a workflow. `Ok(Err(message))`: the resource fails with that
@@ -764,11 +859,15 @@ impl JobManager {
         Ok(())
     }
 
-    /// Workflows etcd refused to write (its request limits are below what they need): their
-    /// jobs leave the index and their resources fail with etcd's answer. The `/state` is put
-    /// at once, not queued: nothing else is queued for a resource without jobs.
-    async fn fail_refused(&mut self, refused: Vec<RefusedWorkflow>) -> anyhow::Result<()> {
-        for RefusedWorkflow { first_job, error } in refused {
+    /// Workflows a batch did not write: their jobs leave the index.
+    ///
+    /// - etcd refused the workflow (its request limits are below what it needs): its resource
+    ///   fails with etcd's answer. The `/state` is put at once, not queued: nothing else is
+    ///   queued for a resource without jobs.
+    /// - Planned as a create without reading the `/state`, and the resource had one: it is
+    ///   planned again from it ([`JobManager::replan`]).
+    async fn fail_refused(&mut self, unwritten: Vec<UnwrittenWorkflow>) -> anyhow::Result<()> {
+        for UnwrittenWorkflow { first_job, why } in unwritten {
             let Ok(job) = first_job.parse::<JobId>() else {
                 continue;
             };
@@ -776,6 +875,15 @@ impl JobManager {
             for id in self.index.ids_of(&resource) {
                 self.index.remove(&id);
             }
+            let error = match why {
+                Unwritten::Refused(error) => error,
+                Unwritten::HadState => {
+                    tracing::debug!(job_id = %first_job,
+                        "planned as a create, but the resource has a /state: planning again");
+                    self.replan.push(resource);
+                    continue;
+                }
+            };
             let Some(schema) = self.schemas.get(&job.resource_type) else {
                 continue;
             };
@@ -795,8 +903,19 @@ impl JobManager {
         Ok(())
     }
 
-    async fn write_jobs(&mut self, jobs: &[JobRecord], new: &[NewJob]) -> anyhow::Result<()> {
-        self.queue(self.store.workflow_txn(new)).await?;
+    /// Queues the workflow `jobs` (`new`: their records as written); with `unless_state`,
+    /// written only while that `/state` does not exist.
+    async fn write_jobs(
+        &mut self,
+        jobs: &[JobRecord],
+        new: &[NewJob],
+        unless_state: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let txn = match unless_state {
+            Some(state_key) => self.store.workflow_txn_unless_state(new, state_key),
+            None => self.store.workflow_txn(new),
+        };
+        self.queue(txn).await?;
         for r in jobs {
             let served_here = |p: &Arc<crate::plugins::PluginRegistry>| p.serves(&r.handler);
             if let Some(planned) = &self.config.planned {
@@ -1072,7 +1191,7 @@ impl JobManager {
             .keys()
             .record(Record::Config, &schema, &resource.1);
         match self.store.get(&key).await? {
-            Some(kv) => self.on_resource(&kv).await,
+            Some(kv) => self.on_resource(&kv, false).await,
             None => self.on_config_deleted(&key).await,
         }
     }
@@ -1105,12 +1224,17 @@ fn burst(watch: &mut Watch, first: Vec<Change>) -> Result<Vec<Change>, WatchErro
 
 /// Waits for the batch being committed; answers with the workflows etcd refused.
 async fn wait_for(
-    batch: &mut Option<tokio::task::JoinHandle<anyhow::Result<Vec<RefusedWorkflow>>>>,
-) -> anyhow::Result<Vec<RefusedWorkflow>> {
+    batch: &mut Option<tokio::task::JoinHandle<anyhow::Result<Vec<UnwrittenWorkflow>>>>,
+) -> anyhow::Result<Vec<UnwrittenWorkflow>> {
     match batch {
         Some(handle) => handle.await?,
         None => Ok(Vec::new()),
     }
+}
+
+/// `true` when `kv` is the first version of its key: a config just created.
+fn is_new_key(kv: &Kv) -> bool {
+    kv.create_revision == kv.mod_revision
 }
 
 /// `true` when a write was refused because the election key is no longer ours.

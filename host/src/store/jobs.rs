@@ -1,7 +1,7 @@
 //! The protocol's transactions. Each one is a safety boundary: what it guarantees comes from
 //! the compares inside it, never from timing or from which process we think is running.
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 
 use super::{Kv, Result, Store};
 use crate::keys::Queue;
@@ -76,6 +76,9 @@ pub struct PlannedTxn {
     txn: Txn,
     /// For a workflow's transaction, its first job's id.
     workflow: Option<String>,
+    /// For a workflow written only while its resource has no `/state`
+    /// ([`Store::workflow_txn_unless_state`]): that key.
+    unless_state: Option<String>,
     /// About what it adds to a request, in bytes: its keys and values, and a little per
     /// operation.
     bytes: usize,
@@ -94,12 +97,21 @@ pub fn request_budget(max_request_bytes: usize) -> usize {
     max_request_bytes / 100 * 89
 }
 
-/// A workflow transaction etcd refused on its own in a [`Store::batch`] (its limits on one
-/// request are below what the workflow needs): the workflow's first job and etcd's answer.
+/// A workflow transaction of a [`Store::batch`] that wrote nothing: the workflow's first job
+/// and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RefusedWorkflow {
+pub struct UnwrittenWorkflow {
     pub first_job: String,
-    pub error: String,
+    pub why: Unwritten,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unwritten {
+    /// etcd refused the transaction on its own (its limits on one request are below what the
+    /// workflow needs), with etcd's answer.
+    Refused(String),
+    /// Written only while its resource had no `/state`, and it had one.
+    HadState,
 }
 
 /// Transactions per outer transaction of a [`Store::batch`]: below etcd's default
@@ -138,6 +150,22 @@ impl Store {
 
     /// The transaction of [`Store::write_workflow`], to run alone or in a [`Store::batch`].
     pub fn workflow_txn(&self, jobs: &[NewJob]) -> Option<PlannedTxn> {
+        self.guarded_workflow_txn(jobs, None)
+    }
+
+    /// As [`Store::workflow_txn`], but written only while `state_key` (the resource's
+    /// `/state`) does not exist: a workflow planned as a create without reading the `/state`
+    /// first. When it exists the workflow comes back from [`Store::batch`] as
+    /// [`Unwritten::HadState`], to be planned again from what the `/state` says.
+    pub fn workflow_txn_unless_state(
+        &self,
+        jobs: &[NewJob],
+        state_key: &str,
+    ) -> Option<PlannedTxn> {
+        self.guarded_workflow_txn(jobs, Some(state_key))
+    }
+
+    fn guarded_workflow_txn(&self, jobs: &[NewJob], state_key: Option<&str>) -> Option<PlannedTxn> {
         let first = jobs.first()?;
         let k = self.keys();
         let mut ops = Vec::with_capacity(jobs.len() * 2);
@@ -154,18 +182,25 @@ impl Store {
             ));
             ops.push(TxnOp::put(k.job(queue, &job.id), job.handler.clone(), None));
         }
-        let txn = Txn::new()
-            .when([Compare::version(
-                k.job(Queue::All, &first.id),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(ops);
+        let first_key = k.job(Queue::All, &first.id);
+        let mut compares = vec![Compare::version(first_key.clone(), CompareOp::Equal, 0)];
+        let mut bytes = self.workflow_bytes(jobs);
+        if let Some(state_key) = state_key {
+            compares.push(Compare::version(state_key, CompareOp::Equal, 0));
+            bytes += 2 * state_key.len() + 3 * OP_OVERHEAD_BYTES;
+        }
+        let mut txn = Txn::new().when(compares).and_then(ops);
+        if let Some(state_key) = state_key {
+            // Which compare failed: the `/state` exists, or the workflow is already written
+            // (an earlier attempt whose answer was lost).
+            txn = txn.or_else([TxnOp::get(state_key, None), TxnOp::get(first_key, None)]);
+        }
         Some(PlannedTxn {
             what: first.id.clone(),
             txn,
             workflow: Some(first.id.clone()),
-            bytes: self.workflow_bytes(jobs),
+            unless_state: state_key.map(str::to_string),
+            bytes,
         })
     }
 
@@ -196,51 +231,61 @@ impl Store {
         &self,
         txns: Vec<PlannedTxn>,
         max_request_bytes: usize,
-    ) -> Result<Vec<RefusedWorkflow>> {
-        let mut refused = Vec::new();
+    ) -> Result<Vec<UnwrittenWorkflow>> {
+        let mut unwritten = Vec::new();
         for chunk in batches(txns, request_budget(max_request_bytes)) {
             if let [only] = chunk.as_slice() {
-                self.txn_unless_refused(only, &mut refused).await?;
+                self.txn_unless_refused(only, &mut unwritten).await?;
                 continue;
             }
             let what = format!("batch of {} starting with {}", chunk.len(), chunk[0].what);
             self.count_shared(chunk.len());
             let outer = nested(chunk.iter().map(|p| p.txn.clone()));
             match self.txn(&what, outer).await {
-                Ok(_) => {}
+                Ok(response) => {
+                    for (planned, answer) in chunk.iter().zip(response.op_responses()) {
+                        if let TxnOpResponse::Txn(answer) = answer {
+                            planned.note_state_found(&answer, &mut unwritten);
+                        }
+                    }
+                }
                 Err(e) if e.is_fenced() => return Err(e),
                 Err(e) => {
                     tracing::debug!(error = %e, "batch refused; running its transactions one by one");
                     for planned in &chunk {
-                        self.txn_unless_refused(planned, &mut refused).await?;
+                        self.txn_unless_refused(planned, &mut unwritten).await?;
                     }
                 }
             }
         }
-        Ok(refused)
+        Ok(unwritten)
     }
 
     /// Sends `planned`; a refusal by etcd is logged, with what the transaction was for, and
-    /// skipped (a workflow's is added to `refused`).
+    /// skipped (a workflow's is added to `unwritten`).
     async fn txn_unless_refused(
         &self,
         planned: &PlannedTxn,
-        refused: &mut Vec<RefusedWorkflow>,
+        unwritten: &mut Vec<UnwrittenWorkflow>,
     ) -> Result<()> {
         match self.txn(&planned.what, planned.txn.clone()).await {
+            Ok(answer) => {
+                planned.note_state_found(&answer, unwritten);
+                Ok(())
+            }
             Err(e) if e.is_refused() => {
                 let error = format!("{e:#}");
                 tracing::error!(%error, txn = %planned.what,
                     "etcd refuses this transaction as it is; it is skipped");
                 if let Some(first_job) = &planned.workflow {
-                    refused.push(RefusedWorkflow {
+                    unwritten.push(UnwrittenWorkflow {
                         first_job: first_job.clone(),
-                        error,
+                        why: Unwritten::Refused(error),
                     });
                 }
                 Ok(())
             }
-            other => other.map(|_| ()),
+            Err(e) => Err(e),
         }
     }
 
@@ -525,6 +570,7 @@ impl Store {
             what: job_id.to_string(),
             txn,
             workflow: None,
+            unless_state: None,
             bytes: small_txn_bytes(k, job_id, job_state.map_or(0, |(key, _)| 2 * key.len())),
         }
     }
@@ -549,6 +595,7 @@ impl Store {
             what: job_id.to_string(),
             txn,
             workflow: None,
+            unless_state: None,
             bytes: small_txn_bytes(k, job_id, handler.len()),
         }
     }
@@ -594,6 +641,31 @@ pub(super) fn nested(txns: impl IntoIterator<Item = Txn>) -> Txn {
     Txn::new().and_then(txns.into_iter().map(TxnOp::txn).collect::<Vec<_>>())
 }
 
+impl PlannedTxn {
+    /// Adds this workflow to `unwritten` if `answer` says it was written only while its
+    /// resource had no `/state`, and the `/state` was there (and the workflow was not: a
+    /// retried write that already landed is written).
+    fn note_state_found(&self, answer: &TxnResponse, unwritten: &mut Vec<UnwrittenWorkflow>) {
+        let (Some(_), Some(first_job)) = (&self.unless_state, &self.workflow) else {
+            return;
+        };
+        if answer.succeeded() {
+            return;
+        }
+        let found: Vec<bool> = answer
+            .op_responses()
+            .iter()
+            .map(|op| matches!(op, TxnOpResponse::Get(get) if !get.kvs().is_empty()))
+            .collect();
+        if let [true, false] = found.as_slice() {
+            unwritten.push(UnwrittenWorkflow {
+                first_job: first_job.clone(),
+                why: Unwritten::HadState,
+            });
+        }
+    }
+}
+
 /// What [`Store::claim`] got.
 #[derive(Debug)]
 pub enum Claimed {
@@ -634,6 +706,7 @@ mod tests {
             what: what.to_string(),
             txn: Txn::new(),
             workflow: None,
+            unless_state: None,
             bytes,
         }
     }
