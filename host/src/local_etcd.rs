@@ -27,6 +27,21 @@ impl LocalEtcd {
 
     /// As [`LocalEtcd::start`], with extra command-line flags (e.g. lower request limits).
     pub async fn start_with_args(extra: &[&str]) -> anyhow::Result<LocalEtcd> {
+        // The ports are free when picked but not held until etcd binds them: an etcd starting
+        // at the same time can take one first. etcd then exits at once saying so, and the
+        // start is tried again on new ports.
+        let mut attempt = 1;
+        loop {
+            match LocalEtcd::start_once(extra).await {
+                Err(e) if attempt < PORT_ATTEMPTS && format!("{e:#}").contains(PORT_TAKEN) => {
+                    attempt += 1;
+                }
+                started => return started,
+            }
+        }
+    }
+
+    async fn start_once(extra: &[&str]) -> anyhow::Result<LocalEtcd> {
         let data_dir = tempfile::Builder::new()
             .prefix("esi-etcd-")
             .tempdir()
@@ -220,6 +235,12 @@ impl LocalEtcdCluster {
 }
 
 /// A loopback port nobody listens on right now.
+/// Starts of a [`LocalEtcd`] tried when its ports were taken meanwhile.
+const PORT_ATTEMPTS: u32 = 5;
+
+/// What etcd's log says when a port it was told to listen on is taken.
+const PORT_TAKEN: &str = "address already in use";
+
 fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(listener.local_addr()?.port())
