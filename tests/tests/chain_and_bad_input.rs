@@ -486,3 +486,54 @@ async fn a_host_told_etcds_request_limit_fails_a_workflow_over_it_before_sending
     );
     etcd.stop().await;
 }
+
+/// A config whose key is new is planned as a create without reading its `/state`. When etcd
+/// refuses that workflow, the refusal says nothing about the `/state`: the resource is
+/// planned again from it, and a `/state` already at the config's version is left as it is
+/// (failing the create would overwrite a completed resource with `CREATE_FAILED`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_create_planned_without_the_state_leaves_a_current_state_alone() {
+    let (etcd, env) = etcd_taking_300_kb_requests().await;
+    env.load_seed_world().await.unwrap();
+    env.put_template(
+        "ha_interface_scripted_worker",
+        "scripted_worker",
+        "",
+        json!({}),
+    )
+    .await
+    .unwrap();
+    let mut config = env.host_config();
+    config.plugin_dir = plugin_dir_with_test_guests();
+    let host = esi_host::Host::start(config).await.unwrap();
+
+    // Its config written again under a new key (deleted and restored), at the version its
+    // `/state` already has; 200 KB, so its two job records are over etcd's 300 KB.
+    let done_id = "0f0f0f0f-0000-4000-8000-00000000000b";
+    let up = json!({"primary": "ACTIVE", "secondary": "ACTIVE"});
+    env.put_monitoring_state("ha_interface", done_id, &up)
+        .await
+        .unwrap();
+    let state_key = env.key(Record::State, "ha_interface", done_id);
+    let before = env.get_json(&state_key).await.unwrap().unwrap();
+    let mut body = seed_ha_interface_body(done_id);
+    body["description"] = json!("x".repeat(200_000));
+    env.put_config("ha_interface", done_id, &body, 1)
+        .await
+        .unwrap();
+    // One after it completes: by then the refused workflow came back and was planned again.
+    let next_id = "0f0f0f0f-0000-4000-8000-00000000000c";
+    env.put_config("ha_interface", next_id, &seed_ha_interface_body(next_id), 1)
+        .await
+        .unwrap();
+    env.wait_completed("ha_interface", next_id).await.unwrap();
+    env.wait_jobs_drained().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let after = env.get_json(&state_key).await.unwrap().unwrap();
+    assert_eq!(
+        after, before,
+        "the /state of a resource with nothing to do changed"
+    );
+    host.shutdown().await;
+    etcd.stop().await;
+}

@@ -102,8 +102,9 @@ async fn shared_reads_come_with_the_claim(env: &TestEnv) {
         }
     })
     .await;
-    // The job manager reads no `/state` of a new resource; without the prefetch each job
-    // adds the plugin's three reads (template, two interface states).
+    // The job manager reads no `/state` of a new resource, so the bound leaves room for a
+    // stray read (a vanished claim looked at); without the prefetch each job adds the
+    // plugin's three reads (template, two interface states).
     assert!(
         gets <= JOBS,
         "the host made {gets} reads for {JOBS} jobs: the plugin's reads did not come with the claims"
@@ -161,8 +162,9 @@ async fn records_a_jobs_params_name_come_with_the_claim() {
         }
     })
     .await;
-    // The job manager reads no `/state` of a new resource; without the params' records in
-    // the claim, each job adds the plugin's read of its two interface states.
+    // The job manager reads no `/state` of a new resource, so the bound leaves room for a
+    // stray read (a vanished claim looked at); without the params' records in the claim,
+    // each job adds the plugin's read of its two interface states.
     assert!(
         gets <= JOBS,
         "the host made {gets} reads for {JOBS} jobs: the interface states did not come with \
@@ -260,15 +262,18 @@ async fn a_new_resource_costs_the_job_manager_no_read() {
     for i in 0..2 {
         monitor(&env, &format!("00000000-0000-4000-8000-00000000d10{i}")).await;
     }
-    const RESOURCES: usize = 4;
+    const RESOURCES: u64 = 6;
     let reads = host_reads_during(&env, async || {
         for i in 0..RESOURCES {
             monitor(&env, &format!("00000000-0000-4000-8000-00000000d20{i}")).await;
         }
     })
     .await;
-    assert_eq!(
-        reads, 0,
+    // None in practice; a read of the `/state` of each would make 6. The slack is for a
+    // stray read the manager makes when a finished job's watch event comes late (a vanished
+    // claim looked at), which a busy machine can cause.
+    assert!(
+        reads <= 2,
         "the host made {reads} reads for {RESOURCES} new resources, one after the other"
     );
     host.shutdown().await;

@@ -324,6 +324,7 @@ async fn a_workflow_written_unless_its_state_exists_comes_back_when_it_does() {
     let had_state = |name: &str| UnwrittenWorkflow {
         first_job: format!("unless-{name}"),
         why: Unwritten::HadState,
+        state_unread: true,
     };
     assert_eq!(unwritten, [had_state("present")]);
     let ready = |name: &str| env.job_key(Queue::Ready, &format!("unless-{name}"));
@@ -337,6 +338,25 @@ async fn a_workflow_written_unless_its_state_exists_comes_back_when_it_does() {
         .unwrap();
     assert_eq!(unwritten, [had_state("alone")]);
     assert!(env.store.get(&ready("alone")).await.unwrap().is_none());
+
+    // The job manager's store is fenced: its batch is nested once more, in the compare of
+    // the election key.
+    let election = env.key(Record::Config, "ha_interface", "unless-election");
+    env.store.put(&election, "host-a").await.unwrap();
+    let fenced = env.store.fenced_by(election, "host-a");
+    env.store.put(&state("fenced"), "{}").await.unwrap();
+    let batch = ["fenced", "fenced-absent"].map(planned).into();
+    let unwritten = fenced
+        .batch(batch, ETCD_DEFAULT_MAX_REQUEST_BYTES)
+        .await
+        .unwrap();
+    assert_eq!(unwritten, [had_state("fenced")]);
+    assert!(env
+        .store
+        .get(&ready("fenced-absent"))
+        .await
+        .unwrap()
+        .is_some());
 }
 
 /// Writes a ready job `id` (a one-job workflow) and returns it.

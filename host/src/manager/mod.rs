@@ -329,7 +329,7 @@ impl JobManager {
                 }
                 committed = wait_for(&mut self.in_flight), if self.in_flight.is_some() => {
                     self.in_flight = None;
-                    self.fail_refused(committed?).await?;
+                    self.on_unwritten(committed?).await?;
                 }
             }
             self.plan_again().await?;
@@ -572,7 +572,9 @@ impl JobManager {
     /// `/state` yet. A create workflow is then planned without reading it, and written only
     /// while the `/state` does not exist: one round trip less on each new resource's way. If
     /// it has one after all, the batch hands the resource back and it is planned again from
-    /// it ([`JobManager::replan`]). Any other outcome reads the `/state` first.
+    /// it ([`JobManager::replan`]). Any other outcome reads the `/state` first, except waiting
+    /// for a related config: the wait reads nothing, and the `/state` is read when the
+    /// resource is looked at again.
     async fn evaluate(
         &mut self,
         schema: &Schema,
@@ -837,7 +839,7 @@ impl JobManager {
         }
         self.send_cleanups();
         if let Some(batch) = self.in_flight.take() {
-            self.fail_refused(batch.await??).await?;
+            self.on_unwritten(batch.await??).await?;
         }
         let batch = std::mem::take(&mut self.pending);
         let store = self.store.clone();
@@ -854,20 +856,27 @@ impl JobManager {
         self.send_cleanups();
         self.flush().await?;
         if let Some(batch) = self.in_flight.take() {
-            self.fail_refused(batch.await??).await?;
+            self.on_unwritten(batch.await??).await?;
         }
         Ok(())
     }
 
     /// Workflows a batch did not write: their jobs leave the index.
     ///
+    /// - Planned as a create without reading the `/state` ([`JobManager::evaluate`]): the
+    ///   resource is planned again from its `/state` ([`JobManager::replan`]), whether the
+    ///   `/state` was there or etcd refused the workflow (a refusal says nothing about the
+    ///   `/state`, and failing the create could overwrite a current one).
     /// - etcd refused the workflow (its request limits are below what it needs): its resource
     ///   fails with etcd's answer. The `/state` is put at once, not queued: nothing else is
     ///   queued for a resource without jobs.
-    /// - Planned as a create without reading the `/state`, and the resource had one: it is
-    ///   planned again from it ([`JobManager::replan`]).
-    async fn fail_refused(&mut self, unwritten: Vec<UnwrittenWorkflow>) -> anyhow::Result<()> {
-        for UnwrittenWorkflow { first_job, why } in unwritten {
+    async fn on_unwritten(&mut self, unwritten: Vec<UnwrittenWorkflow>) -> anyhow::Result<()> {
+        for UnwrittenWorkflow {
+            first_job,
+            why,
+            state_unread,
+        } in unwritten
+        {
             let Ok(job) = first_job.parse::<JobId>() else {
                 continue;
             };
@@ -876,13 +885,15 @@ impl JobManager {
                 self.index.remove(&id);
             }
             let error = match why {
-                Unwritten::Refused(error) => error,
-                Unwritten::HadState => {
-                    tracing::debug!(job_id = %first_job,
-                        "planned as a create, but the resource has a /state: planning again");
+                _ if state_unread => {
+                    tracing::debug!(job_id = %first_job, ?why,
+                        "a create planned without reading the /state was not written: \
+                         planning again from the /state");
                     self.replan.push(resource);
                     continue;
                 }
+                Unwritten::Refused(error) => error,
+                Unwritten::HadState => continue,
             };
             let Some(schema) = self.schemas.get(&job.resource_type) else {
                 continue;
@@ -1222,7 +1233,7 @@ fn burst(watch: &mut Watch, first: Vec<Change>) -> Result<Vec<Change>, WatchErro
     Ok(changes)
 }
 
-/// Waits for the batch being committed; answers with the workflows etcd refused.
+/// Waits for the batch being committed; answers with the workflows it did not write.
 async fn wait_for(
     batch: &mut Option<tokio::task::JoinHandle<anyhow::Result<Vec<UnwrittenWorkflow>>>>,
 ) -> anyhow::Result<Vec<UnwrittenWorkflow>> {

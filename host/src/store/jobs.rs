@@ -1,7 +1,9 @@
 //! The protocol's transactions. Each one is a safety boundary: what it guarantees comes from
 //! the compares inside it, never from timing or from which process we think is running.
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
 
 use super::{Kv, Result, Store};
 use crate::keys::Queue;
@@ -103,14 +105,19 @@ pub fn request_budget(max_request_bytes: usize) -> usize {
 pub struct UnwrittenWorkflow {
     pub first_job: String,
     pub why: Unwritten,
+    /// Planned without reading its resource's `/state`
+    /// ([`Store::workflow_txn_unless_state`]): what it says is not known.
+    pub state_unread: bool,
 }
 
+/// Why a workflow of a [`Store::batch`] was not written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unwritten {
     /// etcd refused the transaction on its own (its limits on one request are below what the
-    /// workflow needs), with etcd's answer.
+    /// workflow needs), with etcd's answer. etcd checks those limits before any compare.
     Refused(String),
-    /// Written only while its resource had no `/state`, and it had one.
+    /// Written only while its resource had no `/state`, and its compares failed without an
+    /// earlier attempt's write being there: the `/state` exists.
     HadState,
 }
 
@@ -187,13 +194,17 @@ impl Store {
         let mut bytes = self.workflow_bytes(jobs);
         if let Some(state_key) = state_key {
             compares.push(Compare::version(state_key, CompareOp::Equal, 0));
-            bytes += 2 * state_key.len() + 3 * OP_OVERHEAD_BYTES;
+            bytes += 2 * state_key.len() + first_key.len() + 3 * OP_OVERHEAD_BYTES;
         }
         let mut txn = Txn::new().when(compares).and_then(ops);
         if let Some(state_key) = state_key {
             // Which compare failed: the `/state` exists, or the workflow is already written
             // (an earlier attempt whose answer was lost).
-            txn = txn.or_else([TxnOp::get(state_key, None), TxnOp::get(first_key, None)]);
+            let exists = || Some(GetOptions::new().with_keys_only());
+            txn = txn.or_else([
+                TxnOp::get(state_key, exists()),
+                TxnOp::get(first_key, exists()),
+            ]);
         }
         Some(PlannedTxn {
             what: first.id.clone(),
@@ -224,8 +235,9 @@ impl Store {
     /// must not touch the same key. If a batch is refused as a whole (etcd's limits on one
     /// request), its transactions run one by one. One that etcd refuses on its own is
     /// logged and skipped: sending it again cannot help, and failing the batch would stop
-    /// the job manager on it for good. The refused workflows come back, so that their
-    /// resources can fail. Batches are cut to fit `max_request_bytes` (etcd's
+    /// the job manager on it for good. The workflows not written come back (refused, or
+    /// [`Unwritten::HadState`]), so that their resources can fail or be planned again.
+    /// Batches are cut to fit `max_request_bytes` (etcd's
     /// `--max-request-bytes`), so that large workflows do not cost a refused request first.
     pub async fn batch(
         &self,
@@ -281,6 +293,7 @@ impl Store {
                     unwritten.push(UnwrittenWorkflow {
                         first_job: first_job.clone(),
                         why: Unwritten::Refused(error),
+                        state_unread: planned.unless_state.is_some(),
                     });
                 }
                 Ok(())
@@ -642,9 +655,11 @@ pub(super) fn nested(txns: impl IntoIterator<Item = Txn>) -> Txn {
 }
 
 impl PlannedTxn {
-    /// Adds this workflow to `unwritten` if `answer` says it was written only while its
-    /// resource had no `/state`, and the `/state` was there (and the workflow was not: a
-    /// retried write that already landed is written).
+    /// Adds this workflow to `unwritten` if it was to be written only while its resource had
+    /// no `/state` and `answer` says it was not written: its compares failed and its first
+    /// record is not there (one that is was written by an earlier attempt whose answer was
+    /// lost). Whatever made the compares fail, planning the resource again from its
+    /// `/state` is safe.
     fn note_state_found(&self, answer: &TxnResponse, unwritten: &mut Vec<UnwrittenWorkflow>) {
         let (Some(_), Some(first_job)) = (&self.unless_state, &self.workflow) else {
             return;
@@ -657,10 +672,11 @@ impl PlannedTxn {
             .iter()
             .map(|op| matches!(op, TxnOpResponse::Get(get) if !get.kvs().is_empty()))
             .collect();
-        if let [true, false] = found.as_slice() {
+        if let [_, false] = found.as_slice() {
             unwritten.push(UnwrittenWorkflow {
                 first_job: first_job.clone(),
                 why: Unwritten::HadState,
+                state_unread: true,
             });
         }
     }
