@@ -248,30 +248,14 @@ async fn a_config_too_big_for_its_workflow_fails_and_the_resources_after_it_go_o
 }
 
 /// Puts an ha_interface whose body carries `padding` more bytes, then a normal one, on a
-/// host (told etcd's request limit is `max_request_bytes`) where each ha_interface's
-/// workflow has two jobs (monitoring, then the scripted guest). The first must fail naming
-/// its config key, the second complete; returns the first's error.
+/// [`host_with_two_job_workflows`]. The first must fail naming its config key, the second
+/// complete; returns the first's error.
 async fn big_then_small_ha_interface(
     env: &TestEnv,
     padding: usize,
     max_request_bytes: usize,
 ) -> String {
-    env.load_shipped_templates().await.unwrap();
-    env.put_template(
-        "ha_interface_scripted_worker",
-        "scripted_worker",
-        "",
-        json!({}),
-    )
-    .await
-    .unwrap();
-    env.put_interface_states(Some("ACTIVE"), Some("ACTIVE"))
-        .await
-        .unwrap();
-    let mut config = env.host_config();
-    config.plugin_dir = plugin_dir_with_test_guests();
-    config.etcd_max_request_bytes = max_request_bytes;
-    let host = esi_host::Host::start(config).await.unwrap();
+    let host = host_with_two_job_workflows(env, max_request_bytes).await;
 
     let big_id = "0f0f0f0f-0000-4000-8000-000000000009";
     let mut body = seed_ha_interface_body(big_id);
@@ -300,6 +284,25 @@ async fn big_then_small_ha_interface(
     assert_eq!(state["state"]["worker_state"], "CREATE_COMPLETED");
     host.shutdown().await;
     error
+}
+
+/// A host (told etcd's request limit is `max_request_bytes`) where each ha_interface's
+/// workflow has two jobs (monitoring, then the scripted guest), with the seed's interfaces
+/// up.
+async fn host_with_two_job_workflows(env: &TestEnv, max_request_bytes: usize) -> esi_host::Host {
+    env.load_seed_world().await.unwrap();
+    env.put_template(
+        "ha_interface_scripted_worker",
+        "scripted_worker",
+        "",
+        json!({}),
+    )
+    .await
+    .unwrap();
+    let mut config = env.host_config();
+    config.plugin_dir = plugin_dir_with_test_guests();
+    config.etcd_max_request_bytes = max_request_bytes;
+    esi_host::Host::start(config).await.unwrap()
 }
 
 /// A heat template that does not parse fails the resources that need it, naming the
@@ -494,18 +497,7 @@ async fn a_host_told_etcds_request_limit_fails_a_workflow_over_it_before_sending
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_create_planned_without_the_state_leaves_a_current_state_alone() {
     let (etcd, env) = etcd_taking_300_kb_requests().await;
-    env.load_seed_world().await.unwrap();
-    env.put_template(
-        "ha_interface_scripted_worker",
-        "scripted_worker",
-        "",
-        json!({}),
-    )
-    .await
-    .unwrap();
-    let mut config = env.host_config();
-    config.plugin_dir = plugin_dir_with_test_guests();
-    let host = esi_host::Host::start(config).await.unwrap();
+    let host = host_with_two_job_workflows(&env, ETCD_DEFAULT_MAX_REQUEST_BYTES).await;
 
     // Its config written again under a new key (deleted and restored), at the version its
     // `/state` already has; 200 KB, so its two job records are over etcd's 300 KB.
