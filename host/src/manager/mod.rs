@@ -159,8 +159,8 @@ pub struct JobManager {
     /// finished key written in the same transaction as the delete has usually been seen.
     vanished: VecDeque<(Instant, String)>,
     /// Resources whose workflow was planned as a create without reading their `/state`
-    /// (their config key was new) and not written because they had one: planned again from
-    /// it once the loop is between steps.
+    /// (their config key was new) and not written (they had one, or etcd refused the
+    /// write): planned again from it once the loop is between steps.
     replan: Vec<ResourceKey>,
 }
 
@@ -462,8 +462,8 @@ impl JobManager {
         for kv in templates {
             self.on_template(kv);
         }
-        // Their `/state`s are read REBUILD_CHUNK at a time, not one round trip each: a host
-        // taking the role over a large store would otherwise read for minutes first.
+        // Their `/state`s are read REBUILD_CHUNK at a time: one round trip each made a host
+        // taking the role over 100,000 resources read for about half a minute first.
         for chunk in resources.chunks(REBUILD_CHUNK) {
             self.prefetch_states(chunk.iter().copied()).await?;
             for kv in chunk {

@@ -116,8 +116,8 @@ pub enum Unwritten {
     /// etcd refused the transaction on its own (its limits on one request are below what the
     /// workflow needs), with etcd's answer. etcd checks those limits before any compare.
     Refused(String),
-    /// Written only while its resource had no `/state`, and its compares failed without an
-    /// earlier attempt's write being there: the `/state` exists.
+    /// To be written only while its resource had no `/state`, and not written: its compares
+    /// failed and no earlier attempt's write is there (the `/state` exists, in practice).
     HadState,
 }
 
@@ -237,8 +237,8 @@ impl Store {
     /// logged and skipped: sending it again cannot help, and failing the batch would stop
     /// the job manager on it for good. The workflows not written come back (refused, or
     /// [`Unwritten::HadState`]), so that their resources can fail or be planned again.
-    /// Batches are cut to fit `max_request_bytes` (etcd's
-    /// `--max-request-bytes`), so that large workflows do not cost a refused request first.
+    /// Batches are cut to fit `max_request_bytes` (etcd's `--max-request-bytes`), so that
+    /// large workflows do not cost a refused request first.
     pub async fn batch(
         &self,
         txns: Vec<PlannedTxn>,
