@@ -232,6 +232,13 @@ async fn a_rejection_names_the_handlers_holder_after_the_holder_is_replaced() {
             .is_some_and(|s| held_by_incumbent(&s.state))
     })
     .await;
+    // It never ran, so it exports no call-duration series (empty ones would read as a
+    // plugin that serves but gets no jobs).
+    let page = esi_host::metrics::global().encode();
+    let series = page
+        .lines()
+        .find(|line| line.contains("_duration_seconds") && line.contains("plugin=\"usurper\""));
+    assert_eq!(series, None, "a refused plugin's call series");
 
     // One deploy replaces the incumbent with `heir`, which takes the handler first (the freed
     // handler goes to the first blocked plugin by name, and "heir" < "usurper").

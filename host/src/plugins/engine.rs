@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -106,21 +106,35 @@ pub struct LoadedPlugin {
     timings: CallTimings,
 }
 
-/// The histograms a plugin's calls are timed into, looked up once at load: a call then only
-/// records into them, without building labels or searching the metric families.
+/// The histograms a plugin's calls are timed into, looked up on its first call and kept: later
+/// calls only record into them, without building labels or searching the metric families.
+/// Not at load, so that a plugin that never runs (one the registry refuses, say) exports no
+/// empty series.
 struct CallTimings {
-    instantiate: Histogram,
-    call: Histogram,
+    plugin: String,
+    version: String,
+    histograms: OnceLock<(Histogram, Histogram)>,
 }
 
 impl CallTimings {
     fn of(plugin: &str, version: &str) -> CallTimings {
-        let labels = metrics::labels([("plugin", plugin), ("version", version)]);
-        let metrics = metrics::global();
         CallTimings {
-            instantiate: metrics.plugin_instantiate.get_or_create(&labels).clone(),
-            call: metrics.plugin_call.get_or_create(&labels).clone(),
+            plugin: plugin.to_string(),
+            version: version.to_string(),
+            histograms: OnceLock::new(),
         }
+    }
+
+    /// The instantiation and call histograms.
+    fn get(&self) -> &(Histogram, Histogram) {
+        self.histograms.get_or_init(|| {
+            let labels = metrics::labels([("plugin", &self.plugin), ("version", &self.version)]);
+            let metrics = metrics::global();
+            (
+                metrics.plugin_instantiate.get_or_create(&labels).clone(),
+                metrics.plugin_call.get_or_create(&labels).clone(),
+            )
+        })
     }
 }
 
@@ -457,15 +471,10 @@ impl PluginEngine {
         let started = Instant::now();
         let (mut store, instance) = self.instantiate(&plugin.pre, call).await?;
         let instantiated = Instant::now();
-        plugin
-            .timings
-            .instantiate
-            .observe((instantiated - started).as_secs_f64());
+        let (instantiate_time, call_time) = plugin.timings.get();
+        instantiate_time.observe((instantiated - started).as_secs_f64());
         let answer = instance.call_handle(&mut store, job, context).await;
-        plugin
-            .timings
-            .call
-            .observe(instantiated.elapsed().as_secs_f64());
+        call_time.observe(instantiated.elapsed().as_secs_f64());
         answer.map_err(|e| {
             let error = classify(&plugin.name, &plugin.limits, e, interrupt);
             match error {
