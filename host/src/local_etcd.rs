@@ -234,13 +234,13 @@ impl LocalEtcdCluster {
     }
 }
 
-/// A loopback port nobody listens on right now.
 /// Starts of a [`LocalEtcd`] tried when its ports were taken meanwhile.
 const PORT_ATTEMPTS: u32 = 5;
 
 /// What etcd's log says when a port it was told to listen on is taken.
 const PORT_TAKEN: &str = "address already in use";
 
+/// A loopback port nobody listens on right now.
 fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(listener.local_addr()?.port())

@@ -885,15 +885,15 @@ impl JobManager {
                 self.index.remove(&id);
             }
             let error = match why {
-                _ if state_unread => {
+                Unwritten::Refused(error) if !state_unread => error,
+                // A `/state` found, or a refusal of a create planned without reading it.
+                why => {
                     tracing::debug!(job_id = %first_job, ?why,
                         "a create planned without reading the /state was not written: \
                          planning again from the /state");
                     self.replan.push(resource);
                     continue;
                 }
-                Unwritten::Refused(error) => error,
-                Unwritten::HadState => continue,
             };
             let Some(schema) = self.schemas.get(&job.resource_type) else {
                 continue;
