@@ -23,6 +23,8 @@ pub struct DemoConfig {
     pub plugin_dir: PathBuf,
     pub template_dir: PathBuf,
     pub timeout: Duration,
+    /// Compiles plugins in child processes of this executable (see [`HostConfig`]).
+    pub child_compiler: Option<PathBuf>,
 }
 
 /// Runs the demo, printing to stdout. Everything it started is stopped before it returns.
@@ -45,11 +47,9 @@ async fn run_against(config: &DemoConfig, endpoint: &str) -> anyhow::Result<()> 
         config.template_dir.display()
     );
 
-    let host = Host::start(HostConfig::new(
-        vec![endpoint.to_string()],
-        config.plugin_dir.clone(),
-    ))
-    .await?;
+    let mut host_config = HostConfig::new(vec![endpoint.to_string()], config.plugin_dir.clone());
+    host_config.child_compiler = config.child_compiler.clone();
+    let host = Host::start(host_config).await?;
     let outcome = create_and_capture(config, &store, &schemas).await;
     host.shutdown().await;
     let captured = outcome?;

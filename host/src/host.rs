@@ -36,6 +36,10 @@ pub struct HostConfig {
     pub run_manager: bool,
     /// Where compiled plugins are kept across restarts (`None`: compile every time).
     pub compile_cache: Option<PathBuf>,
+    /// An `esi-host` executable (the running one, for `esi-host run`) that compiles plugins in
+    /// child processes, so that none of the compiler's memory stays with the host (`None`:
+    /// compile in this process).
+    pub child_compiler: Option<PathBuf>,
     /// On shutdown, how long in-flight jobs may run before they are handed back to ready.
     pub drain_timeout: Duration,
     /// First delay before the job manager re-queues a job whose worker died; doubles per
@@ -65,6 +69,7 @@ impl HostConfig {
             external_handlers: Vec::new(),
             run_manager: true,
             compile_cache: Some(crate::plugins::cache::default_dir()),
+            child_compiler: None,
             drain_timeout: Duration::from_secs(25),
             requeue_backoff: Duration::from_millis(500),
             requeue_backoff_max: Duration::from_secs(30),
@@ -127,10 +132,11 @@ impl Host {
             Some(path) => SchemaRegistry::from_file(path)?,
             None => SchemaRegistry::built_in(),
         });
-        let engine = Arc::new(PluginEngine::new(
-            config.limits.clone(),
-            config.compile_cache.as_deref(),
-        )?);
+        let mut engine = PluginEngine::new(config.limits.clone(), config.compile_cache.as_deref())?;
+        if let Some(exe) = &config.child_compiler {
+            engine = engine.with_child_compiler(exe.clone());
+        }
+        let engine = Arc::new(engine);
         let plugins = Arc::new(PluginRegistry::load_dir(engine.clone(), &config.plugin_dir).await?);
         if plugins.handlers().is_empty() {
             tracing::warn!(dir = %config.plugin_dir.display(), "no plugin loaded: this host will claim no job");

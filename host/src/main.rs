@@ -9,6 +9,7 @@ use esi_host::bench::{self, BenchConfig};
 use esi_host::demo::{self, DemoConfig};
 use esi_host::inspect::{self, JobQueue};
 use esi_host::keys::Keys;
+use esi_host::plugins::{compiler, Limits, Tier};
 use esi_host::schema::SchemaRegistry;
 use esi_host::settings::{self, RunSettings, SettingsError};
 use esi_host::store::Store;
@@ -60,6 +61,9 @@ enum Command {
     /// Measure this machine: etcd ceiling, end-to-end jobs/s and latency, etcd round trips
     /// per job, plugin cost, hot reload and memory, against the goals of issue #6.
     Bench(BenchArgs),
+    /// Internal: compiles the component on stdin into --output, for a host's plugin loader.
+    #[command(name = "compile-component", hide = true)]
+    CompileComponent(CompileArgs),
 }
 
 #[derive(Subcommand)]
@@ -340,6 +344,18 @@ enum TemplatesCommand {
 }
 
 #[derive(Args)]
+struct CompileArgs {
+    #[arg(long, value_parser = ["optimized", "baseline"])]
+    tier: String,
+    #[arg(long)]
+    max_memory_bytes: usize,
+    #[arg(long)]
+    max_instances: u32,
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     /// Small sizes: finishes in well under a minute.
     #[arg(long)]
@@ -386,6 +402,17 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::CompileComponent(args) = &cli.command {
+        // A child of a host's plugin loader: no runtime, and only the error on stderr, which
+        // the host reports as the compile's.
+        return match compile_component(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let default_level = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
         "warn"
     } else {
@@ -493,6 +520,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 quick: args.quick,
                 only: args.only,
                 paced_rate: args.paced_rate,
+                child_compiler: std::env::current_exe().ok(),
             })
             .await?;
             if args.json {
@@ -502,11 +530,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::CompileComponent(args) => compile_component(&args),
         Command::Demo(args) => {
             demo::run(DemoConfig {
                 plugin_dir: args.plugin_dir,
                 template_dir: args.template_dir,
                 timeout: Duration::from_secs(args.timeout),
+                child_compiler: std::env::current_exe().ok(),
             })
             .await
         }
@@ -556,9 +586,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => RunSettings::from_file(path)?,
         None => RunSettings::default(),
     };
-    let config = file.overlay(args.settings()).into_host_config()?;
+    let mut config = file.overlay(args.settings()).into_host_config()?;
+    config.child_compiler = std::env::current_exe().ok();
     settings::check_etcd_reachable(&config.etcd_endpoints, Duration::from_secs(5)).await?;
     Host::start(config).await?.run_until_signalled().await
+}
+
+fn compile_component(args: &CompileArgs) -> anyhow::Result<()> {
+    let tier = if args.tier == "baseline" {
+        Tier::Baseline
+    } else {
+        Tier::Optimized
+    };
+    let limits = Limits {
+        max_memory_bytes: args.max_memory_bytes,
+        max_instances: args.max_instances,
+        ..Limits::default()
+    };
+    compiler::compile_stdin(tier, &limits, &args.output)
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub plugin_traps: Family<Labels, Counter>,
     pub plugin_reloads: Family<Labels, Counter>,
     pub plugin_rejections: Family<Labels, Counter>,
+    pub plugin_compiles: Family<Labels, Counter>,
     pub etcd_op: Histograms,
     pub etcd_errors: Family<Labels, Counter>,
     pub lease_keepalive_failures: Counter,
@@ -75,6 +76,7 @@ impl Metrics {
             plugin_traps: Family::default(),
             plugin_reloads: Family::default(),
             plugin_rejections: Family::default(),
+            plugin_compiles: Family::default(),
             etcd_op: histograms(),
             etcd_errors: Family::default(),
             lease_keepalive_failures: Counter::default(),
@@ -145,6 +147,13 @@ impl Metrics {
             "plugin_rejections",
             "Plugin versions rejected at load",
             m.plugin_rejections.clone(),
+        );
+        r.register(
+            "plugin_compiles",
+            "Components compiled (compile cache hits not counted), by tier and by the process \
+             that compiled them: child (a child compiler) or host (the host's own, when it has \
+             no child compiler or could not start one)",
+            m.plugin_compiles.clone(),
         );
         r.register(
             "etcd_operation_duration_seconds",

@@ -5,13 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use esi_host::metrics;
 use esi_host::plugins::bindings::esi::worker::types as wit;
 use esi_host::plugins::host_api::RecordAccess;
 use esi_host::plugins::{CallError, Limits, LoadedPlugin, PluginEngine, PluginRegistry, Tier};
 use esi_host::schema::SchemaRegistry;
 use esi_tests::scripted::{HANDLER, TIMEOUT};
 use esi_tests::{
-    component_variant, plugin_dir_with_copies, replace_file, test_plugin_dir, TestEnv,
+    component_variant, host_binary, plugin_dir_with_copies, replace_file, test_plugin_dir, TestEnv,
 };
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -164,4 +165,71 @@ async fn a_manifest_replaced_while_its_build_compiles_is_not_undone_by_the_optim
     }
     shutdown.cancel();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Compiles counted for `tier` in `process` ("child" or "host") so far in this test binary.
+fn compiles(tier: Tier, process: &str) -> u64 {
+    let labels = metrics::labels([("tier", tier.as_str()), ("process", process)]);
+    metrics::global()
+        .plugin_compiles
+        .get_or_create(&labels)
+        .get()
+}
+
+/// `esi-host run` compiles new builds in child processes of its own executable: the code
+/// they write must be code this engine runs, under the same limits, with limits other than
+/// the defaults (the pool's sizes are part of the engine's configuration). The optimised code
+/// becomes a compile cache entry, with no partial file left beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_compiled_in_a_child_process_runs_under_the_same_sandbox() {
+    let env = TestEnv::new().await.unwrap();
+    let limits = Limits {
+        call_deadline: Duration::from_millis(300),
+        max_memory_bytes: 96 << 20,
+        max_instances: 6,
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let engine = PluginEngine::new(limits, Some(cache.path()))
+        .unwrap()
+        .with_child_compiler(host_binary());
+    let access = RecordAccess::new(env.store.clone(), Arc::new(SchemaRegistry::built_in()));
+    let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
+    for tier in [Tier::Baseline, Tier::Optimized] {
+        let before = compiles(tier, "child");
+        let plugin = engine.load_tier(&path, tier).await.unwrap();
+        assert_eq!(plugin.tier, tier);
+        assert_eq!(compiles(tier, "child"), before + 1, "{tier:?}");
+
+        let done = call(&engine, &plugin, &access, json!({"output_kib": 1})).await;
+        assert!(
+            matches!(done, Ok(Ok(wit::Outcome::Completed(_)))),
+            "{tier:?}: {done:?}"
+        );
+        let spun = call(&engine, &plugin, &access, json!({"spin": true})).await;
+        assert!(
+            matches!(spun, Err(CallError::Deadline { .. })),
+            "{tier:?}: {spun:?}"
+        );
+        let bomb = call(&engine, &plugin, &access, json!({"allocate_mib": 64})).await;
+        assert!(
+            matches!(&bomb, Err(e @ CallError::Memory { .. }) if e.is_permanent()),
+            "{tier:?}: {bomb:?}"
+        );
+    }
+    let files: Vec<String> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].ends_with(".cwasm"), "{files:?}");
+
+    // From the cache: no compile at all.
+    let before = compiles(Tier::Optimized, "child");
+    let cached = engine.load_tier(&path, Tier::Optimized).await.unwrap();
+    assert_eq!(compiles(Tier::Optimized, "child"), before);
+    let done = call(&engine, &cached, &access, json!({"output_kib": 1})).await;
+    assert!(
+        matches!(done, Ok(Ok(wit::Outcome::Completed(_)))),
+        "{done:?}"
+    );
 }

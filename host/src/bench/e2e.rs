@@ -346,6 +346,9 @@ pub struct Fleet {
     etcd_pid: Option<u32>,
     /// Numbers the runs, so that every run's resource ids are new.
     runs: u32,
+    /// The hosts' compile cache, new and empty: the first host compiles the plugins, as a
+    /// host does on its first start or for a new build, and the memory figures include it.
+    _compile_cache: tempfile::TempDir,
 }
 
 impl Fleet {
@@ -357,6 +360,7 @@ impl Fleet {
         templates: &[TemplateFile],
         hosts: usize,
         etcd_pid: Option<u32>,
+        child_compiler: Option<&Path>,
     ) -> anyhow::Result<Fleet> {
         let schemas = SchemaRegistry::built_in();
         let store = Store::connect(&[endpoint.to_string()], Keys::new(root))
@@ -365,6 +369,10 @@ impl Fleet {
         templates::load(&store, &schemas, templates)
             .await
             .context("loading the heat templates")?;
+        let compile_cache = tempfile::Builder::new()
+            .prefix("esi-bench-compile-cache-")
+            .tempdir()
+            .context("creating the bench hosts' compile cache")?;
         let mut fleet = Fleet {
             store,
             endpoint: endpoint.to_string(),
@@ -372,11 +380,14 @@ impl Fleet {
             hosts: Vec::with_capacity(hosts),
             etcd_pid,
             runs: 0,
+            _compile_cache: compile_cache,
         };
         for i in 1..=hosts {
             let mut config = HostConfig::new(vec![endpoint.to_string()], plugin_dir.to_path_buf());
             config.key_root = root.to_string();
             config.host_id = format!("bench-host-{i}-of-{hosts}");
+            config.compile_cache = Some(fleet._compile_cache.path().to_path_buf());
+            config.child_compiler = child_compiler.map(Path::to_path_buf);
             match Host::start(config).await {
                 Ok(host) => fleet.hosts.push(host),
                 Err(e) => {

@@ -47,6 +47,9 @@ pub struct BenchConfig {
     pub only: Vec<Phase>,
     /// Also pace one host at this many configs/s (`--paced-rate`).
     pub paced_rate: Option<f64>,
+    /// The hosts compile plugins in child processes of this executable, as `esi-host run`
+    /// does (see [`crate::HostConfig`]).
+    pub child_compiler: Option<PathBuf>,
 }
 
 /// The phases of a run, for `--only`.
@@ -163,6 +166,7 @@ async fn run_against(
             shipped,
             1,
             etcd_pid,
+            config.child_compiler.as_deref(),
         )
         .await?;
         let rss_loaded = stats::rss_bytes()?;
@@ -183,6 +187,7 @@ async fn run_against(
             shipped,
             3,
             etcd_pid,
+            config.child_compiler.as_deref(),
         )
         .await?;
         let three_hosts = match three.warm_up().await {
@@ -265,9 +270,14 @@ async fn run_against(
     let mut reload = None;
     if runs(Phase::Reload) {
         progress("hot reload");
-        let measured = reload::measure(endpoint, RELOAD_ROOT, &config.plugin_dir)
-            .await
-            .context("measuring hot reload")?;
+        let measured = reload::measure(
+            endpoint,
+            RELOAD_ROOT,
+            &config.plugin_dir,
+            config.child_compiler.as_deref(),
+        )
+        .await
+        .context("measuring hot reload")?;
         details.insert("reload".into(), json!(measured));
         reload = Some(measured);
     }

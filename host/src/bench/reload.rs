@@ -51,7 +51,12 @@ pub struct Reload {
 }
 
 /// Starts a worker-only host on a copy of the plugin and times two replacements.
-pub async fn measure(endpoint: &str, root: &str, plugin_dir: &Path) -> anyhow::Result<Reload> {
+pub async fn measure(
+    endpoint: &str,
+    root: &str,
+    plugin_dir: &Path,
+    child_compiler: Option<&Path>,
+) -> anyhow::Result<Reload> {
     let dir = tempfile::Builder::new()
         .prefix("esi-bench-plugins-")
         .tempdir()
@@ -74,6 +79,7 @@ pub async fn measure(endpoint: &str, root: &str, plugin_dir: &Path) -> anyhow::R
     config.host_id = "bench-reload".into();
     config.run_manager = false;
     config.compile_cache = Some(cache.path().to_path_buf());
+    config.child_compiler = child_compiler.map(Path::to_path_buf);
     let host = Host::start(config)
         .await
         .context("starting the reload phase's host")?;

@@ -3,17 +3,20 @@
 //!
 //! An entry is named by the sha256 of the component's bytes and the engine's compatibility
 //! hash (wasmtime version, compiler settings, target), so a changed plugin or a new host build
-//! never loads a stale artifact. Entries are only ever written by this module, into a
-//! directory it creates with mode 0700: loading precompiled code is `unsafe` because it is
+//! never loads a stale artifact. Entries are only ever written by this module (or the host's
+//! child compiler, into a file this module names), into a directory it creates with mode 0700: loading precompiled code is `unsafe` because it is
 //! trusted machine code, and the host must never load bytes it did not produce itself.
 
 use std::hash::{Hash, Hasher};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
+
+use super::engine::{return_freed_heap, Compile};
 
 /// Where compiled components are kept.
 #[derive(Debug, Clone)]
@@ -54,18 +57,20 @@ impl CompileCache {
     }
 
     /// The compiled component for `bytes` (whose digest is `sha256`): from the cache if this
-    /// host compiled it before, else compiled now and stored.
-    pub fn load_or_compile(
+    /// host compiled it before, else compiled now (in a child process, if `compile` has one)
+    /// and stored.
+    pub(crate) fn load_or_compile(
         &self,
-        engine: &Engine,
+        compile: &Compile,
         bytes: &[u8],
         sha256: &str,
     ) -> anyhow::Result<Component> {
+        let engine = &compile.engine;
         let entry = self.entry(sha256);
         if entry.exists() {
-            // SAFETY: entries are written only by `store` below, from `precompile_component`
-            // of this engine configuration (the name carries its compatibility hash), into a
-            // directory only our user can write.
+            // SAFETY: entries are written only by this module and by the host's child
+            // compiler, from `precompile_component` of this engine configuration (the name
+            // carries its compatibility hash), into a directory only our user can write.
             match unsafe { Component::deserialize_file(engine, &entry) } {
                 Ok(component) => return Ok(component),
                 Err(e) => {
@@ -73,9 +78,23 @@ impl CompileCache {
                 }
             }
         }
-        let compiled = engine
-            .precompile_component(bytes)
-            .map_err(anyhow::Error::from)?;
+        if compile.has_child() {
+            // The child writes beside the entry; the file becomes the entry once its code has
+            // loaded, so a reader never sees half an entry.
+            let partial = tempfile::NamedTempFile::new_in(&self.dir)
+                .context("creating a file for the compiled code")?
+                .into_temp_path();
+            if let Some(component) = compile.in_child(bytes, &partial)? {
+                if let Err(e) = partial.persist(&entry) {
+                    tracing::warn!(entry = %entry.display(), error = %e.error, "could not write the compile cache");
+                }
+                return Ok(component);
+            }
+        }
+        compile.count("host");
+        let compiled = engine.precompile_component(bytes);
+        return_freed_heap();
+        let compiled = compiled.map_err(anyhow::Error::from)?;
         // SAFETY: `compiled` was produced just now by this engine.
         let component =
             unsafe { Component::deserialize(engine, &compiled) }.map_err(anyhow::Error::from)?;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -29,6 +29,7 @@ use wasmtime::{
 use super::bindings::esi::worker::types::{Job, JobError, Outcome, PluginInfo, RunContext};
 use super::bindings::{Handler, HandlerPre};
 use super::cache::CompileCache;
+use super::compiler::{ChildCompiler, ChildError};
 use super::host_api::{HostState, RecordAccess};
 use super::manifest::Manifest;
 use crate::metrics;
@@ -229,47 +230,19 @@ pub struct PluginEngine {
     baseline_linker: Linker<HostState>,
     limits: Limits,
     cache: Option<CompileCache>,
+    /// Compiles in child processes (`None`: in this one).
+    compiler: Option<ChildCompiler>,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl PluginEngine {
     /// An engine; with `cache_dir`, compiled components are kept there across restarts.
     pub fn new(limits: Limits, cache_dir: Option<&Path>) -> anyhow::Result<Self> {
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(limits.max_instances)
-            .total_core_instances(limits.max_instances * 2)
-            .total_memories(limits.max_instances * 2)
-            .total_tables(limits.max_instances * 2)
-            .total_stacks(limits.max_instances)
-            .max_memory_size(limits.max_memory_bytes)
-            // A job gets a fresh instance, so the cost of a call is mostly setting up and
-            // tearing down its memory, table and async stack. Resetting them by `memset` (only
-            // the pages the last instance touched, found with PAGEMAP_SCAN where the kernel
-            // has it) instead of `madvise` keeps the pages mapped: the next instance takes no
-            // page faults and the host no TLB shootdowns. The bound is per slot, and only
-            // slots that were used stay warm.
-            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
-            .table_keep_resident(KEEP_RESIDENT_BYTES)
-            .async_stack_keep_resident(KEEP_RESIDENT_BYTES)
-            .pagemap_scan(Enabled::Auto)
-            .decommit_batch_size(DECOMMIT_BATCH);
-        let mut config = Config::new();
-        config
-            .wasm_component_model(true)
-            .epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        if std::env::var_os(PERF_MAP_ENV).is_some() {
-            config.profiler(ProfilingStrategy::PerfMap);
-        }
-        let engine = wt(Engine::new(&config)).context("creating the wasmtime engine")?;
+        let engine = wt(Engine::new(&engine_config(Tier::Optimized, &limits)))
+            .context("creating the wasmtime engine")?;
         let linker = linker_for(&engine)?;
-        let mut config = Config::new();
-        config
-            .wasm_component_model(true)
-            .epoch_interruption(true)
-            .strategy(Strategy::Winch);
-        let baseline =
-            wt(Engine::new(&config)).context("creating the baseline (Winch) wasmtime engine")?;
+        let baseline = wt(Engine::new(&engine_config(Tier::Baseline, &limits)))
+            .context("creating the baseline (Winch) wasmtime engine")?;
         let baseline_linker = linker_for(&baseline)?;
         let cache = match cache_dir {
             Some(dir) => match CompileCache::open(dir, &engine) {
@@ -290,8 +263,17 @@ impl PluginEngine {
             baseline_linker,
             limits,
             cache,
+            compiler: None,
             ticker_stop,
         })
+    }
+
+    /// Compiles components in child processes of `exe` (an `esi-host` executable, normally
+    /// the host's own), which leave this process none of the compiler's memory. A child that
+    /// cannot be started is logged and the compile done here instead.
+    pub fn with_child_compiler(mut self, exe: PathBuf) -> Self {
+        self.compiler = Some(ChildCompiler::new(exe));
+        self
     }
 
     pub fn limits(&self) -> &Limits {
@@ -333,10 +315,16 @@ impl PluginEngine {
             Tier::Optimized => (self.engine.clone(), &self.linker, self.cache.clone()),
             Tier::Baseline => (self.baseline.clone(), &self.baseline_linker, None),
         };
+        let compile = Compile {
+            engine,
+            tier,
+            limits: self.limits.clone(),
+            child: self.compiler.clone(),
+        };
         let digest = sha256.clone();
         let component = tokio::task::spawn_blocking(move || match &cache {
-            Some(cache) => cache.load_or_compile(&engine, &bytes, &digest),
-            None => wt(Component::new(&engine, &bytes)),
+            Some(cache) => cache.load_or_compile(&compile, &bytes, &digest),
+            None => compile.component(&bytes),
         })
         .await
         .context("compiling plugin")?
@@ -599,6 +587,142 @@ fn spawn_epoch_ticker(engines: Vec<Engine>, stop: Arc<AtomicBool>) {
         .unwrap_or_else(|e| {
             tracing::error!("cannot start the epoch ticker, deadlines are off: {e}")
         });
+}
+
+/// The configuration of the engine of `tier`. A child compiler builds the same one, so that
+/// the code it compiles is code this host's engine accepts.
+fn engine_config(tier: Tier, limits: &Limits) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true).epoch_interruption(true);
+    match tier {
+        Tier::Optimized => {
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_component_instances(limits.max_instances)
+                .total_core_instances(limits.max_instances * 2)
+                .total_memories(limits.max_instances * 2)
+                .total_tables(limits.max_instances * 2)
+                .total_stacks(limits.max_instances)
+                .max_memory_size(limits.max_memory_bytes)
+                // A job gets a fresh instance, so the cost of a call is mostly setting up and
+                // tearing down its memory, table and async stack. Resetting them by `memset`
+                // (only the pages the last instance touched, found with PAGEMAP_SCAN where the
+                // kernel has it) instead of `madvise` keeps the pages mapped: the next instance
+                // takes no page faults and the host no TLB shootdowns. The bound is per slot,
+                // and only slots that were used stay warm.
+                .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+                .table_keep_resident(KEEP_RESIDENT_BYTES)
+                .async_stack_keep_resident(KEEP_RESIDENT_BYTES)
+                .pagemap_scan(Enabled::Auto)
+                .decommit_batch_size(DECOMMIT_BATCH);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            if std::env::var_os(PERF_MAP_ENV).is_some() {
+                config.profiler(ProfilingStrategy::PerfMap);
+            }
+        }
+        // Instances on demand: it serves briefly.
+        Tier::Baseline => {
+            config.strategy(Strategy::Winch);
+        }
+    }
+    config
+}
+
+/// The compiled code of the component `bytes` for the engine of `tier` under `limits`, as
+/// `esi-host compile-component` writes it for its parent ([`super::compiler`]).
+pub fn precompile(tier: Tier, limits: &Limits, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let engine = wt(Engine::new(&engine_config(tier, limits)))
+        .with_context(|| format!("creating the {} wasmtime engine", tier.as_str()))?;
+    wt(engine.precompile_component(bytes))
+}
+
+/// How a component's code is compiled: by whom, for which engine.
+pub(crate) struct Compile {
+    pub engine: Engine,
+    tier: Tier,
+    limits: Limits,
+    child: Option<ChildCompiler>,
+}
+
+impl Compile {
+    /// Whether compiles go to a child process.
+    pub fn has_child(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The compiled component, by a child process into a file in a private temporary
+    /// directory and mapped from there, or else here.
+    fn component(&self, bytes: &[u8]) -> anyhow::Result<Component> {
+        if self.child.is_some() {
+            let dir = tempfile::tempdir().context("creating a directory for compiled code")?;
+            let output = dir.path().join("component.cwasm");
+            if let Some(component) = self.in_child(bytes, &output)? {
+                // The mapping outlives the file, which goes with the directory.
+                return Ok(component);
+            }
+        }
+        self.here(bytes)
+    }
+
+    /// Compiles `bytes` in a child process into `output` and maps it. `None` when there is no
+    /// child compiler, it cannot be started or its code does not load: the caller compiles
+    /// here. An error when the compiler rejected the component.
+    pub fn in_child(&self, bytes: &[u8], output: &Path) -> anyhow::Result<Option<Component>> {
+        let Some(child) = &self.child else {
+            return Ok(None);
+        };
+        match child.compile(self.tier, &self.limits, bytes, output) {
+            Ok(()) => {}
+            Err(ChildError::Start(e)) => {
+                tracing::warn!(compiler = %child.exe().display(), error = %format!("{e:#}"),
+                    "cannot compile in a child process; compiling in the host's");
+                return Ok(None);
+            }
+            Err(ChildError::Rejected(message)) => bail!("{message}"),
+        }
+        self.count("child");
+        // SAFETY: `output` was written just now by a child compiler running this host's engine
+        // configuration, into a directory only this user can write; `deserialize_file` also
+        // checks the code was compiled for a compatible engine.
+        match unsafe { Component::deserialize_file(&self.engine, output) } {
+            Ok(component) => Ok(Some(component)),
+            Err(e) => {
+                tracing::warn!(compiler = %child.exe().display(), error = %e,
+                    "the child compiler's code does not load; compiling in the host's process");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Compiles `bytes` in this process.
+    fn here(&self, bytes: &[u8]) -> anyhow::Result<Component> {
+        self.count("host");
+        let component = wt(Component::new(&self.engine, bytes));
+        return_freed_heap();
+        component
+    }
+
+    /// Counts a compile by the process that did it.
+    pub fn count(&self, process: &str) {
+        let labels = metrics::labels([("tier", self.tier.as_str()), ("process", process)]);
+        metrics::global()
+            .plugin_compiles
+            .get_or_create(&labels)
+            .inc();
+    }
+}
+
+/// Hands the heap memory a compile in this process freed back to the kernel. Cranelift
+/// allocates tens of MiB per component on wasmtime's compile threads and frees it when done,
+/// but glibc keeps freed memory in each thread's arena. This gives back about a quarter of
+/// what a host that compiled both bundled plugins kept (~20 of ~80 MiB); the rest stays
+/// fragmented, which is why hosts compile in a child process ([`super::compiler`]).
+pub(crate) fn return_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only releases memory glibc's allocator holds free; it is safe to
+    // call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn classify(

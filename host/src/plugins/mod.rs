@@ -9,6 +9,7 @@
 //! - [`registry`]: the loaded plugins and the routing from handler name to plugin.
 
 pub mod cache;
+pub mod compiler;
 pub mod engine;
 pub mod fleet;
 pub mod host_api;

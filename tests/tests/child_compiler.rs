@@ -1,0 +1,87 @@
+//! How a host's loader copes with its child compiler failing (`plugins/compiler.rs`). A test
+//! binary of its own, and one test at a time: the tests count compiles by process in the
+//! process-wide metrics, which no other test may move meanwhile.
+//! (`tests/tiers.rs` checks that code from a child compiler runs under the same sandbox.)
+
+use std::path::Path;
+use std::sync::Arc;
+
+use esi_host::metrics;
+use esi_host::plugins::manifest::Manifest;
+use esi_host::plugins::{Limits, PluginEngine, Tier};
+use esi_tests::scripted::HANDLER;
+use esi_tests::{host_binary, test_plugin_dir};
+use tokio::sync::Mutex;
+
+/// Held by each test for its whole run.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Compiles counted for `tier` in `process` ("child" or "host") so far in this test binary.
+fn compiles(tier: Tier, process: &str) -> u64 {
+    let labels = metrics::labels([("tier", tier.as_str()), ("process", process)]);
+    metrics::global()
+        .plugin_compiles
+        .get_or_create(&labels)
+        .get()
+}
+
+/// A component the child compiler rejects fails its load with the compiler's own error and
+/// leaves nothing in the cache; it is not compiled again in the host's process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_the_child_compiler_rejects_fails_its_load_with_the_compilers_error() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let cache = tempfile::tempdir().unwrap();
+    let engine = PluginEngine::new(Limits::default(), Some(cache.path()))
+        .unwrap()
+        .with_child_compiler(host_binary());
+    let path = Path::new("/plugins/broken.wasm");
+    let bytes: Arc<[u8]> = Arc::from(&b"\0asm\x0d\0\x01\0 but truncated"[..]);
+    for tier in [Tier::Baseline, Tier::Optimized] {
+        let before = compiles(tier, "host");
+        let err = engine
+            .load_bytes(path, bytes.clone(), Manifest::default(), tier)
+            .await
+            .unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("/plugins/broken.wasm is not a valid WebAssembly component"),
+            "{tier:?}: {message}"
+        );
+        // The compiler's reason, from the child's stderr.
+        assert!(
+            message.contains("failed to parse WebAssembly module")
+                || message.contains("unexpected end"),
+            "{tier:?}: {message}"
+        );
+        assert_eq!(
+            compiles(tier, "host"),
+            before,
+            "{tier:?}: compiled again in the host"
+        );
+    }
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
+}
+
+/// A child compiler that cannot be started (a host binary moved away under a running host,
+/// say) is logged and the compile is done in the host's process: the plugin still loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_compiler_that_cannot_start_leaves_the_compile_to_the_host() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let engine = PluginEngine::new(Limits::default(), None)
+        .unwrap()
+        .with_child_compiler("/nonexistent/esi-host".into());
+    let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
+    let before = (
+        compiles(Tier::Baseline, "child"),
+        compiles(Tier::Baseline, "host"),
+    );
+    let plugin = engine.load_tier(&path, Tier::Baseline).await.unwrap();
+    assert_eq!(plugin.tier, Tier::Baseline);
+    assert_eq!(
+        (
+            compiles(Tier::Baseline, "child"),
+            compiles(Tier::Baseline, "host")
+        ),
+        (before.0, before.1 + 1)
+    );
+}
