@@ -1,5 +1,7 @@
 //! Plugins: WebAssembly components built against `wit/worker.wit`.
 //!
+//! - [`cache`]: compiled components kept across restarts; [`compiler`]: compiles in a child
+//!   process, so the compiler's memory never stays with the host.
 //! - [`engine`]: the one wasmtime `Engine` (pooling allocator, epoch deadlines, memory
 //!   limits) and how a job call runs: a fresh instance per job, so a trap in one job can never
 //!   leave state behind for the next.

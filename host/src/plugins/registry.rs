@@ -177,7 +177,7 @@ impl PluginRegistry {
     }
 
     /// Starts publishing status records under the host's lease (and publishes the current
-    /// ones). Failure counts are republished by a task, at most every [`DEBOUNCE`], until
+    /// ones). Failure counts are republished by a task, at most every `DEBOUNCE`, until
     /// `shutdown`.
     pub async fn publish_status(
         self: &Arc<Self>,

@@ -617,7 +617,7 @@ impl Store {
     /// records and queue entries and puts the given failed `/state` records, in one
     /// transaction. All at once matters: a rebuild takes a waiting job whose dependency is
     /// gone for one whose dependency finished, so a dependant left behind by a partial
-    /// cancellation would run. Only more than [`CANCEL_OPS`] operations (some forty jobs)
+    /// cancellation would run. Only more than `CANCEL_OPS` operations (some forty jobs)
     /// take several transactions, in order: callers list dependants before what they depend
     /// on, and the `/state` puts come last. `states` must name each key once.
     pub async fn cancel_all(&self, job_ids: &[String], states: &[(String, String)]) -> Result<()> {
