@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::keys::Keys;
 use crate::lease::{self, HostLease};
 use crate::manager::{election, JobManager, ManagerConfig, ServedHandlers};
+use crate::plugins::compiler::ChildCompiler;
 use crate::plugins::{Limits, PluginEngine, PluginRegistry};
 use crate::schema::SchemaRegistry;
 use crate::store::Store;
@@ -134,7 +135,7 @@ impl Host {
         });
         let mut engine = PluginEngine::new(config.limits.clone(), config.compile_cache.as_deref())?;
         if let Some(exe) = &config.child_compiler {
-            engine = engine.with_child_compiler(exe.clone());
+            engine = engine.with_child_compiler(ChildCompiler::new(exe.clone()));
         }
         let engine = Arc::new(engine);
         let plugins = Arc::new(PluginRegistry::load_dir(engine.clone(), &config.plugin_dir).await?);

@@ -405,13 +405,7 @@ fn main() -> ExitCode {
     if let Command::CompileComponent(args) = &cli.command {
         // A child of a host's plugin loader: no runtime, and only the error on stderr, which
         // the host reports as the compile's.
-        return match compile_component(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("{e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        return ExitCode::from(compile_component(args));
     }
     let default_level = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
         "warn"
@@ -520,7 +514,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 quick: args.quick,
                 only: args.only,
                 paced_rate: args.paced_rate,
-                child_compiler: std::env::current_exe().ok(),
+                child_compiler: compiler::own_executable(),
             })
             .await?;
             if args.json {
@@ -530,13 +524,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::CompileComponent(args) => compile_component(&args),
+        Command::CompileComponent(args) => match compile_component(&args) {
+            0 => Ok(()),
+            code => anyhow::bail!("compile-component exited with status {code}"),
+        },
         Command::Demo(args) => {
             demo::run(DemoConfig {
                 plugin_dir: args.plugin_dir,
                 template_dir: args.template_dir,
                 timeout: Duration::from_secs(args.timeout),
-                child_compiler: std::env::current_exe().ok(),
+                child_compiler: compiler::own_executable(),
             })
             .await
         }
@@ -587,12 +584,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => RunSettings::default(),
     };
     let mut config = file.overlay(args.settings()).into_host_config()?;
-    config.child_compiler = std::env::current_exe().ok();
+    config.child_compiler = compiler::own_executable();
     settings::check_etcd_reachable(&config.etcd_endpoints, Duration::from_secs(5)).await?;
     Host::start(config).await?.run_until_signalled().await
 }
 
-fn compile_component(args: &CompileArgs) -> anyhow::Result<()> {
+fn compile_component(args: &CompileArgs) -> u8 {
     let tier = if args.tier == "baseline" {
         Tier::Baseline
     } else {
@@ -603,7 +600,7 @@ fn compile_component(args: &CompileArgs) -> anyhow::Result<()> {
         max_instances: args.max_instances,
         ..Limits::default()
     };
-    compiler::compile_stdin(tier, &limits, &args.output)
+    compiler::child_main(tier, &limits, &args.output)
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {

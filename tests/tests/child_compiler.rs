@@ -5,8 +5,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use esi_host::metrics;
+use esi_host::plugins::compiler::ChildCompiler;
 use esi_host::plugins::manifest::Manifest;
 use esi_host::plugins::{Limits, PluginEngine, Tier};
 use esi_tests::scripted::HANDLER;
@@ -33,7 +35,7 @@ async fn a_component_the_child_compiler_rejects_fails_its_load_with_the_compiler
     let cache = tempfile::tempdir().unwrap();
     let engine = PluginEngine::new(Limits::default(), Some(cache.path()))
         .unwrap()
-        .with_child_compiler(host_binary());
+        .with_child_compiler(ChildCompiler::new(host_binary()));
     let path = Path::new("/plugins/broken.wasm");
     let bytes: Arc<[u8]> = Arc::from(&b"\0asm\x0d\0\x01\0 but truncated"[..]);
     for tier in [Tier::Baseline, Tier::Optimized] {
@@ -63,25 +65,77 @@ async fn a_component_the_child_compiler_rejects_fails_its_load_with_the_compiler
 }
 
 /// A child compiler that cannot be started (a host binary moved away under a running host,
-/// say) is logged and the compile is done in the host's process: the plugin still loads.
+/// say), or that fails for a reason that is not the component's (here: an executable that
+/// exits 1, as the child does on an I/O error), is logged and the compile is done in the
+/// host's process: the plugin still loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_child_compiler_that_cannot_start_leaves_the_compile_to_the_host() {
+async fn a_child_compiler_that_cannot_compile_leaves_the_compile_to_the_host() {
     let _serial = ONE_AT_A_TIME.lock().await;
+    let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
+    for exe in ["/nonexistent/esi-host", "/bin/false"] {
+        let engine = PluginEngine::new(Limits::default(), None)
+            .unwrap()
+            .with_child_compiler(ChildCompiler::new(exe.into()));
+        let before = (
+            compiles(Tier::Baseline, "child"),
+            compiles(Tier::Baseline, "host"),
+        );
+        let plugin = engine.load_tier(&path, Tier::Baseline).await.unwrap();
+        assert_eq!(plugin.tier, Tier::Baseline);
+        assert_eq!(
+            (
+                compiles(Tier::Baseline, "child"),
+                compiles(Tier::Baseline, "host")
+            ),
+            (before.0, before.1 + 1),
+            "{exe}"
+        );
+    }
+}
+
+/// A compile that runs past its timeout is stopped and the build rejected, not compiled again
+/// in the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_past_its_timeout_is_stopped_and_rejected() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let compiler = ChildCompiler::new(host_binary()).with_timeout(Duration::from_millis(1));
     let engine = PluginEngine::new(Limits::default(), None)
         .unwrap()
-        .with_child_compiler("/nonexistent/esi-host".into());
+        .with_child_compiler(compiler);
     let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
-    let before = (
-        compiles(Tier::Baseline, "child"),
-        compiles(Tier::Baseline, "host"),
+    let before = compiles(Tier::Optimized, "host");
+    let err = engine.load_tier(&path, Tier::Optimized).await.unwrap_err();
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("the compiler did not finish within 1ms and was stopped"),
+        "{message}"
     );
-    let plugin = engine.load_tier(&path, Tier::Baseline).await.unwrap();
-    assert_eq!(plugin.tier, Tier::Baseline);
-    assert_eq!(
-        (
-            compiles(Tier::Baseline, "child"),
-            compiles(Tier::Baseline, "host")
-        ),
-        (before.0, before.1 + 1)
-    );
+    assert_eq!(compiles(Tier::Optimized, "host"), before);
+}
+
+/// A host that died while its child compiled leaves a partial file in the cache; the next
+/// host to open the cache removes it once it is older than any compile can take, and leaves
+/// a recent one (another host's compile in progress) alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_partial_compiles_are_removed_from_the_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let stale = cache.path().join(".tmpStale1");
+    let recent = cache.path().join(".tmpRecent");
+    let entry = cache.path().join("0123-4567.cwasm");
+    for file in [&stale, &recent, &entry] {
+        std::fs::write(file, b"compiled code").unwrap();
+    }
+    let long_ago = SystemTime::now() - Duration::from_secs(3600);
+    for file in [&stale, &entry] {
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+    }
+    let _engine = PluginEngine::new(Limits::default(), Some(cache.path())).unwrap();
+    assert!(!stale.exists());
+    assert!(recent.exists());
+    assert!(entry.exists());
 }

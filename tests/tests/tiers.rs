@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use esi_host::metrics;
 use esi_host::plugins::bindings::esi::worker::types as wit;
+use esi_host::plugins::compiler::ChildCompiler;
 use esi_host::plugins::host_api::RecordAccess;
 use esi_host::plugins::{CallError, Limits, LoadedPlugin, PluginEngine, PluginRegistry, Tier};
 use esi_host::schema::SchemaRegistry;
@@ -191,7 +192,7 @@ async fn code_compiled_in_a_child_process_runs_under_the_same_sandbox() {
     let cache = tempfile::tempdir().unwrap();
     let engine = PluginEngine::new(limits, Some(cache.path()))
         .unwrap()
-        .with_child_compiler(host_binary());
+        .with_child_compiler(ChildCompiler::new(host_binary()));
     let access = RecordAccess::new(env.store.clone(), Arc::new(SchemaRegistry::built_in()));
     let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
     for tier in [Tier::Baseline, Tier::Optimized] {

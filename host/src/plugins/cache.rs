@@ -4,18 +4,20 @@
 //! An entry is named by the sha256 of the component's bytes and the engine's compatibility
 //! hash (wasmtime version, compiler settings, target), so a changed plugin or a new host build
 //! never loads a stale artifact. Entries are only ever written by this module (or the host's
-//! child compiler, into a file this module names), into a directory it creates with mode 0700: loading precompiled code is `unsafe` because it is
-//! trusted machine code, and the host must never load bytes it did not produce itself.
+//! child compiler, into a file this module names), into a directory it creates with mode 0700:
+//! loading precompiled code is `unsafe` because it is trusted machine code, and the host must
+//! never load bytes it did not produce itself.
 
 use std::hash::{Hash, Hasher};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
+use super::compiler;
 use super::engine::{return_freed_heap, Compile};
 
 /// Where compiled components are kept.
@@ -30,6 +32,7 @@ impl CompileCache {
     pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<CompileCache> {
         std::fs::create_dir_all(dir)?;
         restrict_to_owner(dir)?;
+        remove_stale_partials(dir);
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         Ok(CompileCache {
@@ -81,14 +84,19 @@ impl CompileCache {
         if compile.has_child() {
             // The child writes beside the entry; the file becomes the entry once its code has
             // loaded, so a reader never sees half an entry.
-            let partial = tempfile::NamedTempFile::new_in(&self.dir)
-                .context("creating a file for the compiled code")?
-                .into_temp_path();
-            if let Some(component) = compile.in_child(bytes, &partial)? {
-                if let Err(e) = partial.persist(&entry) {
-                    tracing::warn!(entry = %entry.display(), error = %e.error, "could not write the compile cache");
+            match tempfile::NamedTempFile::new_in(&self.dir) {
+                Ok(partial) => {
+                    let partial = partial.into_temp_path();
+                    if let Some(component) = compile.in_child(bytes, &partial)? {
+                        if let Err(e) = partial.persist(&entry) {
+                            tracing::warn!(entry = %entry.display(), error = %e.error, "could not write the compile cache");
+                        }
+                        return Ok(component);
+                    }
                 }
-                return Ok(component);
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "no file for a child compiler's code; compiling in the host's process")
+                }
             }
         }
         compile.count("host");
@@ -123,6 +131,33 @@ fn store(dir: &Path, entry: &Path, compiled: &[u8]) -> std::io::Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(entry).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// How old a child compiler's partial file must be before the next host to open the cache
+/// removes it: older than any compile can take, so it is no other host's compile in progress.
+const PARTIAL_MAX_AGE: Duration = Duration::from_secs(2 * compiler::DEFAULT_TIMEOUT.as_secs());
+
+/// Removes the partial files (`.tmp*`) of compiles whose host died before it could rename
+/// them into entries.
+fn remove_stale_partials(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(".tmp") {
+            continue;
+        }
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok());
+        if age.is_some_and(|age| age > PARTIAL_MAX_AGE) {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(file = %entry.path().display(), error = %e, "could not remove a stale partial compile");
+            }
+        }
+    }
 }
 
 fn restrict_to_owner(dir: &Path) -> std::io::Result<()> {

@@ -12,8 +12,10 @@
 //! while it compiles (hot reload), and the code must be the code of the bytes the host hashed.
 
 use std::io::{Read as _, Write as _};
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
@@ -22,16 +24,31 @@ use super::engine::{self, Limits, Tier};
 /// The hidden subcommand of `esi-host` that compiles one component.
 pub const SUBCOMMAND: &str = "compile-component";
 
+/// How long a child may compile one component before it is stopped and the build rejected.
+/// Cranelift takes about a second for each bundled plugin here; a component that keeps it
+/// busy for minutes is not one to run.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Runs compiles in child processes of an `esi-host` executable.
 #[derive(Debug, Clone)]
 pub struct ChildCompiler {
     exe: PathBuf,
+    timeout: Duration,
 }
 
 impl ChildCompiler {
     /// Compiles with `exe compile-component` (the host's own executable, normally).
     pub fn new(exe: PathBuf) -> ChildCompiler {
-        ChildCompiler { exe }
+        ChildCompiler {
+            exe,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Stops a compile that takes longer than `timeout` ([`DEFAULT_TIMEOUT`] by default).
+    pub fn with_timeout(mut self, timeout: Duration) -> ChildCompiler {
+        self.timeout = timeout;
+        self
     }
 
     /// The executable the children run.
@@ -40,7 +57,8 @@ impl ChildCompiler {
     }
 
     /// Compiles `bytes` with the engine of `tier` under `limits` into `output` (created or
-    /// truncated), as `Engine::precompile_component` would.
+    /// truncated), as `Engine::precompile_component` would. A child that runs past the
+    /// timeout is killed and the compile rejected.
     pub fn compile(
         &self,
         tier: Tier,
@@ -55,57 +73,171 @@ impl ChildCompiler {
             .args(["--max-instances", &limits.max_instances.to_string()])
             .arg("--output")
             .arg(output)
+            // A perf map of a process that runs no code is of no use.
+            .env_remove(engine::PERF_MAP_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn();
         let mut child = started
             .with_context(|| format!("starting {}", self.exe.display()))
-            .map_err(ChildError::Start)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // The child reads all of its input before it writes anything, so this cannot
-            // block on a full stderr pipe. A child that died early shows in its status below.
-            let _ = stdin.write_all(bytes);
-        }
-        let finished = child
-            .wait_with_output()
-            .context("waiting for the compiler process")
-            .map_err(ChildError::Start)?;
-        if finished.status.success() {
+            .map_err(ChildError::Unavailable)?;
+        let (stdin, stderr) = (child.stdin.take(), child.stderr.take());
+        let deadline = Instant::now() + self.timeout;
+        // The input is written and stderr read on threads of their own, so that neither a
+        // child that stops reading nor one that writes a lot can block the wait, which gives
+        // up at the deadline.
+        let (status, stderr) = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                if let Some(mut stdin) = stdin {
+                    // A child that died early shows in its status.
+                    let _ = stdin.write_all(bytes);
+                }
+            });
+            let reader = scope.spawn(move || {
+                let mut text = String::new();
+                if let Some(mut stderr) = stderr {
+                    let _ = stderr.read_to_string(&mut text);
+                }
+                text
+            });
+            let status = wait_until(&mut child, deadline);
+            (status, reader.join().unwrap_or_default())
+        });
+        let status = match status {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                return Err(ChildError::Rejected(format!(
+                    "the compiler did not finish within {:?} and was stopped",
+                    self.timeout
+                )))
+            }
+            Err(e) => return Err(ChildError::Unavailable(e)),
+        };
+        if status.success() {
             return Ok(());
         }
-        let stderr = String::from_utf8_lossy(&finished.stderr);
-        let message = stderr.trim();
-        Err(ChildError::Rejected(if message.is_empty() {
-            format!("the compiler process {}", finished.status)
+        let said = tail(stderr.trim(), MAX_STDERR_BYTES);
+        let ended = if said.is_empty() {
+            format!("the compiler process {status}")
         } else {
-            message.to_string()
-        }))
+            format!("{said} (the compiler process {status})")
+        };
+        match (status.code(), status.signal()) {
+            (Some(code), _) if code == i32::from(EXIT_REFUSED) => {
+                Err(ChildError::Rejected(said.to_string()))
+            }
+            (_, Some(signal)) if CRASH_SIGNALS.contains(&signal) => Err(ChildError::Rejected(
+                format!("the compiler crashed: {ended}"),
+            )),
+            // An I/O error, a usage error (an upgraded executable), a stop signal: nothing
+            // about the component.
+            _ => Err(ChildError::Unavailable(anyhow::anyhow!(ended))),
+        }
+    }
+}
+
+/// Exit status of a child whose compiler refused the component.
+pub const EXIT_REFUSED: u8 = 3;
+
+/// Signals a compiler dies of when the input breaks it (or, for SIGKILL, when it ran out of
+/// memory): the component is rejected rather than compiled again in the host.
+const CRASH_SIGNALS: [i32; 6] = [
+    libc::SIGSEGV,
+    libc::SIGABRT,
+    libc::SIGILL,
+    libc::SIGBUS,
+    libc::SIGFPE,
+    libc::SIGKILL,
+];
+
+/// The most of a child's stderr kept in an error (its end, where the error is).
+const MAX_STDERR_BYTES: usize = 4096;
+
+/// The last `max` bytes of `text`, at a character boundary.
+fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Waits for `child` until `deadline`; past it, kills it and answers `None`.
+fn wait_until(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<ExitStatus>> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .context("waiting for the compiler process")?
+        {
+            return Ok(Some(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
 
 /// Why a child compile gave no code.
 #[derive(Debug)]
 pub enum ChildError {
-    /// The child could not be run: the host compiles in its own process instead.
-    Start(anyhow::Error),
-    /// The child ran and failed: what it printed (the compiler's error, normally), or how it
-    /// ended. Not retried in the host's process: a component that crashes the compiler must
-    /// not crash the host.
+    /// The child could not be run, or failed for a reason that says nothing about the
+    /// component (an I/O error, a usage error, a stop signal): the host compiles in its own
+    /// process instead.
+    Unavailable(anyhow::Error),
+    /// The compiler refused the component, crashed on it or ran past the timeout: what the
+    /// child printed, or how it ended. Not retried in the host's process: a component that
+    /// crashes the compiler must not crash the host.
     Rejected(String),
 }
 
-/// The child's side: reads a component from stdin and writes its compiled code to `output`.
-pub fn compile_stdin(tier: Tier, limits: &Limits, output: &Path) -> anyhow::Result<()> {
+/// The executable a host's children run: the very file this process runs (`/proc/self/exe`),
+/// even after an upgrade has replaced the one at its path.
+pub fn own_executable() -> Option<PathBuf> {
+    let this = PathBuf::from("/proc/self/exe");
+    if this.exists() {
+        return Some(this);
+    }
+    std::env::current_exe().ok()
+}
+
+/// The child's side (`esi-host compile-component`): reads a component from stdin, writes its
+/// compiled code to `output` and answers the exit status: 0, [`EXIT_REFUSED`] when the
+/// compiler refused the component, 1 for anything else. Errors go to stderr, for the host.
+pub fn child_main(tier: Tier, limits: &Limits, output: &Path) -> u8 {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `prctl(PR_SET_PDEATHSIG)` only sets this process's own death signal: a child
+    // whose host died stops instead of compiling for nobody.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
     let mut bytes = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut bytes)
-        .context("reading the component from stdin")?;
-    let compiled = engine::precompile(tier, limits, &bytes)?;
-    let mut file =
-        std::fs::File::create(output).with_context(|| format!("creating {}", output.display()))?;
-    file.write_all(&compiled)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", output.display()))?;
-    Ok(())
+    if let Err(e) = std::io::stdin().read_to_end(&mut bytes) {
+        eprintln!("reading the component from stdin: {e}");
+        return 1;
+    }
+    let compiled = match engine::precompile(tier, limits, &bytes) {
+        Ok(compiled) => compiled,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return EXIT_REFUSED;
+        }
+    };
+    let written = std::fs::File::create(output).and_then(|mut file| {
+        file.write_all(&compiled)?;
+        file.sync_all()
+    });
+    match written {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("writing {}: {e}", output.display());
+            1
+        }
+    }
 }

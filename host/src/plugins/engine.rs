@@ -12,6 +12,7 @@
 //! compiler (about 5x faster to compile, 2-3x slower to run, same sandbox), while Cranelift
 //! compiles it in the background; see [`crate::plugins::registry`].
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -216,7 +217,7 @@ const KEEP_RESIDENT_BYTES: usize = 2 << 20;
 
 /// Set (to anything) to have the optimising engine write `/tmp/perf-<pid>.map`, so that
 /// `perf report` names the plugins' compiled functions.
-const PERF_MAP_ENV: &str = "ESI_PERF_MAP";
+pub(crate) const PERF_MAP_ENV: &str = "ESI_PERF_MAP";
 
 /// Decommits the pool gathers before it makes the system calls for them.
 const DECOMMIT_BATCH: usize = 16;
@@ -268,11 +269,11 @@ impl PluginEngine {
         })
     }
 
-    /// Compiles components in child processes of `exe` (an `esi-host` executable, normally
-    /// the host's own), which leave this process none of the compiler's memory. A child that
+    /// Compiles components in child processes (of an `esi-host` executable, normally the
+    /// host's own), which leave this process none of the compiler's memory. A child that
     /// cannot be started is logged and the compile done here instead.
-    pub fn with_child_compiler(mut self, exe: PathBuf) -> Self {
-        self.compiler = Some(ChildCompiler::new(exe));
+    pub fn with_child_compiler(mut self, compiler: ChildCompiler) -> Self {
+        self.compiler = Some(compiler);
         self
     }
 
@@ -653,38 +654,57 @@ impl Compile {
     /// directory and mapped from there, or else here.
     fn component(&self, bytes: &[u8]) -> anyhow::Result<Component> {
         if self.child.is_some() {
-            let dir = tempfile::tempdir().context("creating a directory for compiled code")?;
-            let output = dir.path().join("component.cwasm");
-            if let Some(component) = self.in_child(bytes, &output)? {
-                // The mapping outlives the file, which goes with the directory.
-                return Ok(component);
+            let dir = tempfile::Builder::new()
+                .prefix("esi-host-compile-")
+                .permissions(std::fs::Permissions::from_mode(0o700))
+                .tempdir();
+            match dir {
+                Ok(dir) => {
+                    let output = dir.path().join("component.cwasm");
+                    if let Some(component) = self.in_child(bytes, &output)? {
+                        // The mapping outlives the file, which goes with the directory.
+                        return Ok(component);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e,
+                    "no directory for a child compiler's code; compiling in the host's process"),
             }
         }
         self.here(bytes)
     }
 
-    /// Compiles `bytes` in a child process into `output` and maps it. `None` when there is no
-    /// child compiler, it cannot be started or its code does not load: the caller compiles
-    /// here. An error when the compiler rejected the component.
+    /// Compiles `bytes` in a child process into `output` and loads it. `None` when there is
+    /// no child compiler, or it could not compile for a reason that is not the component's,
+    /// or its code does not load: the caller compiles here. An error when the compiler
+    /// rejected the component.
     pub fn in_child(&self, bytes: &[u8], output: &Path) -> anyhow::Result<Option<Component>> {
         let Some(child) = &self.child else {
             return Ok(None);
         };
         match child.compile(self.tier, &self.limits, bytes, output) {
             Ok(()) => {}
-            Err(ChildError::Start(e)) => {
+            Err(ChildError::Unavailable(e)) => {
                 tracing::warn!(compiler = %child.exe().display(), error = %format!("{e:#}"),
                     "cannot compile in a child process; compiling in the host's");
                 return Ok(None);
             }
             Err(ChildError::Rejected(message)) => bail!("{message}"),
         }
-        self.count("child");
         // SAFETY: `output` was written just now by a child compiler running this host's engine
-        // configuration, into a directory only this user can write; `deserialize_file` also
-        // checks the code was compiled for a compatible engine.
-        match unsafe { Component::deserialize_file(&self.engine, output) } {
-            Ok(component) => Ok(Some(component)),
+        // configuration, into a directory only this user can write; deserializing also checks
+        // the code was compiled for a compatible engine.
+        let mapped = unsafe { Component::deserialize_file(&self.engine, output) };
+        let loaded = mapped.or_else(|e| {
+            // A file system mounted noexec cannot be mapped as code: copy it into memory.
+            let bytes = std::fs::read(output).map_err(|_| e)?;
+            // SAFETY: as above.
+            unsafe { Component::deserialize(&self.engine, &bytes) }
+        });
+        match loaded {
+            Ok(component) => {
+                self.count("child");
+                Ok(Some(component))
+            }
             Err(e) => {
                 tracing::warn!(compiler = %child.exe().display(), error = %e,
                     "the child compiler's code does not load; compiling in the host's process");
