@@ -3,6 +3,7 @@
 //! process-wide metrics, which no other test may move meanwhile.
 //! (`tests/tiers.rs` checks that code from a child compiler runs under the same sandbox.)
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -138,4 +139,35 @@ async fn stale_partial_compiles_are_removed_from_the_cache() {
     assert!(!stale.exists());
     assert!(recent.exists());
     assert!(entry.exists());
+}
+
+/// A compiler that panics (exit status 101) or dies of a crash signal rejects the build: the
+/// component is not compiled again in the host, where it could take the daemon down. Stand-in
+/// compilers, shell scripts that end the way a crashing compiler would, play the child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compiler_that_panics_or_crashes_rejects_the_build() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
+    let endings = [
+        (
+            "panics",
+            "echo 'thread main panicked' >&2; exit 101",
+            "the compiler panicked",
+        ),
+        ("segfaults", "kill -SEGV $$", "the compiler crashed"),
+    ];
+    for (name, body, expected) in endings {
+        let script = dir.path().join(name);
+        std::fs::write(&script, format!("#!/bin/sh\ncat > /dev/null\n{body}\n")).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let engine = PluginEngine::new(Limits::default(), None)
+            .unwrap()
+            .with_child_compiler(ChildCompiler::new(script));
+        let before = compiles(Tier::Baseline, "host");
+        let err = engine.load_tier(&path, Tier::Baseline).await.unwrap_err();
+        let message = format!("{err:#}");
+        assert!(message.contains(expected), "{name}: {message}");
+        assert_eq!(compiles(Tier::Baseline, "host"), before, "{name}");
+    }
 }

@@ -127,6 +127,11 @@ impl ChildCompiler {
             (Some(code), _) if code == i32::from(EXIT_REFUSED) => {
                 Err(ChildError::Rejected(said.to_string()))
             }
+            // A panic (Rust's exit status 101) is the compiler's too: the child's own code
+            // reports its errors without one.
+            (Some(EXIT_PANICKED), _) => Err(ChildError::Rejected(format!(
+                "the compiler panicked: {ended}"
+            ))),
             (_, Some(signal)) if CRASH_SIGNALS.contains(&signal) => Err(ChildError::Rejected(
                 format!("the compiler crashed: {ended}"),
             )),
@@ -139,6 +144,9 @@ impl ChildCompiler {
 
 /// Exit status of a child whose compiler refused the component.
 pub const EXIT_REFUSED: u8 = 3;
+
+/// Exit status of a Rust program that panicked.
+const EXIT_PANICKED: i32 = 101;
 
 /// Signals a compiler dies of when the input breaks it (or, for SIGKILL, when it ran out of
 /// memory): the component is rejected rather than compiled again in the host.
@@ -191,9 +199,9 @@ pub enum ChildError {
     /// component (an I/O error, a usage error, a stop signal): the host compiles in its own
     /// process instead.
     Unavailable(anyhow::Error),
-    /// The compiler refused the component, crashed on it or ran past the timeout: what the
-    /// child printed, or how it ended. Not retried in the host's process: a component that
-    /// crashes the compiler must not crash the host.
+    /// The compiler refused the component, panicked or crashed on it, or ran past the timeout:
+    /// what the child printed, or how it ended. Not retried in the host's process: a
+    /// component that crashes the compiler must not crash the host.
     Rejected(String),
 }
 
