@@ -4,7 +4,7 @@
 //! (`tests/tiers.rs` checks that code from a child compiler runs under the same sandbox.)
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -65,18 +65,37 @@ async fn a_component_the_child_compiler_rejects_fails_its_load_with_the_compiler
     assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
 }
 
+/// A stand-in compiler: a shell script in `dir` that reads its input and runs `body`.
+fn stand_in(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let script = dir.join(name);
+    // No core file from the crash signals below.
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\nulimit -c 0\ncat > /dev/null\n{body}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
 /// A child compiler that cannot be started (a host binary moved away under a running host,
-/// say), or that fails for a reason that is not the component's (here: an executable that
-/// exits 1, as the child does on an I/O error), is logged and the compile is done in the
-/// host's process: the plugin still loads.
+/// say), or that fails for a reason that is not the component's (here: one that exits 1, as
+/// the child does on an I/O error), is logged and the compile is done in the host's process:
+/// the plugin still loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_compiler_that_cannot_compile_leaves_the_compile_to_the_host() {
     let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
     let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
-    for exe in ["/nonexistent/esi-host", "/bin/false"] {
+    let exits_1 = stand_in(
+        dir.path(),
+        "exits-1",
+        "echo 'writing the output: disk full' >&2; exit 1",
+    );
+    for exe in [PathBuf::from("/nonexistent/esi-host"), exits_1] {
         let engine = PluginEngine::new(Limits::default(), None)
             .unwrap()
-            .with_child_compiler(ChildCompiler::new(exe.into()));
+            .with_child_compiler(ChildCompiler::new(exe.clone()));
         let before = (
             compiles(Tier::Baseline, "child"),
             compiles(Tier::Baseline, "host"),
@@ -89,7 +108,8 @@ async fn a_child_compiler_that_cannot_compile_leaves_the_compile_to_the_host() {
                 compiles(Tier::Baseline, "host")
             ),
             (before.0, before.1 + 1),
-            "{exe}"
+            "{}",
+            exe.display()
         );
     }
 }
@@ -120,14 +140,16 @@ async fn a_compile_past_its_timeout_is_stopped_and_rejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_partial_compiles_are_removed_from_the_cache() {
     let cache = tempfile::tempdir().unwrap();
-    let stale = cache.path().join(".tmpStale1");
-    let recent = cache.path().join(".tmpRecent");
+    let stale = cache.path().join(".esi-partial-Stale1");
+    let recent = cache.path().join(".esi-partial-Recent");
     let entry = cache.path().join("0123-4567.cwasm");
-    for file in [&stale, &recent, &entry] {
+    // Another program's temporary file, in a cache directory an operator shared.
+    let foreign = cache.path().join(".tmpOther");
+    for file in [&stale, &recent, &entry, &foreign] {
         std::fs::write(file, b"compiled code").unwrap();
     }
     let long_ago = SystemTime::now() - Duration::from_secs(3600);
-    for file in [&stale, &entry] {
+    for file in [&stale, &entry, &foreign] {
         std::fs::File::options()
             .write(true)
             .open(file)
@@ -139,13 +161,14 @@ async fn stale_partial_compiles_are_removed_from_the_cache() {
     assert!(!stale.exists());
     assert!(recent.exists());
     assert!(entry.exists());
+    assert!(foreign.exists());
 }
 
-/// A compiler that panics (exit status 101) or dies of a crash signal rejects the build: the
-/// component is not compiled again in the host, where it could take the daemon down. Stand-in
-/// compilers, shell scripts that end the way a crashing compiler would, play the child.
+/// A compiler that panics (exit status 101), dies of a crash signal or is stopped (systemd
+/// stops every process of the service) rejects the build: the component is not compiled
+/// again in the host, where it could take the daemon down or hold its shutdown up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compiler_that_panics_or_crashes_rejects_the_build() {
+async fn a_compiler_that_panics_crashes_or_is_stopped_rejects_the_build() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
@@ -156,14 +179,12 @@ async fn a_compiler_that_panics_or_crashes_rejects_the_build() {
             "the compiler panicked",
         ),
         ("segfaults", "kill -SEGV $$", "the compiler crashed"),
+        ("is-stopped", "kill -TERM $$", "the compiler was stopped"),
     ];
     for (name, body, expected) in endings {
-        let script = dir.path().join(name);
-        std::fs::write(&script, format!("#!/bin/sh\ncat > /dev/null\n{body}\n")).unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let engine = PluginEngine::new(Limits::default(), None)
             .unwrap()
-            .with_child_compiler(ChildCompiler::new(script));
+            .with_child_compiler(ChildCompiler::new(stand_in(dir.path(), name, body)));
         let before = compiles(Tier::Baseline, "host");
         let err = engine.load_tier(&path, Tier::Baseline).await.unwrap_err();
         let message = format!("{err:#}");

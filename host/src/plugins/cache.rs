@@ -84,7 +84,7 @@ impl CompileCache {
         if compile.has_child() {
             // The child writes beside the entry; the file becomes the entry once its code has
             // loaded, so a reader never sees half an entry.
-            match tempfile::NamedTempFile::new_in(&self.dir) {
+            match partial_file(&self.dir) {
                 Ok(partial) => {
                     let partial = partial.into_temp_path();
                     if let Some(component) = compile.in_child(bytes, &partial)? {
@@ -126,7 +126,7 @@ impl CompileCache {
 
 /// Writes through a temporary file and a rename, so a reader never sees half an entry.
 fn store(dir: &Path, entry: &Path, compiled: &[u8]) -> std::io::Result<()> {
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut tmp = partial_file(dir)?;
     tmp.write_all(compiled)?;
     tmp.as_file().sync_all()?;
     tmp.persist(entry).map_err(|e| e.error)?;
@@ -137,14 +137,28 @@ fn store(dir: &Path, entry: &Path, compiled: &[u8]) -> std::io::Result<()> {
 /// removes it: older than any compile can take, so it is no other host's compile in progress.
 const PARTIAL_MAX_AGE: Duration = Duration::from_secs(2 * compiler::DEFAULT_TIMEOUT.as_secs());
 
-/// Removes the partial files (`.tmp*`) of compiles whose host died before it could rename
-/// them into entries.
+/// How the names of files not yet renamed into entries begin.
+const PARTIAL_PREFIX: &str = ".esi-partial-";
+
+/// A new file in `dir` for an entry's bytes, renamed into the entry once complete.
+fn partial_file(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(PARTIAL_PREFIX)
+        .tempfile_in(dir)
+}
+
+/// Removes the partial files of compiles whose host died before it could rename them into
+/// entries. Only files of this cache's own naming: the directory may be shared.
 fn remove_stale_partials(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
-        if !entry.file_name().to_string_lossy().starts_with(".tmp") {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(PARTIAL_PREFIX)
+        {
             continue;
         }
         let age = entry

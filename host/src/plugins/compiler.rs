@@ -12,7 +12,7 @@
 //! while it compiles (hot reload), and the code must be the code of the bytes the host hashed.
 
 use std::io::{Read as _, Write as _};
-use std::os::unix::process::ExitStatusExt as _;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -78,45 +78,63 @@ impl ChildCompiler {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            // Its own process group: a Ctrl-C meant for a host in a terminal reaches the host,
+            // whose drain decides; the child dies with it (`PR_SET_PDEATHSIG`).
+            .process_group(0)
             .spawn();
-        let mut child = started
+        let child = started
             .with_context(|| format!("starting {}", self.exe.display()))
             .map_err(ChildError::Unavailable)?;
-        let (stdin, stderr) = (child.stdin.take(), child.stderr.take());
-        let deadline = Instant::now() + self.timeout;
+        let mut child = Reaped(child);
+        let (stdin, stderr) = (child.0.stdin.take(), child.0.stderr.take());
+        let deadline = Instant::now().checked_add(self.timeout);
         // The input is written and stderr read on threads of their own, so that neither a
         // child that stops reading nor one that writes a lot can block the wait, which gives
-        // up at the deadline.
-        let (status, stderr) = std::thread::scope(|scope| {
-            scope.spawn(move || {
-                if let Some(mut stdin) = stdin {
-                    // A child that died early shows in its status.
-                    let _ = stdin.write_all(bytes);
+        // up at the deadline. Should anything here fail or panic, `Reaped` kills the child.
+        let waited = std::thread::scope(|scope| -> anyhow::Result<_> {
+            std::thread::Builder::new()
+                .name("esi-compile-in".into())
+                .spawn_scoped(scope, move || {
+                    if let Some(mut stdin) = stdin {
+                        // A child that died early shows in its status.
+                        let _ = stdin.write_all(bytes);
+                    }
+                })
+                .context("starting a thread for the compiler's input")?;
+            let reader = std::thread::Builder::new()
+                .name("esi-compile-err".into())
+                .spawn_scoped(scope, move || {
+                    let mut said = Vec::new();
+                    if let Some(mut stderr) = stderr {
+                        let _ = stderr.read_to_end(&mut said);
+                    }
+                    said
+                });
+            let reader = match reader {
+                Ok(reader) => reader,
+                Err(e) => {
+                    // Before the scope waits for the input's thread.
+                    child.kill();
+                    return Err(e).context("starting a thread for the compiler's errors");
                 }
-            });
-            let reader = scope.spawn(move || {
-                let mut text = String::new();
-                if let Some(mut stderr) = stderr {
-                    let _ = stderr.read_to_string(&mut text);
-                }
-                text
-            });
-            let status = wait_until(&mut child, deadline);
-            (status, reader.join().unwrap_or_default())
-        });
-        let status = match status {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                return Err(ChildError::Rejected(format!(
-                    "the compiler did not finish within {:?} and was stopped",
-                    self.timeout
-                )))
+            };
+            let status = wait_until(&mut child.0, deadline);
+            if status.is_err() {
+                child.kill();
             }
-            Err(e) => return Err(ChildError::Unavailable(e)),
+            Ok((status?, reader.join().unwrap_or_default()))
+        });
+        let (status, stderr) = waited.map_err(ChildError::Unavailable)?;
+        let Some(status) = status else {
+            return Err(ChildError::Rejected(format!(
+                "the compiler did not finish within {:?} and was stopped",
+                self.timeout
+            )));
         };
         if status.success() {
             return Ok(());
         }
+        let stderr = String::from_utf8_lossy(&stderr);
         let said = tail(stderr.trim(), MAX_STDERR_BYTES);
         let ended = if said.is_empty() {
             format!("the compiler process {status}")
@@ -124,9 +142,10 @@ impl ChildCompiler {
             format!("{said} (the compiler process {status})")
         };
         match (status.code(), status.signal()) {
-            (Some(code), _) if code == i32::from(EXIT_REFUSED) => {
+            (Some(code), _) if code == i32::from(EXIT_REFUSED) && !said.is_empty() => {
                 Err(ChildError::Rejected(said.to_string()))
             }
+            (Some(code), _) if code == i32::from(EXIT_REFUSED) => Err(ChildError::Rejected(ended)),
             // A panic (Rust's exit status 101) is the compiler's too: the child's own code
             // reports its errors without one.
             (Some(EXIT_PANICKED), _) => Err(ChildError::Rejected(format!(
@@ -135,9 +154,34 @@ impl ChildCompiler {
             (_, Some(signal)) if CRASH_SIGNALS.contains(&signal) => Err(ChildError::Rejected(
                 format!("the compiler crashed: {ended}"),
             )),
-            // An I/O error, a usage error (an upgraded executable), a stop signal: nothing
-            // about the component.
+            // Stopped, as every process of the service is when systemd stops it: the host is
+            // going away, and compiling in it now would only hold its shutdown up.
+            (_, Some(signal)) if STOP_SIGNALS.contains(&signal) => Err(ChildError::Rejected(
+                format!("the compiler was stopped: {ended}"),
+            )),
+            // An I/O error, a usage error (an upgraded executable): nothing about the
+            // component.
             _ => Err(ChildError::Unavailable(anyhow::anyhow!(ended))),
+        }
+    }
+}
+
+/// A child process that is killed and reaped when dropped unless it was waited for: no path
+/// out of [`ChildCompiler::compile`], an error or a panic included, leaves it running or a
+/// zombie.
+struct Reaped(Child);
+
+impl Reaped {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.kill();
         }
     }
 }
@@ -159,6 +203,9 @@ const CRASH_SIGNALS: [i32; 6] = [
     libc::SIGKILL,
 ];
 
+/// Signals that stop a process rather than report a fault.
+const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
 /// The most of a child's stderr kept in an error (its end, where the error is).
 const MAX_STDERR_BYTES: usize = 4096;
 
@@ -171,8 +218,9 @@ fn tail(text: &str, max: usize) -> &str {
     &text[start..]
 }
 
-/// Waits for `child` until `deadline`; past it, kills it and answers `None`.
-fn wait_until(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<ExitStatus>> {
+/// Waits for `child` until `deadline` (none: for as long as it runs); past it, kills it and
+/// answers `None`, unless it had finished after all.
+fn wait_until(child: &mut Child, deadline: Option<Instant>) -> anyhow::Result<Option<ExitStatus>> {
     let mut pause = Duration::from_millis(1);
     loop {
         if let Some(status) = child
@@ -182,12 +230,13 @@ fn wait_until(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<Exi
             return Ok(Some(status));
         }
         let now = Instant::now();
-        if now >= deadline {
+        let left = deadline.map(|d| d.saturating_duration_since(now));
+        if left == Some(Duration::ZERO) {
             let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
+            let status = child.wait().context("waiting for the compiler process")?;
+            return Ok(status.success().then_some(status));
         }
-        std::thread::sleep(pause.min(deadline - now));
+        std::thread::sleep(left.map_or(pause, |left| pause.min(left)));
         pause = (pause * 2).min(Duration::from_millis(20));
     }
 }
@@ -196,12 +245,11 @@ fn wait_until(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<Exi
 #[derive(Debug)]
 pub enum ChildError {
     /// The child could not be run, or failed for a reason that says nothing about the
-    /// component (an I/O error, a usage error, a stop signal): the host compiles in its own
-    /// process instead.
+    /// component (an I/O error, a usage error): the host compiles in its own process instead.
     Unavailable(anyhow::Error),
-    /// The compiler refused the component, panicked or crashed on it, or ran past the timeout:
-    /// what the child printed, or how it ended. Not retried in the host's process: a
-    /// component that crashes the compiler must not crash the host.
+    /// The compiler refused the component, panicked or crashed on it, ran past the timeout or
+    /// was stopped by a signal: what the child printed, or how it ended. Not retried in the
+    /// host's process: a component that crashes the compiler must not crash the host.
     Rejected(String),
 }
 
@@ -230,7 +278,15 @@ pub fn child_main(tier: Tier, limits: &Limits, output: &Path) -> u8 {
         eprintln!("reading the component from stdin: {e}");
         return 1;
     }
-    let compiled = match engine::precompile(tier, limits, &bytes) {
+    // An engine that cannot be created says nothing about the component: exit 1.
+    let engine = match engine::compiler_engine(tier, limits) {
+        Ok(engine) => engine,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return 1;
+        }
+    };
+    let compiled = match engine.precompile_component(&bytes) {
         Ok(compiled) => compiled,
         Err(e) => {
             eprintln!("{e:#}");

@@ -628,12 +628,11 @@ fn engine_config(tier: Tier, limits: &Limits) -> Config {
     config
 }
 
-/// The compiled code of the component `bytes` for the engine of `tier` under `limits`, as
-/// `esi-host compile-component` writes it for its parent ([`super::compiler`]).
-pub fn precompile(tier: Tier, limits: &Limits, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let engine = wt(Engine::new(&engine_config(tier, limits)))
-        .with_context(|| format!("creating the {} wasmtime engine", tier.as_str()))?;
-    wt(engine.precompile_component(bytes))
+/// The engine of `tier` under `limits`, for `esi-host compile-component` to compile with for
+/// its parent ([`super::compiler`]).
+pub fn compiler_engine(tier: Tier, limits: &Limits) -> anyhow::Result<Engine> {
+    wt(Engine::new(&engine_config(tier, limits)))
+        .with_context(|| format!("creating the {} wasmtime engine", tier.as_str()))
 }
 
 /// How a component's code is compiled: by whom, for which engine.
