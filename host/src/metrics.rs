@@ -45,6 +45,7 @@ pub struct Metrics {
     pub plugin_reloads: Family<Labels, Counter>,
     pub plugin_rejections: Family<Labels, Counter>,
     pub plugin_compiles: Family<Labels, Counter>,
+    pub manager_batches: Family<Labels, Counter>,
     pub etcd_op: Histograms,
     pub etcd_errors: Family<Labels, Counter>,
     pub lease_keepalive_failures: Counter,
@@ -77,6 +78,7 @@ impl Metrics {
             plugin_reloads: Family::default(),
             plugin_rejections: Family::default(),
             plugin_compiles: Family::default(),
+            manager_batches: Family::default(),
             etcd_op: histograms(),
             etcd_errors: Family::default(),
             lease_keepalive_failures: Counter::default(),
@@ -154,6 +156,12 @@ impl Metrics {
              that compiled them: child (a child compiler) or host (the host's own, when it has \
              no child compiler or could not start one)",
             m.plugin_compiles.clone(),
+        );
+        r.register(
+            "manager_batches",
+            "Batches of the job manager's writes, by lane: in_order (after the batch before \
+             it) or beside (creates of new resources sent while a batch commits)",
+            m.manager_batches.clone(),
         );
         r.register(
             "etcd_operation_duration_seconds",

@@ -278,3 +278,56 @@ async fn a_new_resource_costs_the_job_manager_no_read() {
     );
     host.shutdown().await;
 }
+
+/// Batches the job manager sent in `lane` ("in_order" or "beside") so far in this process.
+fn manager_batches(lane: &str) -> u64 {
+    esi_host::metrics::global()
+        .manager_batches
+        .get_or_create(&esi_host::metrics::labels([("lane", lane)]))
+        .get()
+}
+
+/// New resources that arrive while a batch of the job manager's writes commits go in a
+/// batch beside it instead of waiting for it (their creates are written only while their
+/// `/state` is absent, and no job of the batch in flight is theirs); each still completes
+/// once. Configs are written from several tasks at once, so that some arrive mid-commit;
+/// rounds repeat until one did (the first, in practice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_resources_commit_beside_the_batch_in_flight_and_each_completes_once() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (env, host) = monitoring_host().await;
+    let env = std::sync::Arc::new(env);
+    let before = manager_batches("beside");
+    let mut round = 0;
+    while manager_batches("beside") == before {
+        round += 1;
+        assert!(
+            round <= 5,
+            "no batch went beside another in {} rounds",
+            round - 1
+        );
+        let ids: Vec<String> = (0..64)
+            .map(|i| format!("00000000-0000-4000-8000-0000000e{round}{i:03}"))
+            .collect();
+        let mut writers = tokio::task::JoinSet::new();
+        for chunk in ids.chunks(8) {
+            let (env, chunk) = (env.clone(), chunk.to_vec());
+            writers.spawn(async move {
+                for id in chunk {
+                    let body = seed_ha_interface_body(&id);
+                    env.put_config("ha_interface", &id, &body, 1).await.unwrap();
+                }
+            });
+        }
+        writers.join_all().await;
+        for id in &ids {
+            let state = env.wait_completed("ha_interface", id).await.unwrap();
+            assert_eq!(
+                state["state"]["worker_state"], "CREATE_COMPLETED",
+                "{id}: {state}"
+            );
+            assert_eq!(state["version"], 1, "{id}: {state}");
+        }
+    }
+    host.shutdown().await;
+}

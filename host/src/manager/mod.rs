@@ -150,7 +150,12 @@ pub struct JobManager {
     /// The batch being committed while the manager plans the next one. Batches commit one
     /// after the other, and any other write waits for it ([`JobManager::settle`]), so etcd
     /// still sees the manager's writes in the order it made them.
-    in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Vec<UnwrittenWorkflow>>>>,
+    in_flight: Option<Batch>,
+    /// The resources of the jobs in `in_flight`.
+    in_flight_resources: HashSet<ResourceKey>,
+    /// A batch committing beside `in_flight`, whose order against it cannot matter
+    /// ([`JobManager::send_beside`]); the next batch in order waits for both.
+    beside: Option<Batch>,
     /// `/state` records read for a burst of configs in one round trip, by key; consumed by
     /// the first evaluation of each, dropped when the manager writes that key or the burst
     /// is done.
@@ -179,6 +184,8 @@ impl JobManager {
             cleanups: Vec::new(),
             cleanups_due: None,
             in_flight: None,
+            in_flight_resources: HashSet::new(),
+            beside: None,
             prefetched: HashMap::new(),
             vanished: VecDeque::new(),
             replan: Vec::new(),
@@ -217,7 +224,10 @@ impl JobManager {
         self.prefetched.clear();
         self.vanished.clear();
         self.replan.clear();
-        if let Some(batch) = self.in_flight.take() {
+        for batch in [self.in_flight.take(), self.beside.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = batch.await;
         }
         // A rebuild of the queues may end a workflow and plan its resource's next one: with
@@ -329,6 +339,10 @@ impl JobManager {
                 }
                 committed = wait_for(&mut self.in_flight), if self.in_flight.is_some() => {
                     self.in_flight = None;
+                    self.on_unwritten(committed?).await?;
+                }
+                committed = wait_for(&mut self.beside), if self.beside.is_some() => {
+                    self.beside = None;
                     self.on_unwritten(committed?).await?;
                 }
             }
@@ -834,19 +848,58 @@ impl JobManager {
     /// Starts committing the queued transactions (and the clean-ups waiting for a ride), once
     /// the batch before them committed; the manager goes on planning meanwhile.
     async fn flush(&mut self) -> anyhow::Result<()> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() || self.send_beside() {
             return Ok(());
         }
         self.send_cleanups();
+        self.land_batches().await?;
+        let batch = std::mem::take(&mut self.pending);
+        self.in_flight_resources = batch.iter().filter_map(PlannedTxn::resource).collect();
+        self.in_flight = Some(self.spawn_batch(batch, "in_order"));
+        Ok(())
+    }
+
+    /// Sends the queued transactions beside the batch in flight rather than after it, when
+    /// the order of the two cannot matter: every one is the create of a resource whose config
+    /// key is new (written only while it has no `/state`), and no job of the batch in flight
+    /// is that resource's. Without this a new resource waited for the batch before it to
+    /// commit, and in etcd's slow tail that is 8-21 ms (BENCHMARKS.md, section 2). Answers
+    /// whether it sent them.
+    fn send_beside(&mut self) -> bool {
+        let independent = self.in_flight.is_some()
+            && self.beside.is_none()
+            && self.pending.iter().all(|txn| {
+                txn.is_guarded_create()
+                    && txn
+                        .resource()
+                        .is_some_and(|r| !self.in_flight_resources.contains(&r))
+            });
+        if independent {
+            let batch = std::mem::take(&mut self.pending);
+            self.beside = Some(self.spawn_batch(batch, "beside"));
+        }
+        independent
+    }
+
+    /// Starts committing `batch`, counted in its `lane`.
+    fn spawn_batch(&self, batch: Vec<PlannedTxn>, lane: &str) -> Batch {
+        crate::metrics::global()
+            .manager_batches
+            .get_or_create(&crate::metrics::labels([("lane", lane)]))
+            .inc();
+        let store = self.store.clone();
+        let max_bytes = self.config.max_request_bytes;
+        tokio::spawn(async move { Ok(store.batch(batch, max_bytes).await?) })
+    }
+
+    /// Waits for the batches committing and handles what they did not write.
+    async fn land_batches(&mut self) -> anyhow::Result<()> {
         if let Some(batch) = self.in_flight.take() {
             self.on_unwritten(batch.await??).await?;
         }
-        let batch = std::mem::take(&mut self.pending);
-        let store = self.store.clone();
-        let max_bytes = self.config.max_request_bytes;
-        self.in_flight = Some(tokio::spawn(async move {
-            Ok(store.batch(batch, max_bytes).await?)
-        }));
+        if let Some(batch) = self.beside.take() {
+            self.on_unwritten(batch.await??).await?;
+        }
         Ok(())
     }
 
@@ -855,10 +908,7 @@ impl JobManager {
     async fn settle(&mut self) -> anyhow::Result<()> {
         self.send_cleanups();
         self.flush().await?;
-        if let Some(batch) = self.in_flight.take() {
-            self.on_unwritten(batch.await??).await?;
-        }
-        Ok(())
+        self.land_batches().await
     }
 
     /// Workflows a batch did not write: their jobs leave the index.
@@ -1234,9 +1284,10 @@ fn burst(watch: &mut Watch, first: Vec<Change>) -> Result<Vec<Change>, WatchErro
 }
 
 /// Waits for the batch being committed; answers with the workflows it did not write.
-async fn wait_for(
-    batch: &mut Option<tokio::task::JoinHandle<anyhow::Result<Vec<UnwrittenWorkflow>>>>,
-) -> anyhow::Result<Vec<UnwrittenWorkflow>> {
+/// A batch of the manager's writes being committed: what it did not write, when it is done.
+type Batch = tokio::task::JoinHandle<anyhow::Result<Vec<UnwrittenWorkflow>>>;
+
+async fn wait_for(batch: &mut Option<Batch>) -> anyhow::Result<Vec<UnwrittenWorkflow>> {
     match batch {
         Some(handle) => handle.await?,
         None => Ok(Vec::new()),

@@ -7,6 +7,7 @@ use etcd_client::{
 
 use super::{Kv, Result, Store};
 use crate::keys::Queue;
+use crate::protocol::JobId;
 
 /// A job to write as part of a workflow.
 pub struct NewJob {
@@ -74,6 +75,7 @@ const CANCEL_OPS: usize = 120;
 
 /// A transaction built but not sent: run it with [`Store::batch`]. `what` names it in errors.
 pub struct PlannedTxn {
+    /// The job it writes (a workflow's first), cleans up or releases, by id.
     what: String,
     txn: Txn,
     /// For a workflow's transaction, its first job's id.
@@ -655,6 +657,18 @@ pub(super) fn nested(txns: impl IntoIterator<Item = Txn>) -> Txn {
 }
 
 impl PlannedTxn {
+    /// The resource of the job it writes, cleans up or releases.
+    pub fn resource(&self) -> Option<(String, String)> {
+        let job = self.what.parse::<JobId>().ok()?;
+        Some((job.resource_type, job.resource_id))
+    }
+
+    /// Whether it writes a create workflow only while its resource has no `/state`
+    /// ([`Store::workflow_txn_unless_state`]).
+    pub fn is_guarded_create(&self) -> bool {
+        self.unless_state.is_some()
+    }
+
     /// Adds this workflow to `unwritten` if it was to be written only while its resource had
     /// no `/state` and `answer` says it was not written: its compares failed and its first
     /// record is not there (one that is was written by an earlier attempt whose answer was
@@ -716,6 +730,23 @@ fn still_ours_under(responses: &[TxnOpResponse], reservation: &str) -> Option<i6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_planned_transaction_names_the_resource_of_its_job() {
+        let job = "create:monitoring:ha_interface:5f1c3e5e-0000-4000-8000-000000000001:1:ab12";
+        let mut txn = planned(job, 0);
+        assert_eq!(
+            txn.resource(),
+            Some((
+                "ha_interface".to_string(),
+                "5f1c3e5e-0000-4000-8000-000000000001".to_string()
+            ))
+        );
+        assert!(!txn.is_guarded_create());
+        txn.unless_state = Some("/state/v2.0/ha_interfaces/5f1c3e5e".into());
+        assert!(txn.is_guarded_create());
+        assert_eq!(planned("not a job id", 0).resource(), None);
+    }
 
     fn planned(what: &str, bytes: usize) -> PlannedTxn {
         PlannedTxn {
