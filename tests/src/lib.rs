@@ -392,8 +392,6 @@ pub fn seed_ha_interface_body(id: &str) -> Value {
 }
 
 impl TestEnv {
-    /// Every PUT ever made under `/state/` in this namespace, counted per key, read with a
-    /// watch from revision 1: the exactly-once check of the chaos tests.
     /// The fleet status record of plugin `name` on host `host_id`, if there is one.
     pub async fn plugin_status(&self, host_id: &str, name: &str) -> anyhow::Result<Option<Value>> {
         let key = self.keys().plugin_status(host_id, name);
@@ -426,6 +424,8 @@ impl TestEnv {
         }
     }
 
+    /// Every PUT ever made under `/state/` in this namespace, counted per key, read with a
+    /// watch from revision 1: the exactly-once check of the chaos tests.
     pub async fn state_put_counts(
         &self,
     ) -> anyhow::Result<std::collections::HashMap<String, usize>> {

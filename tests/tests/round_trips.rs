@@ -329,5 +329,15 @@ async fn new_resources_commit_beside_the_batch_in_flight_and_each_completes_once
             assert_eq!(state["version"], 1, "{id}: {state}");
         }
     }
+    // Each resource's one job ran once: one `/state` put each, and nothing left queued.
+    env.wait_jobs_drained().await.unwrap();
+    let twice: Vec<_> = env
+        .state_put_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(key, puts)| key.contains("0000000e") && *puts != 1)
+        .collect();
+    assert!(twice.is_empty(), "/state put other than once: {twice:?}");
     host.shutdown().await;
 }

@@ -149,10 +149,12 @@ pub struct JobManager {
     cleanups_due: Option<Instant>,
     /// The batch being committed while the manager plans the next one. Batches commit one
     /// after the other, and any other write waits for it ([`JobManager::settle`]), so etcd
-    /// still sees the manager's writes in the order it made them.
+    /// still sees the manager's writes in the order it made them; the one exception is
+    /// `beside`.
     in_flight: Option<Batch>,
-    /// The resources of the jobs in `in_flight`.
-    in_flight_resources: HashSet<ResourceKey>,
+    /// The resources of the jobs in `in_flight`; `None` when one of them has a job id that
+    /// names none (a job written by something else), and nothing may go beside.
+    in_flight_resources: Option<HashSet<ResourceKey>>,
     /// A batch committing beside `in_flight`, whose order against it cannot matter
     /// ([`JobManager::send_beside`]); the next batch in order waits for both.
     beside: Option<Batch>,
@@ -184,7 +186,7 @@ impl JobManager {
             cleanups: Vec::new(),
             cleanups_due: None,
             in_flight: None,
-            in_flight_resources: HashSet::new(),
+            in_flight_resources: None,
             beside: None,
             prefetched: HashMap::new(),
             vanished: VecDeque::new(),
@@ -854,7 +856,7 @@ impl JobManager {
         self.send_cleanups();
         self.land_batches().await?;
         let batch = std::mem::take(&mut self.pending);
-        self.in_flight_resources = batch.iter().filter_map(PlannedTxn::resource).collect();
+        self.in_flight_resources = batch.iter().map(PlannedTxn::resource).collect();
         self.in_flight = Some(self.spawn_batch(batch, "in_order"));
         Ok(())
     }
@@ -863,16 +865,23 @@ impl JobManager {
     /// the order of the two cannot matter: every one is the create of a resource whose config
     /// key is new (written only while it has no `/state`), and no job of the batch in flight
     /// is that resource's. Without this a new resource waited for the batch before it to
-    /// commit, and in etcd's slow tail that is 8-21 ms (BENCHMARKS.md, section 2). Answers
+    /// commit, and in etcd's slow tail that is 8-21 ms (BENCHMARKS.md, item 24). Answers
     /// whether it sent them.
+    ///
+    /// This rests on what a batch holds: workflow writes, clean-ups and releases, each
+    /// writing only the `/jobs/` keys of its own job ids (and a clean-up the job state of its
+    /// resource, under a compare); `/state` writes are not batched but settle first. A new
+    /// kind of batched write that touches a resource's other keys must name its resource
+    /// (`PlannedTxn::resource`) or keep everything in order. Clean-ups wait for the next
+    /// batch in order (or their linger), never ride beside.
     fn send_beside(&mut self) -> bool {
         let independent = self.in_flight.is_some()
             && self.beside.is_none()
-            && self.pending.iter().all(|txn| {
-                txn.is_guarded_create()
-                    && txn
-                        .resource()
-                        .is_some_and(|r| !self.in_flight_resources.contains(&r))
+            && self.in_flight_resources.as_ref().is_some_and(|in_flight| {
+                self.pending.iter().all(|txn| {
+                    txn.is_guarded_create()
+                        && txn.resource().is_some_and(|r| !in_flight.contains(&r))
+                })
             });
         if independent {
             let batch = std::mem::take(&mut self.pending);
@@ -892,13 +901,19 @@ impl JobManager {
         tokio::spawn(async move { Ok(store.batch(batch, max_bytes).await?) })
     }
 
-    /// Waits for the batches committing and handles what they did not write.
+    /// Waits for the batches committing (both, even when one failed) and handles what they
+    /// did not write.
     async fn land_batches(&mut self) -> anyhow::Result<()> {
-        if let Some(batch) = self.in_flight.take() {
-            self.on_unwritten(batch.await??).await?;
-        }
-        if let Some(batch) = self.beside.take() {
-            self.on_unwritten(batch.await??).await?;
+        let in_order = match self.in_flight.take() {
+            Some(batch) => Some(batch.await),
+            None => None,
+        };
+        let beside = match self.beside.take() {
+            Some(batch) => Some(batch.await),
+            None => None,
+        };
+        for landed in [in_order, beside].into_iter().flatten() {
+            self.on_unwritten(landed??).await?;
         }
         Ok(())
     }
@@ -919,7 +934,8 @@ impl JobManager {
     ///   `/state`, and failing the create could overwrite a current one).
     /// - etcd refused the workflow (its request limits are below what it needs): its resource
     ///   fails with etcd's answer. The `/state` is put at once, not queued: nothing else is
-    ///   queued for a resource without jobs.
+    ///   queued for a resource without jobs, and a batch beside holds none of the resources
+    ///   of the batch in order.
     async fn on_unwritten(&mut self, unwritten: Vec<UnwrittenWorkflow>) -> anyhow::Result<()> {
         for UnwrittenWorkflow {
             first_job,
@@ -1283,10 +1299,10 @@ fn burst(watch: &mut Watch, first: Vec<Change>) -> Result<Vec<Change>, WatchErro
     Ok(changes)
 }
 
-/// Waits for the batch being committed; answers with the workflows it did not write.
 /// A batch of the manager's writes being committed: what it did not write, when it is done.
 type Batch = tokio::task::JoinHandle<anyhow::Result<Vec<UnwrittenWorkflow>>>;
 
+/// Waits for the batch being committed; answers with the workflows it did not write.
 async fn wait_for(batch: &mut Option<Batch>) -> anyhow::Result<Vec<UnwrittenWorkflow>> {
     match batch {
         Some(handle) => handle.await?,
