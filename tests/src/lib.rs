@@ -486,6 +486,16 @@ impl Recorder {
     }
 }
 
+/// Components compiled for `tier` in `process` ("child" or "host") so far in this test
+/// binary (`esi_plugin_compiles_total`).
+pub fn plugin_compiles(tier: esi_host::plugins::Tier, process: &str) -> u64 {
+    let labels = esi_host::metrics::labels([("tier", tier.as_str()), ("process", process)]);
+    esi_host::metrics::global()
+        .plugin_compiles
+        .get_or_create(&labels)
+        .get()
+}
+
 /// The `esi-host` binary built next to this test binary (`cargo build -p esi-host`, which
 /// scripts/test runs, puts it there).
 pub fn host_binary() -> PathBuf {

@@ -8,25 +8,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use esi_host::metrics;
 use esi_host::plugins::compiler::ChildCompiler;
 use esi_host::plugins::manifest::Manifest;
 use esi_host::plugins::{Limits, PluginEngine, Tier};
 use esi_tests::scripted::HANDLER;
-use esi_tests::{host_binary, test_plugin_dir};
+use esi_tests::{host_binary, plugin_compiles, test_plugin_dir};
 use tokio::sync::Mutex;
 
 /// Held by each test for its whole run.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
-
-/// Compiles counted for `tier` in `process` ("child" or "host") so far in this test binary.
-fn compiles(tier: Tier, process: &str) -> u64 {
-    let labels = metrics::labels([("tier", tier.as_str()), ("process", process)]);
-    metrics::global()
-        .plugin_compiles
-        .get_or_create(&labels)
-        .get()
-}
 
 /// A component the child compiler rejects fails its load with the compiler's own error and
 /// leaves nothing in the cache; it is not compiled again in the host's process.
@@ -40,7 +30,7 @@ async fn a_component_the_child_compiler_rejects_fails_its_load_with_the_compiler
     let path = Path::new("/plugins/broken.wasm");
     let bytes: Arc<[u8]> = Arc::from(&b"\0asm\x0d\0\x01\0 but truncated"[..]);
     for tier in [Tier::Baseline, Tier::Optimized] {
-        let before = compiles(tier, "host");
+        let before = plugin_compiles(tier, "host");
         let err = engine
             .load_bytes(path, bytes.clone(), Manifest::default(), tier)
             .await
@@ -57,7 +47,7 @@ async fn a_component_the_child_compiler_rejects_fails_its_load_with_the_compiler
             "{tier:?}: {message}"
         );
         assert_eq!(
-            compiles(tier, "host"),
+            plugin_compiles(tier, "host"),
             before,
             "{tier:?}: compiled again in the host"
         );
@@ -97,15 +87,15 @@ async fn a_child_compiler_that_cannot_compile_leaves_the_compile_to_the_host() {
             .unwrap()
             .with_child_compiler(ChildCompiler::new(exe.clone()));
         let before = (
-            compiles(Tier::Baseline, "child"),
-            compiles(Tier::Baseline, "host"),
+            plugin_compiles(Tier::Baseline, "child"),
+            plugin_compiles(Tier::Baseline, "host"),
         );
         let plugin = engine.load_tier(&path, Tier::Baseline).await.unwrap();
         assert_eq!(plugin.tier, Tier::Baseline);
         assert_eq!(
             (
-                compiles(Tier::Baseline, "child"),
-                compiles(Tier::Baseline, "host")
+                plugin_compiles(Tier::Baseline, "child"),
+                plugin_compiles(Tier::Baseline, "host")
             ),
             (before.0, before.1 + 1),
             "{}",
@@ -124,14 +114,14 @@ async fn a_compile_past_its_timeout_is_stopped_and_rejected() {
         .unwrap()
         .with_child_compiler(compiler);
     let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
-    let before = compiles(Tier::Optimized, "host");
+    let before = plugin_compiles(Tier::Optimized, "host");
     let err = engine.load_tier(&path, Tier::Optimized).await.unwrap_err();
     let message = format!("{err:#}");
     assert!(
         message.contains("the compiler did not finish within 1ms and was stopped"),
         "{message}"
     );
-    assert_eq!(compiles(Tier::Optimized, "host"), before);
+    assert_eq!(plugin_compiles(Tier::Optimized, "host"), before);
 }
 
 /// A host that died while its child compiled leaves a partial file in the cache; the next
@@ -185,10 +175,10 @@ async fn a_compiler_that_panics_crashes_or_is_stopped_rejects_the_build() {
         let engine = PluginEngine::new(Limits::default(), None)
             .unwrap()
             .with_child_compiler(ChildCompiler::new(stand_in(dir.path(), name, body)));
-        let before = compiles(Tier::Baseline, "host");
+        let before = plugin_compiles(Tier::Baseline, "host");
         let err = engine.load_tier(&path, Tier::Baseline).await.unwrap_err();
         let message = format!("{err:#}");
         assert!(message.contains(expected), "{name}: {message}");
-        assert_eq!(compiles(Tier::Baseline, "host"), before, "{name}");
+        assert_eq!(plugin_compiles(Tier::Baseline, "host"), before, "{name}");
     }
 }

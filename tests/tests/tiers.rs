@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use esi_host::metrics;
 use esi_host::plugins::bindings::esi::worker::types as wit;
 use esi_host::plugins::compiler::ChildCompiler;
 use esi_host::plugins::host_api::RecordAccess;
@@ -13,7 +12,8 @@ use esi_host::plugins::{CallError, Limits, LoadedPlugin, PluginEngine, PluginReg
 use esi_host::schema::SchemaRegistry;
 use esi_tests::scripted::{HANDLER, TIMEOUT};
 use esi_tests::{
-    component_variant, host_binary, plugin_dir_with_copies, replace_file, test_plugin_dir, TestEnv,
+    component_variant, host_binary, plugin_compiles, plugin_dir_with_copies, replace_file,
+    test_plugin_dir, TestEnv,
 };
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +60,50 @@ async fn call(
         .await
 }
 
+/// The verdicts every tier's code must get: a job completes, an infinite loop is stopped at
+/// its deadline, a memory bomb and a deep recursion fail for good, and a trap leaves the next
+/// call a fresh instance.
+async fn the_sandbox_holds(
+    engine: &PluginEngine,
+    plugin: &LoadedPlugin,
+    access: &RecordAccess,
+    tier: Tier,
+) {
+    let done = call(engine, plugin, access, json!({"output_kib": 1})).await;
+    assert!(
+        matches!(done, Ok(Ok(wit::Outcome::Completed(_)))),
+        "{tier:?}: {done:?}"
+    );
+    // An infinite loop is stopped at its deadline by epoch interruption.
+    let spun = call(engine, plugin, access, json!({"spin": true})).await;
+    assert!(
+        matches!(spun, Err(CallError::Deadline { .. })),
+        "{tier:?}: {spun:?}"
+    );
+    // The manifest caps memory at 32 MiB: a 64 MiB bomb is a permanent memory failure.
+    let bomb = call(engine, plugin, access, json!({"allocate_mib": 64})).await;
+    assert!(
+        matches!(&bomb, Err(e @ CallError::Memory { .. }) if e.is_permanent()),
+        "{tier:?}: {bomb:?}"
+    );
+    let deep = call(engine, plugin, access, json!({"recurse": 100_000_000})).await;
+    assert!(
+        matches!(deep, Err(CallError::StackOverflow { .. })),
+        "{tier:?}: {deep:?}"
+    );
+    // The instance after a trap is gone; the next call gets a fresh one and completes.
+    let trapped = call(engine, plugin, access, json!({"trap": true})).await;
+    assert!(
+        matches!(trapped, Err(CallError::Trap { .. })),
+        "{tier:?}: {trapped:?}"
+    );
+    let again = call(engine, plugin, access, json!({"output_kib": 1})).await;
+    assert!(
+        matches!(again, Ok(Ok(wit::Outcome::Completed(_)))),
+        "{tier:?}: {again:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baseline_and_optimized_code_get_the_same_verdicts() {
     let env = TestEnv::new().await.unwrap();
@@ -75,39 +119,7 @@ async fn baseline_and_optimized_code_get_the_same_verdicts() {
         let plugin = engine.load_tier(&path, tier).await.unwrap();
         assert_eq!(plugin.tier, tier);
 
-        let done = call(&engine, &plugin, &access, json!({"output_kib": 1})).await;
-        assert!(
-            matches!(done, Ok(Ok(wit::Outcome::Completed(_)))),
-            "{tier:?}: {done:?}"
-        );
-        // An infinite loop is stopped at its deadline by epoch interruption.
-        let spun = call(&engine, &plugin, &access, json!({"spin": true})).await;
-        assert!(
-            matches!(spun, Err(CallError::Deadline { .. })),
-            "{tier:?}: {spun:?}"
-        );
-        // The manifest caps memory at 32 MiB: a 64 MiB bomb is a permanent memory failure.
-        let bomb = call(&engine, &plugin, &access, json!({"allocate_mib": 64})).await;
-        assert!(
-            matches!(&bomb, Err(e @ CallError::Memory { .. }) if e.is_permanent()),
-            "{tier:?}: {bomb:?}"
-        );
-        let deep = call(&engine, &plugin, &access, json!({"recurse": 100_000_000})).await;
-        assert!(
-            matches!(deep, Err(CallError::StackOverflow { .. })),
-            "{tier:?}: {deep:?}"
-        );
-        // The instance after a trap is gone; the next call gets a fresh one and completes.
-        let trapped = call(&engine, &plugin, &access, json!({"trap": true})).await;
-        assert!(
-            matches!(trapped, Err(CallError::Trap { .. })),
-            "{tier:?}: {trapped:?}"
-        );
-        let again = call(&engine, &plugin, &access, json!({"output_kib": 1})).await;
-        assert!(
-            matches!(again, Ok(Ok(wit::Outcome::Completed(_)))),
-            "{tier:?}: {again:?}"
-        );
+        the_sandbox_holds(&engine, &plugin, &access, tier).await;
     }
 }
 
@@ -168,15 +180,6 @@ async fn a_manifest_replaced_while_its_build_compiles_is_not_undone_by_the_optim
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Compiles counted for `tier` in `process` ("child" or "host") so far in this test binary.
-fn compiles(tier: Tier, process: &str) -> u64 {
-    let labels = metrics::labels([("tier", tier.as_str()), ("process", process)]);
-    metrics::global()
-        .plugin_compiles
-        .get_or_create(&labels)
-        .get()
-}
-
 /// `esi-host run` compiles new builds in child processes of its own executable: the code
 /// they write must be code this engine runs, under the same limits, with limits other than
 /// the defaults (the pool's sizes are part of the engine's configuration). The optimised code
@@ -196,26 +199,11 @@ async fn code_compiled_in_a_child_process_runs_under_the_same_sandbox() {
     let access = RecordAccess::new(env.store.clone(), Arc::new(SchemaRegistry::built_in()));
     let path = test_plugin_dir().join(format!("{HANDLER}.wasm"));
     for tier in [Tier::Baseline, Tier::Optimized] {
-        let before = compiles(tier, "child");
+        let before = plugin_compiles(tier, "child");
         let plugin = engine.load_tier(&path, tier).await.unwrap();
         assert_eq!(plugin.tier, tier);
-        assert_eq!(compiles(tier, "child"), before + 1, "{tier:?}");
-
-        let done = call(&engine, &plugin, &access, json!({"output_kib": 1})).await;
-        assert!(
-            matches!(done, Ok(Ok(wit::Outcome::Completed(_)))),
-            "{tier:?}: {done:?}"
-        );
-        let spun = call(&engine, &plugin, &access, json!({"spin": true})).await;
-        assert!(
-            matches!(spun, Err(CallError::Deadline { .. })),
-            "{tier:?}: {spun:?}"
-        );
-        let bomb = call(&engine, &plugin, &access, json!({"allocate_mib": 64})).await;
-        assert!(
-            matches!(&bomb, Err(e @ CallError::Memory { .. }) if e.is_permanent()),
-            "{tier:?}: {bomb:?}"
-        );
+        assert_eq!(plugin_compiles(tier, "child"), before + 1, "{tier:?}");
+        the_sandbox_holds(&engine, &plugin, &access, tier).await;
     }
     let files: Vec<String> = std::fs::read_dir(cache.path())
         .unwrap()
@@ -225,9 +213,9 @@ async fn code_compiled_in_a_child_process_runs_under_the_same_sandbox() {
     assert!(files[0].ends_with(".cwasm"), "{files:?}");
 
     // From the cache: no compile at all.
-    let before = compiles(Tier::Optimized, "child");
+    let before = plugin_compiles(Tier::Optimized, "child");
     let cached = engine.load_tier(&path, Tier::Optimized).await.unwrap();
-    assert_eq!(compiles(Tier::Optimized, "child"), before);
+    assert_eq!(plugin_compiles(Tier::Optimized, "child"), before);
     let done = call(&engine, &cached, &access, json!({"output_kib": 1})).await;
     assert!(
         matches!(done, Ok(Ok(wit::Outcome::Completed(_)))),
