@@ -848,7 +848,8 @@ impl JobManager {
     }
 
     /// Starts committing the queued transactions (and the clean-ups waiting for a ride), once
-    /// the batch before them committed; the manager goes on planning meanwhile.
+    /// the batches before them committed, or at once beside the batch in flight when they
+    /// may ([`JobManager::send_beside`]); the manager goes on planning meanwhile.
     async fn flush(&mut self) -> anyhow::Result<()> {
         if self.pending.is_empty() || self.send_beside() {
             return Ok(());
