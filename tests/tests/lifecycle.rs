@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use esi_host::keys::{Queue, Record};
 use esi_host::seed::{self, PRIMARY_INTERFACE_ID, PRIMARY_ROUTER_ID};
+use esi_host::store::Change;
 use esi_tests::{seed_ha_interface_body, TestEnv};
 use serde_json::{json, Value};
 
@@ -176,4 +177,75 @@ async fn a_new_config_key_of_a_resource_with_a_state_is_planned_from_the_state()
         "the /state of a resource with nothing to do changed"
     );
     host.shutdown().await;
+}
+
+/// gohan deletes a resource and creates it again under the same id while the first life's
+/// create job still waits for a worker. Once that workflow ends, the first life's records go,
+/// as after any delete, and the second life gets a create of its own. (Before, the manager
+/// planned the new config from the old `/state`, whose version was the new config's, and did
+/// nothing: the resource created again never ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_deleted_and_created_again_while_its_workflow_runs_gets_its_own_create() {
+    let env = TestEnv::new().await.unwrap();
+    env.load_seed_world().await.unwrap();
+    let mut recorder = env.record_changes().await.unwrap();
+    // A manager without plugins: the create job waits in ready until a worker starts.
+    let manager = env.start_manager_only().await.unwrap();
+    let (kind, id) = ("ha_interface", "00000000-0000-4000-8000-0000000ab001");
+    let config = env.key(Record::Config, kind, id);
+    env.put_config(kind, id, &seed_ha_interface_body(id), 1)
+        .await
+        .unwrap();
+    let ready = env.job_key(Queue::Ready, "");
+    recorder
+        .until(
+            Duration::from_secs(20),
+            |c| matches!(c, Change::Put(kv) if kv.key.starts_with(&ready)),
+        )
+        .await
+        .unwrap();
+    env.store.delete(&config).await.unwrap();
+    env.put_config(kind, id, &seed_ha_interface_body(id), 1)
+        .await
+        .unwrap();
+    // Both config events reach the manager while the job waits. It plans nothing for them,
+    // so nothing shows when it has seen them: give its watch time to deliver.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let worker = esi_host::Host::start(env.worker_only_config())
+        .await
+        .unwrap();
+    let state = env.key(Record::State, kind, id);
+    let puts = |recorder: &esi_tests::Recorder| {
+        recorder
+            .puts_under(&state)
+            .into_iter()
+            .filter(|(key, _)| *key == state)
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while puts(&recorder) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resource created again never got its create: {} /state puts",
+            puts(&recorder)
+        );
+        recorder.for_a_while(Duration::from_millis(100)).await;
+    }
+    // First life completed, its /state deleted, second life completed.
+    let lives: Vec<&str> = recorder
+        .for_a_while(Duration::from_millis(100))
+        .await
+        .iter()
+        .filter_map(|change| match change {
+            Change::Put(kv) if kv.key == state => Some("put"),
+            Change::Delete { key, .. } if *key == state => Some("delete"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lives, ["put", "delete", "put"]);
+    let last = env.wait_completed(kind, id).await.unwrap();
+    assert_eq!(last["state"]["worker_state"], "CREATE_COMPLETED", "{last}");
+    worker.shutdown().await;
+    manager.shutdown().await;
 }

@@ -140,6 +140,11 @@ pub struct JobManager {
     deferred: HashMap<ResourceKey, HashSet<String>>,
     /// Resources whose config changed while a workflow of theirs was running.
     dirty: HashSet<ResourceKey>,
+    /// Resources whose config key was deleted while a workflow of theirs was running: once
+    /// it ends, what the manager kept for them goes, as after any delete, even when a config
+    /// of the same id exists by then (a resource created again: a new life, planned from no
+    /// `/state`).
+    deleted_while_busy: HashSet<ResourceKey>,
     /// Workflow writes, clean-ups and releases not sent yet: one batch per burst of watch
     /// responses, so a burst of configs or finished jobs costs one etcd commit, not one each.
     pending: Vec<PlannedTxn>,
@@ -182,6 +187,7 @@ impl JobManager {
             index: JobIndex::default(),
             deferred: HashMap::new(),
             dirty: HashSet::new(),
+            deleted_while_busy: HashSet::new(),
             pending: Vec::new(),
             cleanups: Vec::new(),
             cleanups_due: None,
@@ -542,17 +548,23 @@ impl JobManager {
         }
         let resource = (schema.id.clone(), id.clone());
         if self.index.has_jobs(&resource) {
+            self.deleted_while_busy.insert(resource.clone());
             self.dirty.insert(resource);
             return Ok(());
         }
-        // gohan deleted the resource after its logical delete: drop what we kept for it.
+        self.forget(&schema, &id).await
+    }
+
+    /// gohan deleted the resource (after its logical delete): drops its `/state` and job
+    /// state.
+    async fn forget(&mut self, schema: &Schema, id: &str) -> anyhow::Result<()> {
         self.settle().await?;
         let keys = self.store.keys();
-        let state_key = keys.record(Record::State, &schema, &id);
+        let state_key = keys.record(Record::State, schema, id);
         self.prefetched.remove(&state_key);
         self.store.delete(&state_key).await?;
         self.store
-            .delete(&keys.record(Record::JobState, &schema, &id))
+            .delete(&keys.record(Record::JobState, schema, id))
             .await?;
         Ok(())
     }
@@ -1269,8 +1281,16 @@ impl JobManager {
             .keys()
             .record(Record::Config, &schema, &resource.1);
         match self.store.get(&key).await? {
-            Some(kv) => self.on_resource(&kv, false).await,
-            None => self.on_config_deleted(&key).await,
+            Some(kv) => {
+                if self.deleted_while_busy.remove(&resource) {
+                    self.forget(&schema, &resource.1).await?;
+                }
+                self.on_resource(&kv, false).await
+            }
+            None => {
+                self.deleted_while_busy.remove(&resource);
+                self.on_config_deleted(&key).await
+            }
         }
     }
 }
