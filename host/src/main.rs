@@ -62,7 +62,7 @@ enum Command {
     /// per job, plugin cost, hot reload and memory, against the goals of issue #6.
     Bench(BenchArgs),
     /// Internal: compiles the component on stdin into --output, for a host's plugin loader.
-    #[command(name = "compile-component", hide = true)]
+    #[command(name = compiler::SUBCOMMAND, hide = true)]
     CompileComponent(CompileArgs),
 }
 

@@ -208,9 +208,19 @@ async fn a_resource_deleted_and_created_again_while_its_workflow_runs_gets_its_o
     env.put_config(kind, id, &seed_ha_interface_body(id), 1)
         .await
         .unwrap();
-    // Both config events reach the manager while the job waits. It plans nothing for them,
-    // so nothing shows when it has seen them: give its watch time to deliver.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both config events reach the manager while the job waits. It plans nothing for them;
+    // a config of another resource, written after them, shows when it has: the manager
+    // handles its watch in order, so once that one's job is ready, it has seen both.
+    let marker = "00000000-0000-4000-8000-0000000ab002";
+    env.put_config(kind, marker, &seed_ha_interface_body(marker), 1)
+        .await
+        .unwrap();
+    recorder
+        .until(Duration::from_secs(20), |c| {
+            matches!(c, Change::Put(kv) if kv.key.starts_with(&ready) && kv.key.contains(marker))
+        })
+        .await
+        .unwrap();
 
     let worker = esi_host::Host::start(env.worker_only_config())
         .await
